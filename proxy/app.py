@@ -1,0 +1,182 @@
+"""The HTTP surface: OpenAI's routes on Litestar, every error in OpenAI's JSON shape."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from litestar import Litestar, MediaType, Request, Response, get, post
+from litestar.exceptions import HTTPException
+from litestar.response import Stream
+
+from .chain import Answer, Engine
+from .config import Config
+from .errors import AllProvidersFailed, GatewayError, error_json
+from .policy import map_exception
+from .wire import ChatRequest, encode
+
+log = logging.getLogger("omnimind.app")
+
+_DONE = b"data: [DONE]\n\n"
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+_HTTP_ERROR_TYPES = {
+    401: ("authentication_error", "invalid_api_key"),
+    404: ("invalid_request_error", "not_found"),
+    405: ("invalid_request_error", "method_not_allowed"),
+    413: ("invalid_request_error", "request_too_large"),
+    429: ("rate_limit_error", "rate_limit_exceeded"),
+}
+
+
+class Gateway:
+    """What the app serves from: the current engine (swapped whole on reload)."""
+
+    def __init__(self, config: Config) -> None:
+        self.engine = Engine(config)
+        self.created = int(time.time())
+
+    async def aclose(self) -> None:
+        await self.engine.aclose()
+
+
+def _request_id(request: Request) -> str:
+    state = request.scope.setdefault("state", {})
+    rid = state.get("request_id")
+    if rid is None:
+        rid = request.headers.get("x-request-id") or uuid.uuid4().hex
+        state["request_id"] = rid
+    return str(rid)
+
+
+def _answer_headers(answer: Answer, request_id: str) -> dict[str, str]:
+    headers = {
+        "x-omnimind-provider": answer.provider,
+        "x-omnimind-model": answer.model,
+        "x-omnimind-latency-ms": str(round(answer.latency_ms)),
+        "x-omnimind-attempts": str(len(answer.attempts) + 1),
+        "x-request-id": request_id,
+    }
+    if answer.attempts:
+        headers["x-omnimind-fallbacks"] = ",".join(
+            f"{a.provider}:{a.reason}" for a in answer.attempts
+        )
+    return headers
+
+
+async def _sse(chunks: AsyncIterator[bytes], request_id: str) -> AsyncIterator[bytes]:
+    """Frame chunks as SSE; a failure after the first chunk becomes one final error event."""
+    try:
+        async for chunk in chunks:
+            yield b"data: " + chunk + b"\n\n"
+    except Exception as exc:  # noqa: BLE001 - the stream is committed: report, end cleanly
+        error = map_exception(exc)
+        log.warning(
+            "stream failed mid-way: reason=%s %s",
+            error.reason,
+            error.message,
+            extra={"request_id": request_id},
+        )
+        message = f"The upstream stream failed after it started ({error.reason})."
+        yield b"data: " + error_json(message, "server_error", None, error.reason) + b"\n\n"
+        return
+    yield _DONE
+
+
+def create_app(config: Config) -> Litestar:
+    gateway = Gateway(config)
+
+    @post("/v1/chat/completions", status_code=200)
+    async def chat_completions(request: Request) -> Response[bytes] | Stream:
+        chat = ChatRequest(await request.body())
+        request_id = _request_id(request)
+        prefer = request.headers.get("x-omnimind-prefer-provider")
+        engine = gateway.engine
+        if chat.stream:
+            answer = await engine.stream(chat, request_id, prefer)
+            assert answer.chunks is not None
+            headers = _answer_headers(answer, request_id) | _SSE_HEADERS
+            return Stream(
+                _sse(answer.chunks, request_id), media_type="text/event-stream", headers=headers
+            )
+        answer = await engine.complete(chat, request_id, prefer)
+        return Response(
+            answer.body, media_type=MediaType.JSON, headers=_answer_headers(answer, request_id)
+        )
+
+    @get("/v1/models")
+    async def list_models() -> Response[bytes]:
+        data = [
+            {"id": alias, "object": "model", "created": gateway.created, "owned_by": "omnimind"}
+            for alias in gateway.engine.config.models
+        ]
+        return Response(encode({"object": "list", "data": data}), media_type=MediaType.JSON)
+
+    @get("/v1/models/{alias:str}")
+    async def get_model(request: Request) -> Response[bytes]:
+        alias = request.path_params["alias"]
+        gateway.engine.chain(alias)  # 404 model_not_found if unknown
+        body = {"id": alias, "object": "model", "created": gateway.created, "owned_by": "omnimind"}
+        return Response(encode(body), media_type=MediaType.JSON)
+
+    @get("/health")
+    async def health() -> Response[bytes]:
+        return Response(b'{"status":"ok"}', media_type=MediaType.JSON)
+
+    async def on_shutdown() -> None:
+        await gateway.aclose()
+
+    app = Litestar(
+        route_handlers=[chat_completions, list_models, get_model, health],
+        exception_handlers={
+            GatewayError: _gateway_error,
+            HTTPException: _http_error,
+            Exception: _internal_error,
+        },
+        on_shutdown=[on_shutdown],
+        request_max_body_size=config.server.max_body_bytes,
+        openapi_config=None,
+        logging_config=None,
+    )
+    app.state.gateway = gateway
+    return app
+
+
+def _error_response(
+    request: Request, status: int, body: bytes, headers: dict[str, str] | None = None
+) -> Response[bytes]:
+    headers = {**(headers or {}), "x-request-id": _request_id(request)}
+    return Response(body, status_code=status, media_type=MediaType.JSON, headers=headers)
+
+
+def _gateway_error(request: Request, exc: Exception) -> Response[bytes]:
+    assert isinstance(exc, GatewayError)
+    headers = dict(exc.headers)
+    if isinstance(exc, AllProvidersFailed):
+        headers["x-omnimind-attempts"] = str(len(exc.attempts))
+        if exc.attempts:
+            headers["x-omnimind-fallbacks"] = ",".join(
+                f"{a.provider}:{a.reason}" for a in exc.attempts
+            )
+    return _error_response(request, exc.status, exc.body(), headers)
+
+
+def _http_error(request: Request, exc: Exception) -> Response[bytes]:
+    assert isinstance(exc, HTTPException)
+    status = exc.status_code
+    type_, code = _HTTP_ERROR_TYPES.get(
+        status, ("invalid_request_error" if status < 500 else "server_error", None)
+    )
+    message = exc.detail or "Request failed"
+    if status == 404:
+        message = f"Unknown path: {request.method} {request.url.path}"
+    elif status == 405:
+        message = f"Method {request.method} is not allowed on {request.url.path}"
+    return _error_response(request, status, error_json(message, type_, None, code), exc.headers)
+
+
+def _internal_error(request: Request, exc: Exception) -> Response[bytes]:
+    log.exception("internal error", exc_info=exc, extra={"request_id": _request_id(request)})
+    body = error_json("The gateway hit an internal error.", "server_error", None, "internal_error")
+    return _error_response(request, 500, body)

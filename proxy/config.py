@@ -1,0 +1,265 @@
+"""models.yaml in two stages.
+
+1. `parse()` decodes the YAML into msgspec Structs: the file's exact shape, unknown keys
+   forbidden, providers a tagged union on `type`.
+2. `load()` checks references between sections and resolves `${VAR}` / `${VAR:-default}`
+   in exactly one place (`_expand`); secrets become `Secret`, masked in every repr.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import msgspec
+import yaml
+
+PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
+PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+NonNegativeFloat = Annotated[float, msgspec.Meta(ge=0)]
+
+
+class ConfigError(Exception):
+    """A config that cannot be served; the message names the file, the key path and the fault."""
+
+
+class Secret:
+    """A credential: `reveal()` gives the value, nothing else ever prints it."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    def __repr__(self) -> str:
+        return "Secret('********')" if self._value else "Secret('')"
+
+    __str__ = __repr__
+
+
+# ---- stage 1: the file's shape ---------------------------------------------------------
+
+
+class _Provider(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, tag_field="type"):
+    timeout: PositiveFloat = 60.0
+    connect_timeout: PositiveFloat = 5.0
+    first_token_timeout: PositiveFloat = 30.0
+    max_concurrency: PositiveInt | None = None
+    max_queue: Annotated[int, msgspec.Meta(ge=0)] = 128
+
+
+class OpenAISpec(_Provider, tag="openai"):
+    """Any OpenAI-compatible endpoint: OpenAI, OpenRouter, vLLM, llama.cpp, Ollama's /v1."""
+
+    base_url: str
+    api_key: str | None = None
+    headers: dict[str, str] = {}
+
+
+class OllamaSpec(_Provider, tag="ollama"):
+    """Ollama's native API (/api/chat, NDJSON)."""
+
+    base_url: str = "${OLLAMA_BASE_URL:-http://localhost:11434}"
+    headers: dict[str, str] = {}
+    options: dict[str, Any] = {}
+    keep_alive: str | int | None = None
+    check_models: bool = True
+
+
+class HuggingFaceSpec(_Provider, tag="huggingface"):
+    """Local `transformers` inference; each entry's `model` names the weights."""
+
+    device: str = "auto"
+    dtype: str = "auto"
+    preload: bool = False
+    max_new_tokens: PositiveInt = 512
+    timeout: PositiveFloat = 300.0
+    first_token_timeout: PositiveFloat = 120.0
+    max_concurrency: PositiveInt | None = 1
+
+
+ProviderSpec = OpenAISpec | OllamaSpec | HuggingFaceSpec
+
+
+class EntrySpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    provider: str
+    model: str
+    timeout: PositiveFloat | None = None
+    connect_timeout: PositiveFloat | None = None
+    first_token_timeout: PositiveFloat | None = None
+    gguf_file: str | None = None
+    input_cost_per_mtok: NonNegativeFloat | None = None
+    output_cost_per_mtok: NonNegativeFloat | None = None
+
+
+class ServerSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    request_timeout: PositiveFloat = 600.0
+    max_body_bytes: PositiveInt = 16 * 1024 * 1024
+
+
+class ConfigSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    providers: dict[str, ProviderSpec]
+    models: dict[str, list[EntrySpec]]
+    server: ServerSpec = msgspec.field(default_factory=ServerSpec)
+
+
+# ---- stage 2: runtime objects ---------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderConfig:
+    name: str
+    spec: ProviderSpec  # strings expanded; `api_key` moved out into `api_key`
+    api_key: Secret | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    unavailable: str | None = None  # why this provider cannot be used, if it cannot
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    provider: str
+    model: str
+    timeout: float
+    connect_timeout: float
+    first_token_timeout: float
+    gguf_file: str | None = None
+    input_cost_per_mtok: float | None = None
+    output_cost_per_mtok: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    path: str
+    providers: dict[str, ProviderConfig]
+    models: dict[str, tuple[Entry, ...]]
+    server: ServerSpec
+    missing_env: tuple[str, ...] = ()
+
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _expand(text: str, missing: list[str]) -> str:
+    """The one place `${VAR}` and `${VAR:-default}` are resolved from the environment."""
+
+    def sub(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        value = os.environ.get(name)
+        if value is None or (value == "" and default is not None):
+            if default is None:
+                missing.append(name)
+                return ""
+            return default
+        return value
+
+    return _VAR.sub(sub, text)
+
+
+def parse(text: str, path: str = "models.yaml") -> ConfigSpec:
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{path}:{where}: invalid YAML: {problem}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping with 'providers' and 'models'")
+    try:
+        return msgspec.convert(raw, ConfigSpec, strict=True)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{path}: {_explain(str(exc))}") from None
+
+
+def _explain(message: str) -> str:
+    """msgspec says "<what> - at `$.a.b`"; we say "at a.b: <what>"."""
+    what, sep, where = message.rpartition(" - at ")
+    if not sep:
+        return message
+    key = where.strip("`").removeprefix("$").lstrip(".") or "(top level)"
+    return f"at {key}: {what}"
+
+
+def load(path: str | os.PathLike[str]) -> Config:
+    path = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc.strerror or exc}") from None
+    return build(parse(text, path), path)
+
+
+def build(spec: ConfigSpec, path: str = "models.yaml") -> Config:
+    missing: list[str] = []
+    providers = {name: _provider(name, p, missing, path) for name, p in spec.providers.items()}
+    models: dict[str, tuple[Entry, ...]] = {}
+    for alias, entries in spec.models.items():
+        if not entries:
+            raise ConfigError(f"{path}: at models.{alias}: a chain needs at least one entry")
+        models[alias] = tuple(
+            _entry(e, providers, f"models.{alias}[{i}]", path) for i, e in enumerate(entries)
+        )
+    return Config(path, providers, models, spec.server, tuple(dict.fromkeys(missing)))
+
+
+def _provider(name: str, spec: ProviderSpec, missing: list[str], path: str) -> ProviderConfig:
+    key: Secret | None = None
+    unavailable = None
+    changes: dict[str, Any] = {}
+    headers = {k: _expand(v, missing) for k, v in getattr(spec, "headers", {}).items()}
+    if isinstance(spec, OpenAISpec | OllamaSpec):
+        base_url = _expand(spec.base_url, missing).rstrip("/")
+        if not base_url.startswith(("http://", "https://")):
+            raise ConfigError(
+                f"{path}: at providers.{name}.base_url: expected an http(s) URL, got {base_url!r}"
+            )
+        changes["base_url"] = base_url
+    if isinstance(spec, OpenAISpec) and spec.api_key is not None:
+        key = Secret(_expand(spec.api_key, missing))
+        changes["api_key"] = None
+        if not key:
+            unavailable = "api_key is empty"
+    if changes:
+        spec = msgspec.structs.replace(spec, **changes)
+    return ProviderConfig(name, spec, key, headers, unavailable)
+
+
+def _entry(e: EntrySpec, providers: dict[str, ProviderConfig], where: str, path: str) -> Entry:
+    provider = providers.get(e.provider)
+    if provider is None:
+        known = ", ".join(sorted(providers)) or "none"
+        raise ConfigError(
+            f"{path}: at {where}.provider: unknown provider '{e.provider}' (defined: {known})"
+        )
+    p = provider.spec
+    if e.gguf_file is not None and not isinstance(p, HuggingFaceSpec):
+        raise ConfigError(f"{path}: at {where}.gguf_file: only huggingface providers load gguf")
+    return Entry(
+        provider=e.provider,
+        model=e.model,
+        timeout=e.timeout or p.timeout,
+        connect_timeout=e.connect_timeout or p.connect_timeout,
+        first_token_timeout=e.first_token_timeout or p.first_token_timeout,
+        gguf_file=e.gguf_file,
+        input_cost_per_mtok=e.input_cost_per_mtok,
+        output_cost_per_mtok=e.output_cost_per_mtok,
+    )
+
+
+def default_path() -> str:
+    return os.environ.get("OMNIMIND_CONFIG") or "models.yaml"

@@ -1,0 +1,157 @@
+"""The gateway's errors, and their one mapping to OpenAI's error JSON.
+
+    GatewayError                  answered to the client as {"error": {...}}
+    ├── InvalidRequest            400 invalid_request_error (bad JSON, missing fields)
+    ├── Unauthorized              401 (gateway API key missing or wrong)
+    ├── ModelNotFound             404 model_not_found, param "model"
+    ├── PayloadTooLarge           413
+    ├── RateLimited               429 with Retry-After (gateway-side limits)
+    ├── UpstreamRejected          the upstream's 400/413/422, relayed: the request is wrong
+    └── AllProvidersFailed        429 / 504 / 502 once every chain entry has failed
+
+    UpstreamError                 one failed attempt at one provider (never shown raw);
+                                  `reason` is from the fixed vocabulary in `policy.py`
+
+Upstream errors stay inside the chain engine: it records them as attempts and
+only a GatewayError ever reaches the client.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import msgspec
+
+
+class ErrorBody(msgspec.Struct):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorEnvelope(msgspec.Struct):
+    error: ErrorBody
+
+
+_encode = msgspec.json.Encoder().encode
+
+
+class GatewayError(Exception):
+    status = 500
+    type = "server_error"
+    code: str | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        self.headers: dict[str, str] = headers or {}
+
+    def body(self) -> bytes:
+        return error_json(self.message, self.type, self.param, self.code)
+
+
+def error_json(
+    message: str, type_: str, param: str | None = None, code: str | None = None
+) -> bytes:
+    return _encode(ErrorEnvelope(ErrorBody(message, type_, param, code)))
+
+
+class InvalidRequest(GatewayError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class Unauthorized(GatewayError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class ModelNotFound(GatewayError):
+    status = 404
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class PayloadTooLarge(GatewayError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class RateLimited(GatewayError):
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+
+class UpstreamRejected(GatewayError):
+    """The upstream said the request itself is wrong (400/413/422): no fallback."""
+
+    type = "invalid_request_error"
+
+    def __init__(self, status: int, message: str, *, param: str | None, code: str | None) -> None:
+        super().__init__(message, param=param, code=code)
+        self.status = status
+
+
+@dataclass(slots=True)
+class UpstreamError(Exception):
+    """One attempt at one provider failed. `reason` says why, in the policy vocabulary."""
+
+    reason: str
+    message: str
+    status: int | None = None
+    retry_after: float | None = None
+    # For client errors relayed verbatim (UpstreamRejected): the upstream's error fields.
+    param: str | None = None
+    code: str | None = None
+
+    def __str__(self) -> str:
+        status = f" {self.status}" if self.status else ""
+        return f"{self.reason}{status}: {self.message}"
+
+
+@dataclass(slots=True)
+class Attempt:
+    """What one chain entry did, kept in order for headers, logs and the final error."""
+
+    provider: str
+    model: str
+    reason: str
+    status: int | None = None
+    latency_ms: float = 0.0
+    message: str = field(default="", repr=False)
+
+
+class AllProvidersFailed(GatewayError):
+    """Every entry of the chain failed; `attempts` keeps each provider's error in order."""
+
+    def __init__(self, alias: str, attempts: list[Attempt], retry_after: float | None) -> None:
+        self.attempts = attempts
+        reasons = [a.reason for a in attempts]
+        headers: dict[str, str] = {}
+        if attempts and all(r in ("rate_limited", "cooling_down") for r in reasons):
+            self.status, self.type, code = 429, "rate_limit_error", "rate_limit_exceeded"
+            headers["retry-after"] = str(max(1, round(retry_after or 1)))
+        elif attempts and reasons[-1] in ("timeout", "deadline"):
+            self.status, self.type, code = 504, "timeout_error", "upstream_timeout"
+        else:
+            self.status, self.type, code = 502, "server_error", "all_providers_failed"
+        tried = "; ".join(
+            f"{a.provider} ({a.model}): {a.reason}" + (f" {a.status}" if a.status else "")
+            for a in attempts
+        )
+        message = f"All providers for model '{alias}' failed: {tried or 'no entry could be tried'}"
+        super().__init__(message, code=code, headers=headers)

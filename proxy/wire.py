@@ -1,0 +1,253 @@
+"""OpenAI chat wire format: the narrow request view we route on, and typed responses.
+
+The gateway never re-encodes a client body field by field: `ChatRequest` keeps every
+top-level field as `msgspec.Raw` (undecoded bytes) and only rewrites `model`. Adapters
+that translate (Ollama, HuggingFace) decode the typed `ChatBody` and build responses
+from the Structs below, so every local answer has OpenAI's exact shape.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+import msgspec
+
+from .errors import InvalidRequest
+
+Raw = msgspec.Raw
+_fields_decoder = msgspec.json.Decoder(dict[str, msgspec.Raw])
+_str_decoder = msgspec.json.Decoder(str)
+_encode = msgspec.json.Encoder().encode
+
+
+class StreamOptions(msgspec.Struct):
+    include_usage: bool | None = None
+
+
+class ChatRequest:
+    """A client's chat request: the original fields untouched, plus what routing needs."""
+
+    __slots__ = ("fields", "model", "stream", "include_usage", "raw")
+
+    def __init__(self, raw: bytes) -> None:
+        self.raw = raw
+        try:
+            fields = _fields_decoder.decode(raw)
+        except msgspec.DecodeError:
+            raise InvalidRequest(
+                "We could not parse the JSON body of your request. The body must be a JSON object."
+            ) from None
+        self.fields = fields
+        model = fields.get("model")
+        if model is None:
+            raise InvalidRequest("You must provide a model parameter.", param="model")
+        try:
+            self.model: str = _str_decoder.decode(model)
+        except msgspec.DecodeError:
+            raise InvalidRequest("'model' must be a string.", param="model") from None
+        messages = fields.get("messages")
+        if messages is None:
+            raise InvalidRequest("Missing required parameter: 'messages'.", param="messages")
+        if not bytes(messages).lstrip().startswith(b"["):
+            raise InvalidRequest("'messages' must be an array.", param="messages")
+        self.stream = _flag(fields.get("stream"), "stream")
+        self.include_usage = False
+        options = fields.get("stream_options")
+        if options is not None and bytes(options).strip() != b"null":
+            try:
+                so = msgspec.json.decode(options, type=StreamOptions)
+            except msgspec.DecodeError:
+                raise InvalidRequest(
+                    "'stream_options' must be an object.", param="stream_options"
+                ) from None
+            self.include_usage = bool(so.include_usage)
+
+    def body_for(self, model: str) -> bytes:
+        """The client's body with `model` replaced by the upstream model; nothing else changes."""
+        fields = dict(self.fields)
+        fields["model"] = msgspec.Raw(_encode(model))
+        return _encode(fields)
+
+    def decode(self, type_: type[Any]) -> Any:
+        """A typed view of the whole body, for adapters that translate it."""
+        try:
+            return msgspec.json.decode(self.raw, type=type_)
+        except msgspec.ValidationError as exc:
+            what, _, where = str(exc).rpartition(" - at ")
+            param = where.strip("`").removeprefix("$").lstrip(".") or None
+            raise InvalidRequest(f"Invalid request: {what or exc}", param=param) from None
+
+
+def _flag(raw: msgspec.Raw | None, name: str) -> bool:
+    if raw is None:
+        return False
+    value = bytes(raw).strip()
+    if value in (b"false", b"null"):
+        return False
+    if value == b"true":
+        return True
+    raise InvalidRequest(f"'{name}' must be a boolean.", param=name)
+
+
+# ---- typed request body (for translating adapters) --------------------------------------
+
+
+class ImageURL(msgspec.Struct):
+    url: str
+    detail: str | None = None
+
+
+class ContentPart(msgspec.Struct):
+    type: str
+    text: str | None = None
+    image_url: ImageURL | None = None
+
+
+class FunctionCall(msgspec.Struct):
+    name: str
+    arguments: str = ""
+
+
+class ToolCall(msgspec.Struct):
+    function: FunctionCall
+    id: str = ""
+    type: str = "function"
+
+
+class Message(msgspec.Struct):
+    role: str
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+
+    def text(self) -> str:
+        """The text of the message, content parts joined."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text or "" for p in self.content if p.type == "text")
+
+
+class ResponseFormat(msgspec.Struct):
+    type: str
+    json_schema: dict[str, Any] | None = None
+
+
+class ChatBody(msgspec.Struct):
+    model: str
+    messages: list[Message]
+    stream: bool | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    response_format: ResponseFormat | None = None
+    n: int | None = None
+
+    def stops(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+# ---- typed responses (built by translating adapters) -------------------------------------
+
+
+class Usage(msgspec.Struct, omit_defaults=False):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class OutFunction(msgspec.Struct):
+    name: str
+    arguments: str
+
+
+class OutToolCall(msgspec.Struct):
+    id: str
+    function: OutFunction
+    type: str = "function"
+
+
+class DeltaToolCall(msgspec.Struct, omit_defaults=True):
+    index: int
+    id: str | None = None
+    type: str | None = None
+    function: dict[str, str] | None = None
+
+
+class OutMessage(msgspec.Struct):
+    content: str | None
+    role: str = "assistant"
+    refusal: None = None
+    tool_calls: list[OutToolCall] | None = None
+
+
+class Choice(msgspec.Struct):
+    index: int
+    message: OutMessage
+    finish_reason: str
+    logprobs: None = None
+
+
+class ChatCompletion(msgspec.Struct):
+    id: str
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage | None = None
+    object: Literal["chat.completion"] = "chat.completion"
+    system_fingerprint: str | None = None
+
+
+class Delta(msgspec.Struct, omit_defaults=True):
+    role: str | None = None
+    content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
+
+
+class ChunkChoice(msgspec.Struct):
+    index: int
+    delta: Delta
+    finish_reason: str | None = None
+    logprobs: None = None
+
+
+class Chunk(msgspec.Struct):
+    id: str
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    usage: Usage | None = None
+
+
+class UsageView(msgspec.Struct):
+    """The narrow view of an upstream answer we account from."""
+
+    usage: Usage | None = None
+
+
+def completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+encode = _encode

@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+import os
+import textwrap
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from proxy.app import create_app
+from proxy.config import load
+
+from .fake_openai import FakeOpenAI
+from .servers import AiohttpServer, UvicornServer
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def fake() -> Iterator[FakeOpenAI]:
+    upstream = FakeOpenAI()
+    server = AiohttpServer(upstream.app())
+    upstream.url = server.url  # type: ignore[attr-defined]
+    yield upstream
+    server.close()
+
+
+@pytest.fixture(scope="session")
+def fake_url(fake: FakeOpenAI) -> str:
+    return str(fake.url)  # type: ignore[attr-defined]
+
+
+GatewayFactory = Callable[[str], UvicornServer]
+
+
+@pytest.fixture(scope="module")
+def start_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayFactory]:
+    """Start a real gateway (uvicorn on loopback) from a models.yaml text."""
+    servers: list[UvicornServer] = []
+
+    def start(yaml_text: str) -> UvicornServer:
+        path = Path(tmp_path_factory.mktemp("cfg")) / "models.yaml"
+        path.write_text(textwrap.dedent(yaml_text), encoding="utf-8")
+        server = UvicornServer(create_app(load(path)))
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.close()

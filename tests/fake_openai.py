@@ -1,0 +1,246 @@
+"""A fake OpenAI-compatible upstream that speaks the real wire protocol over a real socket.
+
+Routes: `POST /{tag}/v1/chat/completions`, where `tag` names the configured provider
+(so a test sees which provider was called). The requested `model` picks a behaviour:
+
+    echo                 answers "echo: <last user text>" (streamed word by word)
+    status-<code>        answers <code> with an OpenAI error body (429 adds Retry-After: 7)
+    hang                 never answers (until the client goes away)
+    slow-<ms>            waits <ms> before the headers, then echoes
+    slow-first-<ms>      sends headers at once, the first chunk after <ms> (stream)
+    drip-<n>-<ms>        streams n chunks, <ms> apart
+    bad-json             200 with a body (or first chunk) that is not JSON
+    not-sse              200 JSON even for a stream request
+    reset                closes the connection before any response
+    reset-mid            streams two chunks, then closes the connection
+    no-done              streams the answer but never sends [DONE]
+    error-first          streams an {"error": ...} event first
+    error-mid            streams two chunks, then an {"error": ...} event
+    keepalive            streams SSE comments (": OPENROUTER PROCESSING") between chunks
+    empty-stream         sends [DONE] with no chunk before it
+    tools                answers with a tool call to the first tool in the request
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+
+@dataclass
+class Seen:
+    tag: str
+    model: str
+    headers: dict[str, str]  # names lower-cased
+    body: dict[str, Any]
+
+
+@dataclass
+class FakeOpenAI:
+    seen: list[Seen] = field(default_factory=list)
+    active: int = 0  # requests whose handler is running right now
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_post("/{tag}/v1/chat/completions", self.chat)
+        return app
+
+    def calls(self, tag: str | None = None) -> list[Seen]:
+        return [s for s in self.seen if tag is None or s.tag == tag]
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        tag = request.match_info["tag"]
+        model = body.get("model", "")
+        self.seen.append(Seen(tag, model, {k.lower(): v for k, v in request.headers.items()}, body))
+        self.active += 1
+        try:
+            return await self._behave(request, body, model)
+        finally:
+            self.active -= 1
+
+    async def _behave(
+        self, request: web.Request, body: dict[str, Any], model: str
+    ) -> web.StreamResponse:
+        stream = bool(body.get("stream"))
+        kind, _, arg = model.partition("-")
+        if model.startswith("status-"):
+            status = int(arg)
+            headers = {"Retry-After": "7"} if status == 429 else {}
+            error = {
+                "message": f"fake upstream says {status}",
+                "type": "fake",
+                "param": None,
+                "code": f"fake_{status}",
+            }
+            return web.json_response({"error": error}, status=status, headers=headers)
+        if model == "hang":
+            await asyncio.sleep(3600)
+        if model.startswith("slow-") and not model.startswith("slow-first-"):
+            await asyncio.sleep(int(arg) / 1000)
+        if model == "reset":
+            assert request.transport is not None
+            request.transport.abort()
+            await asyncio.sleep(1)
+        if model == "bad-json":
+            if stream:
+                return await self._sse(request, [b"{not json"], done=True)
+            return web.Response(body=b"{not json", content_type="application/json")
+        text = "echo: " + _last_user_text(body)
+        if model == "tools":
+            return await self._tool_call(request, body, stream)
+        if not stream or model == "not-sse":
+            return web.json_response(_completion(model, text, body))
+        chunks = [json.dumps(c).encode() for c in _chunks(model, text, body)]
+        if model.startswith("slow-first-"):
+            return await self._sse(request, chunks, done=True, first_delay=int(arg[6:]) / 1000)
+        if model.startswith("drip-"):
+            n, _, ms = arg.partition("-")
+            drip = [
+                json.dumps(_chunk(model, {"content": f"{i} "}, None)).encode()
+                for i in range(int(n))
+            ]
+            return await self._sse(request, drip, done=True, gap=int(ms) / 1000)
+        if model == "empty-stream":
+            return await self._sse(request, [], done=True)
+        if model == "reset-mid":
+            return await self._sse(request, chunks[:2], done=False, abort=True)
+        if model == "no-done":
+            return await self._sse(request, chunks, done=False)
+        if model == "error-first":
+            return await self._sse(request, [_error_event()] + chunks, done=True)
+        if model == "error-mid":
+            return await self._sse(request, chunks[:2] + [_error_event()], done=False)
+        if model == "keepalive":
+            return await self._sse(request, chunks, done=True, comments=True)
+        return await self._sse(request, chunks, done=True)
+
+    async def _sse(
+        self,
+        request: web.Request,
+        chunks: list[bytes],
+        *,
+        done: bool,
+        first_delay: float = 0,
+        gap: float = 0,
+        abort: bool = False,
+        comments: bool = False,
+    ) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        if first_delay:
+            await asyncio.sleep(first_delay)
+        for i, chunk in enumerate(chunks):
+            if gap and i:
+                await asyncio.sleep(gap)
+            if comments:
+                await resp.write(b": OPENROUTER PROCESSING\n\n")
+            await resp.write(b"data: " + chunk + b"\n\n")
+        if abort:
+            assert request.transport is not None
+            request.transport.abort()
+            return resp
+        if done:
+            await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+    async def _tool_call(
+        self, request: web.Request, body: dict[str, Any], stream: bool
+    ) -> web.StreamResponse:
+        name = body["tools"][0]["function"]["name"]
+        call = {
+            "id": "call_1",
+            "type": "function",
+            "function": {"name": name, "arguments": '{"city": "Paris"}'},
+        }
+        if not stream:
+            answer = _completion(body["model"], None, body)
+            answer["choices"][0]["message"]["tool_calls"] = [call]
+            answer["choices"][0]["finish_reason"] = "tool_calls"
+            return web.json_response(answer)
+        chunks = [
+            _chunk(
+                body["model"],
+                {"role": "assistant", "content": None, "tool_calls": [{"index": 0, **call}]},
+                None,
+            ),
+            _chunk(body["model"], {}, "tool_calls"),
+        ]
+        return await self._sse(request, [json.dumps(c).encode() for c in chunks], done=True)
+
+
+def _last_user_text(body: dict[str, Any]) -> str:
+    for message in reversed(body.get("messages", [])):
+        if message.get("role") == "user":
+            content = message.get("content")
+            if isinstance(content, list):
+                return " ".join(p.get("text", "") for p in content if p.get("type") == "text")
+            return str(content)
+    return ""
+
+
+def _usage(body: dict[str, Any], text: str | None) -> dict[str, int]:
+    prompt = sum(len(str(m.get("content", "")).split()) for m in body.get("messages", []))
+    completion = len((text or "").split())
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+
+
+def _completion(model: str, text: str | None, body: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": "chatcmpl-fake",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text, "refusal": None},
+                "logprobs": None,
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": _usage(body, text),
+    }
+
+
+def _chunk(model: str, delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
+    return {
+        "id": "chatcmpl-fake",
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+    }
+
+
+def _chunks(model: str, text: str, body: dict[str, Any]) -> list[dict[str, Any]]:
+    words = text.split(" ")
+    out = [_chunk(model, {"role": "assistant", "content": ""}, None)]
+    out += [_chunk(model, {"content": w if i == 0 else " " + w}, None) for i, w in enumerate(words)]
+    out.append(_chunk(model, {}, "stop"))
+    if (body.get("stream_options") or {}).get("include_usage"):
+        out.append({**_chunk(model, {}, None), "choices": [], "usage": _usage(body, text)})
+    return out
+
+
+def _error_event() -> bytes:
+    return json.dumps(
+        {
+            "error": {
+                "message": "fake upstream failed mid-stream",
+                "type": "server_error",
+                "param": None,
+                "code": None,
+            }
+        }
+    ).encode()
