@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any
 
 from litestar import Litestar, MediaType, Request, Response, get, post
 from litestar.exceptions import HTTPException
 from litestar.response import Stream
+from litestar.types import Receive
 
 from .chain import Answer, Engine
 from .config import Config
@@ -84,6 +87,57 @@ async def _sse(chunks: AsyncIterator[bytes], request_id: str) -> AsyncIterator[b
     yield _DONE
 
 
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready."""
+
+
+async def _unless_disconnected(work: Coroutine[Any, Any, Answer], receive: Receive) -> Answer:
+    """Await `work`, cancelling it (and so its upstream call) if the client disconnects."""
+    task = asyncio.current_task()
+    assert task is not None
+    gone = False
+
+    async def watch() -> None:
+        nonlocal gone
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        gone = True
+        task.cancel()
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        return await work
+    except asyncio.CancelledError:
+        if gone and task.uncancel() == 0:
+            raise ClientGone from None
+        raise
+    finally:
+        watcher.cancel()
+
+
+def provider_status(engine: Engine) -> dict[str, Any]:
+    """Each provider's availability, breaker state, cooldown, last error and latency."""
+    data = []
+    for name, pc in engine.config.providers.items():
+        health = engine.health[name].snapshot()
+        gate = engine.gates[name]
+        available = (
+            name in engine.providers
+            and health["state"] != "open"
+            and health["cooldown_remaining_s"] == 0
+        )
+        data.append({
+            "id": name,
+            "type": type(pc.spec).__struct_config__.tag,
+            "available": available,
+            "unavailable_reason": pc.unavailable,
+            "in_flight": gate.in_use,
+            "queued": gate.waiting,
+            **health,
+        })  # fmt: skip
+    return {"object": "list", "data": data}
+
+
 def create_app(config: Config) -> Litestar:
     gateway = Gateway(config)
 
@@ -100,7 +154,9 @@ def create_app(config: Config) -> Litestar:
             return Stream(
                 _sse(answer.chunks, request_id), media_type="text/event-stream", headers=headers
             )
-        answer = await engine.complete(chat, request_id, prefer)
+        answer = await _unless_disconnected(
+            engine.complete(chat, request_id, prefer), request.receive
+        )
         return Response(
             answer.body, media_type=MediaType.JSON, headers=_answer_headers(answer, request_id)
         )
@@ -120,6 +176,10 @@ def create_app(config: Config) -> Litestar:
         body = {"id": alias, "object": "model", "created": gateway.created, "owned_by": "omnimind"}
         return Response(encode(body), media_type=MediaType.JSON)
 
+    @get("/v1/providers")
+    async def providers() -> Response[bytes]:
+        return Response(encode(provider_status(gateway.engine)), media_type=MediaType.JSON)
+
     @get("/health")
     async def health() -> Response[bytes]:
         return Response(b'{"status":"ok"}', media_type=MediaType.JSON)
@@ -128,9 +188,10 @@ def create_app(config: Config) -> Litestar:
         await gateway.aclose()
 
     app = Litestar(
-        route_handlers=[chat_completions, list_models, get_model, health],
+        route_handlers=[chat_completions, list_models, get_model, providers, health],
         exception_handlers={
             GatewayError: _gateway_error,
+            ClientGone: _client_gone,
             HTTPException: _http_error,
             Exception: _internal_error,
         },
@@ -160,6 +221,14 @@ def _gateway_error(request: Request, exc: Exception) -> Response[bytes]:
                 f"{a.provider}:{a.reason}" for a in exc.attempts
             )
     return _error_response(request, exc.status, exc.body(), headers)
+
+
+def _client_gone(request: Request, exc: Exception) -> Response[bytes]:
+    log.info(
+        "client disconnected; upstream call cancelled", extra={"request_id": _request_id(request)}
+    )
+    body = error_json("Client closed the request.", "invalid_request_error", None, "client_closed")
+    return _error_response(request, 499, body)
 
 
 def _http_error(request: Request, exc: Exception) -> Response[bytes]:

@@ -55,12 +55,24 @@ class Secret:
 # ---- stage 1: the file's shape ---------------------------------------------------------
 
 
+class BreakerSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Circuit breaker (see health.py): eject after `failures` consecutive hard failures."""
+
+    failures: PositiveInt = 5
+    cooldown: PositiveFloat = 30.0  # first ejection; doubles on each repeated ejection
+    max_cooldown: PositiveFloat = 300.0  # cap for ejections and for Retry-After
+    rate_limit_cooldown: NonNegativeFloat = 1.0  # a 429 without Retry-After
+
+
 class _Provider(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, tag_field="type"):
     timeout: PositiveFloat = 60.0
     connect_timeout: PositiveFloat = 5.0
     first_token_timeout: PositiveFloat = 30.0
     max_concurrency: PositiveInt | None = None
     max_queue: Annotated[int, msgspec.Meta(ge=0)] = 128
+    retries: Annotated[int, msgspec.Meta(ge=0, le=5)] = 0  # same-provider retries, jittered
+    retry_backoff: PositiveFloat = 0.25
+    breaker: BreakerSpec = msgspec.field(default_factory=BreakerSpec)
 
 
 class OpenAISpec(_Provider, tag="openai"):
@@ -107,6 +119,13 @@ class EntrySpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     output_cost_per_mtok: NonNegativeFloat | None = None
 
 
+class AliasSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The long form of an alias: its chain plus alias-level options."""
+
+    chain: list[EntrySpec]
+    hedge_after_ms: PositiveInt | None = None  # start the next entry too if no first chunk yet
+
+
 class ServerSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     request_timeout: PositiveFloat = 600.0
     max_body_bytes: PositiveInt = 16 * 1024 * 1024
@@ -114,7 +133,7 @@ class ServerSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 class ConfigSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     providers: dict[str, ProviderSpec]
-    models: dict[str, list[EntrySpec]]
+    models: dict[str, list[EntrySpec] | AliasSpec]
     server: ServerSpec = msgspec.field(default_factory=ServerSpec)
 
 
@@ -149,6 +168,7 @@ class Config:
     models: dict[str, tuple[Entry, ...]]
     server: ServerSpec
     missing_env: tuple[str, ...] = ()
+    hedges: dict[str, float] = field(default_factory=dict)  # alias -> hedge delay, seconds
 
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -208,13 +228,17 @@ def build(spec: ConfigSpec, path: str = "models.yaml") -> Config:
     missing: list[str] = []
     providers = {name: _provider(name, p, missing, path) for name, p in spec.providers.items()}
     models: dict[str, tuple[Entry, ...]] = {}
-    for alias, entries in spec.models.items():
+    hedges: dict[str, float] = {}
+    for alias, value in spec.models.items():
+        entries = value if isinstance(value, list) else value.chain
+        if isinstance(value, AliasSpec) and value.hedge_after_ms:
+            hedges[alias] = value.hedge_after_ms / 1000
         if not entries:
             raise ConfigError(f"{path}: at models.{alias}: a chain needs at least one entry")
         models[alias] = tuple(
             _entry(e, providers, f"models.{alias}[{i}]", path) for i, e in enumerate(entries)
         )
-    return Config(path, providers, models, spec.server, tuple(dict.fromkeys(missing)))
+    return Config(path, providers, models, spec.server, tuple(dict.fromkeys(missing)), hedges)
 
 
 def _provider(name: str, spec: ProviderSpec, missing: list[str], path: str) -> ProviderConfig:

@@ -237,9 +237,11 @@ class Chunk(msgspec.Struct):
 
 
 class UsageView(msgspec.Struct):
-    """The narrow view of an upstream answer we account from."""
+    """The narrow view of an upstream answer we check and account from."""
 
     usage: Usage | None = None
+    choices: msgspec.Raw = msgspec.Raw(b"")  # empty: absent
+    error: msgspec.Raw = msgspec.Raw(b"")
 
 
 def completion_id() -> str:

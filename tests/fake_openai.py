@@ -7,15 +7,16 @@ Routes: `POST /{tag}/v1/chat/completions`, where `tag` names the configured prov
     status-<code>        answers <code> with an OpenAI error body (429 adds Retry-After: 7)
     hang                 never answers (until the client goes away)
     slow-<ms>            waits <ms> before the headers, then echoes
-    slow-first-<ms>      sends headers at once, the first chunk after <ms> (stream)
+    slow-first-<ms>      sends headers at once, the first chunk after <ms> (non-stream: waits)
     drip-<n>-<ms>        streams n chunks, <ms> apart
     bad-json             200 with a body (or first chunk) that is not JSON
     not-sse              200 JSON even for a stream request
     reset                closes the connection before any response
-    reset-mid            streams two chunks, then closes the connection
-    no-done              streams the answer but never sends [DONE]
+    reset-mid            streams two chunks, then closes the connection (non-stream: cut body)
+    no-done              streams the answer but never sends [DONE] (non-stream: cut body)
     error-first          streams an {"error": ...} event first
-    error-mid            streams two chunks, then an {"error": ...} event
+    error-mid            streams two chunks, then an {"error": ...} event (non-stream: 200
+                         with an error body, as some upstreams do)
     keepalive            streams SSE comments (": OPENROUTER PROCESSING") between chunks
     empty-stream         sends [DONE] with no chunk before it
     tools                answers with a tool call to the first tool in the request
@@ -87,6 +88,18 @@ class FakeOpenAI:
             assert request.transport is not None
             request.transport.abort()
             await asyncio.sleep(1)
+        if not stream and model.startswith("slow-first-"):
+            await asyncio.sleep(int(arg[6:]) / 1000)
+        if not stream and model in ("reset-mid", "no-done"):  # a truncated body
+            resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+            resp.content_length = 400
+            await resp.prepare(request)
+            await resp.write(b'{"id": "chatcmpl-fake", "choices": [')
+            assert request.transport is not None
+            request.transport.abort()
+            return resp
+        if not stream and model == "error-mid":  # some upstreams say 200 with an error body
+            return web.Response(body=_error_event(), content_type="application/json")
         if model == "bad-json":
             if stream:
                 return await self._sse(request, [b"{not json"], done=True)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import threading
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import uvicorn
+import uvloop
 from aiohttp import web
 
 
@@ -31,8 +33,8 @@ def refused_port() -> int:
 class LoopThread:
     """An event loop running on a daemon thread."""
 
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
+    def __init__(self, uvloop_: bool = False) -> None:
+        self.loop = uvloop.new_event_loop() if uvloop_ else asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
 
@@ -75,17 +77,15 @@ class UvicornServer:
     def __init__(self, app: Any) -> None:
         self._sock = free_socket()
         self.port = int(self._sock.getsockname()[1])
-        config = uvicorn.Config(
-            app, loop="uvloop", http="httptools", log_level="warning", lifespan="on"
-        )
+        config = uvicorn.Config(app, http="httptools", log_level="warning", lifespan="on")
         self.server = uvicorn.Server(config)
-        self._thread = threading.Thread(
-            target=self.server.run, kwargs={"sockets": [self._sock]}, daemon=True
+        self.thread = LoopThread(uvloop_=True)
+        self._serving = asyncio.run_coroutine_threadsafe(
+            self.server.serve(sockets=[self._sock]), self.thread.loop
         )
-        self._thread.start()
         deadline = time.monotonic() + 30
         while not self.server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
+            if self._serving.done() or time.monotonic() > deadline:
                 raise RuntimeError("gateway did not start")
             time.sleep(0.01)
 
@@ -93,7 +93,30 @@ class UvicornServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def task_count(self) -> int:
+        """Tasks alive on the gateway's event loop (the server's own included)."""
+
+        async def count() -> int:
+            return len(asyncio.all_tasks())
+
+        return int(self.thread.run(count()))
+
     def close(self) -> None:
         self.server.should_exit = True
-        self._thread.join(15)
+        self._serving.result(15)
+        self.thread.stop()
         self._sock.close()
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def settle(probe: Callable[[], int], target: int, slack: int = 0, within: float = 3.0) -> int:
+    """Poll `probe` until it is at most target + slack (or time runs out); return the last value."""
+    deadline = time.monotonic() + within
+    value = probe()
+    while value > target + slack and time.monotonic() < deadline:
+        time.sleep(0.02)
+        value = probe()
+    return value

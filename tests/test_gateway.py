@@ -65,11 +65,13 @@ providers:
     timeout: 1.5
     connect_timeout: 1
     first_token_timeout: 1
+    breaker: {{failures: 1000000, max_cooldown: 0.001}}  # resilience has its own tests
   backup:
     type: openai
     base_url: {fake_url}/backup/v1
     api_key: ${{GW_TEST_BACKUP_KEY}}
     headers: {{X-Title: OmniMind}}
+    breaker: {{failures: 1000000, max_cooldown: 0.001}}
   dead:
     type: openai
     base_url: http://127.0.0.1:{refused_port()}/v1

@@ -67,6 +67,10 @@ class OpenAIProvider:
             view = _usage_decoder.decode(body)
         except msgspec.DecodeError:
             raise UpstreamError("bad_response", "upstream answered 200 with invalid JSON") from None
+        if not view.choices:
+            if view.error:
+                check_chunk(body)  # raises with the upstream's message
+            raise UpstreamError("bad_response", "upstream answered 200 without choices")
         return Completion(body, view.usage)
 
     async def stream(self, call: Call) -> AsyncIterator[bytes]:

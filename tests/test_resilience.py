@@ -1,0 +1,270 @@
+"""Resilience: a fault matrix, the circuit breaker, Retry-After, deadlines, disconnects, hedging.
+
+Every fault runs in both modes and must end in a fallback answer or a well-formed OpenAI
+error within the deadline, with the upstream connection closed and the gateway's open
+file descriptors and asyncio tasks back at their baseline.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from . import schemas
+from .conftest import GatewayFactory
+from .fake_openai import FakeOpenAI
+from .servers import UvicornServer, open_fds, refused_port, settle
+
+NO_BREAKER = "breaker: {{failures: 1000000, max_cooldown: 0.001}}"
+
+
+def _provider(name: str, url: str, extra: str = NO_BREAKER) -> str:
+    return f"""
+  {name}:
+    type: openai
+    base_url: {url}/{name}/v1
+    timeout: 1
+    connect_timeout: 1
+    first_token_timeout: 1
+    {extra}"""
+
+
+def _config(url: str) -> str:
+    providers = (
+        "".join(
+            [
+                _provider("faulty", url),
+                _provider("backup", url),
+                _provider("flaky", url, "breaker: {{failures: 2, cooldown: 0.4}}"),
+                _provider("limited", url, "breaker: {{failures: 1000000}}"),
+                _provider("alone", url, "breaker: {{failures: 1000000}}"),
+                _provider(
+                    "slowpoke", url, NO_BREAKER + "\n    timeout: 5\n    first_token_timeout: 5"
+                ),
+                _provider("retrier", url, NO_BREAKER + "\n    retries: 2\n    retry_backoff: 0.01"),
+            ]
+        )
+        .replace("{{", "{")
+        .replace("}}", "}")
+    )
+    faults = "".join(
+        f"  f-{b}: [{{provider: faulty, model: {b}}}, {{provider: backup, model: echo}}]\n"
+        for b in FAULTS
+    )
+    return f"""
+server: {{request_timeout: 4}}
+providers:
+  dead:
+    type: openai
+    base_url: http://127.0.0.1:{refused_port()}/v1
+{providers}
+models:
+  f-refused: [{{provider: dead, model: x}}, {{provider: backup, model: echo}}]
+{faults}
+  breaker-fail: [{{provider: flaky, model: status-500}}, {{provider: backup, model: echo}}]
+  breaker-ok: [{{provider: flaky, model: echo}}, {{provider: backup, model: echo}}]
+  limited: [{{provider: limited, model: status-429}}, {{provider: backup, model: echo}}]
+  limited-ok: [{{provider: limited, model: echo}}, {{provider: backup, model: echo}}]
+  alone: [{{provider: alone, model: status-429}}]
+  drip: [{{provider: slowpoke, model: drip-100-50}}]
+  hang: [{{provider: slowpoke, model: hang}}]
+  retried: [{{provider: retrier, model: status-502}}, {{provider: backup, model: echo}}]
+  hedged:
+    hedge_after_ms: 100
+    chain: [{{provider: slowpoke, model: slow-1500}}, {{provider: backup, model: echo}}]
+  hedged-stream:
+    hedge_after_ms: 100
+    chain: [{{provider: slowpoke, model: slow-first-1500}}, {{provider: backup, model: echo}}]
+  hedged-fast:
+    hedge_after_ms: 500
+    chain: [{{provider: backup, model: echo}}, {{provider: slowpoke, model: echo}}]
+"""
+
+
+# Faults at the first entry, and whether the client should get the backup's answer (a
+# fallback) or, once the stream is committed, a final SSE error event.
+FAULTS = {
+    "reset": "fallback",
+    "hang": "fallback",
+    "slow-first-3000": "fallback",
+    "status-429": "fallback",
+    "status-500": "fallback",
+    "status-502": "fallback",
+    "status-503": "fallback",
+    "bad-json": "fallback",
+    "reset-mid": "error-event",
+    "no-done": "error-event",
+    "error-mid": "error-event",
+}
+
+
+@pytest.fixture(scope="module")
+def gw(start_gateway: GatewayFactory, fake_url: str) -> Iterator[UvicornServer]:
+    yield start_gateway(_config(fake_url))
+
+
+@pytest.fixture
+def http(gw: UvicornServer) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=gw.url, timeout=30) as c:
+        yield c
+
+
+def _post(http: httpx.Client, model: str, stream: bool = False) -> httpx.Response:
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": stream}
+    return http.post("/v1/chat/completions", json=body)
+
+
+def _events(resp: httpx.Response) -> list[str]:
+    return [line[6:] for line in resp.text.splitlines() if line.startswith("data: ")]
+
+
+def _provider_state(http: httpx.Client, name: str) -> dict[str, object]:
+    data = http.get("/v1/providers").json()["data"]
+    return next(p for p in data if p["id"] == name)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("fault", ["refused", *FAULTS])
+def test_fault_matrix(
+    gw: UvicornServer, http: httpx.Client, fake: FakeOpenAI, fault: str, stream: bool
+) -> None:
+    _post(http, "f-status-500", stream)  # warm the connection pools first
+    fds, tasks = open_fds(), gw.task_count()
+    started = time.monotonic()
+    resp = _post(http, f"f-{fault}", stream)
+    elapsed = time.monotonic() - started
+    assert elapsed < 4.5  # the request deadline (4 s) bounds every fault
+    if not stream or FAULTS.get(fault, "fallback") == "fallback":
+        assert resp.status_code == 200
+        assert resp.headers["x-omnimind-provider"] == "backup"
+        if stream:
+            assert _events(resp)[-1] == "[DONE]"
+        else:
+            schemas.completion(resp.json())
+    else:
+        events = _events(resp)
+        assert resp.headers["x-omnimind-provider"] == "faulty"
+        assert "[DONE]" not in events
+        schemas.error(json.loads(events[-1]))
+    assert settle(lambda: fake.active, 0) == 0  # the upstream saw its connection closed
+    assert settle(gw.task_count, tasks) <= tasks
+    assert settle(open_fds, fds, slack=2) <= fds + 2
+
+
+def test_client_disconnect_mid_stream_cancels_upstream(
+    gw: UvicornServer, http: httpx.Client, fake: FakeOpenAI
+) -> None:
+    fds, tasks = open_fds(), gw.task_count()
+    body = {"model": "drip", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    with http.stream("POST", "/v1/chat/completions", json=body) as resp:
+        lines = resp.iter_lines()
+        assert next(lines).startswith("data: ")
+        assert fake.active == 1
+    gone = time.monotonic()
+    assert settle(lambda: fake.active, 0, within=2) == 0
+    assert time.monotonic() - gone < 1.0
+    assert settle(gw.task_count, tasks) <= tasks
+    assert settle(open_fds, fds, slack=2) <= fds + 2
+
+
+def test_client_disconnect_non_stream_cancels_upstream(gw: UvicornServer, fake: FakeOpenAI) -> None:
+    tasks = gw.task_count()
+    with httpx.Client(base_url=gw.url, timeout=0.3) as impatient, pytest.raises(httpx.ReadTimeout):
+        _post(impatient, "hang")
+    assert settle(lambda: fake.active, 0, within=2) == 0
+    assert settle(gw.task_count, tasks) <= tasks
+
+
+def test_breaker_opens_skips_and_closes(http: httpx.Client, fake: FakeOpenAI) -> None:
+    for _ in range(2):
+        assert _post(http, "breaker-fail").headers["x-omnimind-fallbacks"] == "flaky:server_error"
+    state = _provider_state(http, "flaky")
+    assert state["state"] == "open" and state["available"] is False
+    calls = len(fake.calls("flaky"))
+    resp = _post(http, "breaker-fail")
+    assert resp.headers["x-omnimind-fallbacks"] == "flaky:circuit_open"
+    assert len(fake.calls("flaky")) == calls  # skipped without a call
+    time.sleep(0.45)  # cooldown over: one half-open probe decides
+    assert _provider_state(http, "flaky")["state"] == "half_open"
+    resp = _post(http, "breaker-ok")
+    assert resp.headers["x-omnimind-provider"] == "flaky"
+    state = _provider_state(http, "flaky")
+    assert state["state"] == "closed" and state["available"] is True
+    assert state["last_error"]["reason"] == "server_error"  # type: ignore[index]
+
+
+def test_retry_after_cools_the_provider(http: httpx.Client, fake: FakeOpenAI) -> None:
+    assert _post(http, "limited").headers["x-omnimind-fallbacks"] == "limited:rate_limited"
+    calls = len(fake.calls("limited"))
+    resp = _post(http, "limited-ok")  # would succeed, but the provider asked us to wait
+    assert resp.headers["x-omnimind-fallbacks"] == "limited:cooling_down"
+    assert len(fake.calls("limited")) == calls
+    state = _provider_state(http, "limited")
+    assert 5 < state["cooldown_remaining_s"] <= 7  # type: ignore[operator]
+    assert state["state"] == "closed"  # rate limits are not hard failures
+
+
+def test_all_cooling_answers_429_at_once(http: httpx.Client, fake: FakeOpenAI) -> None:
+    assert _post(http, "alone").status_code == 429
+    calls = len(fake.calls("alone"))
+    started = time.monotonic()
+    resp = _post(http, "alone")
+    assert resp.status_code == 429 and time.monotonic() - started < 0.5
+    assert 1 <= int(resp.headers["retry-after"]) <= 7
+    assert resp.headers["x-omnimind-fallbacks"] == "alone:cooling_down"
+    assert len(fake.calls("alone")) == calls
+    schemas.error(resp.json())
+
+
+def test_request_deadline_bounds_a_stream(http: httpx.Client) -> None:
+    started = time.monotonic()
+    resp = _post(http, "drip", stream=True)  # 100 chunks 50 ms apart: past the 4 s deadline
+    assert 3.5 < time.monotonic() - started < 5
+    last = json.loads(_events(resp)[-1])
+    schemas.error(last)
+    assert last["error"]["code"] == "deadline"
+
+
+def test_request_deadline_bounds_a_hang(http: httpx.Client) -> None:
+    started = time.monotonic()
+    resp = _post(http, "hang")
+    assert resp.status_code == 504 and time.monotonic() - started < 4.5
+    schemas.error(resp.json())
+
+
+def test_configured_retries_stay_on_the_provider(http: httpx.Client) -> None:
+    resp = _post(http, "retried")
+    assert resp.headers["x-omnimind-fallbacks"] == ",".join(["retrier:server_error"] * 3)
+    assert resp.headers["x-omnimind-provider"] == "backup"
+
+
+@pytest.mark.parametrize(("alias", "stream"), [("hedged", False), ("hedged-stream", True)])
+def test_hedging_serves_the_faster_entry(
+    http: httpx.Client, fake: FakeOpenAI, alias: str, stream: bool
+) -> None:
+    started = time.monotonic()
+    resp = _post(http, alias, stream)
+    assert time.monotonic() - started < 1.0  # the slow entry would take 1.5 s
+    assert resp.headers["x-omnimind-provider"] == "backup"
+    assert resp.headers["x-omnimind-fallbacks"] == "slowpoke:hedge_lost"
+    assert settle(lambda: fake.active, 0, within=2) == 0  # the slower one was cancelled
+
+
+def test_hedging_leaves_a_fast_first_entry_alone(http: httpx.Client, fake: FakeOpenAI) -> None:
+    calls = len(fake.calls("slowpoke"))
+    resp = _post(http, "hedged-fast")
+    assert resp.headers["x-omnimind-provider"] == "backup"
+    assert "x-omnimind-fallbacks" not in resp.headers
+    assert len(fake.calls("slowpoke")) == calls
+
+
+def test_providers_endpoint_shape(http: httpx.Client) -> None:
+    _post(http, "f-status-500")
+    backup = _provider_state(http, "backup")
+    assert backup["type"] == "openai" and backup["available"] is True
+    assert backup["latency_ms"]["p50"] is not None  # type: ignore[index]
+    assert {"state", "cooldown_remaining_s", "last_error", "in_flight", "queued"} <= set(backup)
