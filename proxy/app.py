@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 import uuid
 from collections.abc import AsyncIterator, Coroutine
 from typing import Any
@@ -17,6 +16,7 @@ from litestar.types import Receive
 from .chain import Answer, Engine
 from .config import Config
 from .errors import AllProvidersFailed, GatewayError, error_json
+from .gateway import Gateway
 from .policy import map_exception
 from .wire import ChatRequest, encode
 
@@ -24,6 +24,7 @@ log = logging.getLogger("omnimind.app")
 
 _DONE = b"data: [DONE]\n\n"
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+_OPEN_PATHS = frozenset({"/health"})
 _HTTP_ERROR_TYPES = {
     401: ("authentication_error", "invalid_api_key"),
     404: ("invalid_request_error", "not_found"),
@@ -31,17 +32,6 @@ _HTTP_ERROR_TYPES = {
     413: ("invalid_request_error", "request_too_large"),
     429: ("rate_limit_error", "rate_limit_exceeded"),
 }
-
-
-class Gateway:
-    """What the app serves from: the current engine (swapped whole on reload)."""
-
-    def __init__(self, config: Config) -> None:
-        self.engine = Engine(config)
-        self.created = int(time.time())
-
-    async def aclose(self) -> None:
-        await self.engine.aclose()
 
 
 def _request_id(request: Request) -> str:
@@ -65,25 +55,32 @@ def _answer_headers(answer: Answer, request_id: str) -> dict[str, str]:
         headers["x-omnimind-fallbacks"] = ",".join(
             f"{a.provider}:{a.reason}" for a in answer.attempts
         )
+    if answer.cost_usd is not None:
+        headers["x-omnimind-cost-usd"] = f"{answer.cost_usd:.8f}"
     return headers
 
 
-async def _sse(chunks: AsyncIterator[bytes], request_id: str) -> AsyncIterator[bytes]:
-    """Frame chunks as SSE; a failure after the first chunk becomes one final error event."""
+async def _sse(answer: Answer, request_id: str) -> AsyncIterator[bytes]:
+    """Frame chunks as SSE; a failure after the first chunk becomes one final error event.
+
+    A stream's cost is known only at its end: it comes as the SSE comment
+    `: x-omnimind-cost-usd: <usd>` before `[DONE]` (clients ignore comments).
+    """
+    assert answer.chunks is not None
     try:
-        async for chunk in chunks:
+        async for chunk in answer.chunks:
             yield b"data: " + chunk + b"\n\n"
     except Exception as exc:  # noqa: BLE001 - the stream is committed: report, end cleanly
         error = map_exception(exc)
         log.warning(
-            "stream failed mid-way: reason=%s %s",
-            error.reason,
-            error.message,
-            extra={"request_id": request_id},
-        )
+            "stream failed mid-way: provider=%s reason=%s %s",
+            answer.provider, error.reason, error.message, extra={"request_id": request_id},
+        )  # fmt: skip
         message = f"The upstream stream failed after it started ({error.reason})."
         yield b"data: " + error_json(message, "server_error", None, error.reason) + b"\n\n"
         return
+    if answer.cost_usd is not None:
+        yield f": x-omnimind-cost-usd: {answer.cost_usd:.8f}\n\n".encode()
     yield _DONE
 
 
@@ -141,65 +138,90 @@ def provider_status(engine: Engine) -> dict[str, Any]:
 def create_app(config: Config) -> Litestar:
     gateway = Gateway(config)
 
+    def authorize(request: Request) -> str:
+        client = request.client.host if request.client else ""
+        key_id = gateway.guard.check(request.headers, client)
+        request.scope.setdefault("state", {})["key_id"] = key_id
+        return key_id
+
     @post("/v1/chat/completions", status_code=200)
     async def chat_completions(request: Request) -> Response[bytes] | Stream:
+        key_id = authorize(request)
         chat = ChatRequest(await request.body())
         request_id = _request_id(request)
         prefer = request.headers.get("x-omnimind-prefer-provider")
         engine = gateway.engine
         if chat.stream:
-            answer = await engine.stream(chat, request_id, prefer)
-            assert answer.chunks is not None
+            answer = await engine.stream(chat, request_id, prefer, key_id)
             headers = _answer_headers(answer, request_id) | _SSE_HEADERS
-            return Stream(
-                _sse(answer.chunks, request_id), media_type="text/event-stream", headers=headers
-            )
+            return Stream(_sse(answer, request_id), media_type="text/event-stream", headers=headers)
         answer = await _unless_disconnected(
-            engine.complete(chat, request_id, prefer), request.receive
+            engine.complete(chat, request_id, prefer, key_id), request.receive
         )
         return Response(
             answer.body, media_type=MediaType.JSON, headers=_answer_headers(answer, request_id)
         )
 
+    def _model(alias: str) -> dict[str, Any]:
+        return {"id": alias, "object": "model", "created": gateway.created, "owned_by": "omnimind"}
+
     @get("/v1/models")
-    async def list_models() -> Response[bytes]:
-        data = [
-            {"id": alias, "object": "model", "created": gateway.created, "owned_by": "omnimind"}
-            for alias in gateway.engine.config.models
-        ]
+    async def list_models(request: Request) -> Response[bytes]:
+        authorize(request)
+        data = [_model(alias) for alias in gateway.config.models]
         return Response(encode({"object": "list", "data": data}), media_type=MediaType.JSON)
 
     @get("/v1/models/{alias:str}")
     async def get_model(request: Request) -> Response[bytes]:
+        authorize(request)
         alias = request.path_params["alias"]
         gateway.engine.chain(alias)  # 404 model_not_found if unknown
-        body = {"id": alias, "object": "model", "created": gateway.created, "owned_by": "omnimind"}
-        return Response(encode(body), media_type=MediaType.JSON)
+        return Response(encode(_model(alias)), media_type=MediaType.JSON)
 
     @get("/v1/providers")
-    async def providers() -> Response[bytes]:
+    async def providers(request: Request) -> Response[bytes]:
+        authorize(request)
         return Response(encode(provider_status(gateway.engine)), media_type=MediaType.JSON)
+
+    @get("/v1/stats")
+    async def stats(request: Request) -> Response[bytes]:
+        authorize(request)
+        body = gateway.observer.stats.snapshot()
+        body["providers"] = {
+            p["id"]: p["available"] for p in provider_status(gateway.engine)["data"]
+        }
+        return Response(encode(body), media_type=MediaType.JSON)
+
+    @get("/metrics")
+    async def metrics(request: Request) -> Response[bytes]:
+        if gateway.config.server.metrics_auth:
+            authorize(request)
+        health = {p["id"]: p for p in provider_status(gateway.engine)["data"]}
+        return Response(
+            gateway.observer.metrics.exposition(health),
+            media_type="text/plain; version=0.0.4; charset=utf-8",
+        )
 
     @get("/health")
     async def health() -> Response[bytes]:
         return Response(b'{"status":"ok"}', media_type=MediaType.JSON)
 
-    async def on_shutdown() -> None:
-        await gateway.aclose()
-
     app = Litestar(
-        route_handlers=[chat_completions, list_models, get_model, providers, health],
+        route_handlers=[
+            chat_completions, list_models, get_model, providers, stats, metrics, health
+        ],
         exception_handlers={
             GatewayError: _gateway_error,
             ClientGone: _client_gone,
             HTTPException: _http_error,
             Exception: _internal_error,
         },
-        on_shutdown=[on_shutdown],
+        on_startup=[gateway.start],
+        on_shutdown=[gateway.aclose],
         request_max_body_size=config.server.max_body_bytes,
         openapi_config=None,
         logging_config=None,
-    )
+    )  # fmt: skip
     app.state.gateway = gateway
     return app
 
@@ -214,6 +236,8 @@ def _error_response(
 def _gateway_error(request: Request, exc: Exception) -> Response[bytes]:
     assert isinstance(exc, GatewayError)
     headers = dict(exc.headers)
+    if exc.status == 401:
+        headers["www-authenticate"] = "Bearer"
     if isinstance(exc, AllProvidersFailed):
         headers["x-omnimind-attempts"] = str(len(exc.attempts))
         if exc.attempts:

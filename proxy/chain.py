@@ -18,16 +18,29 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 
+import msgspec
+
 from .config import Config, Entry
-from .errors import AllProvidersFailed, Attempt, ModelNotFound, UpstreamError, UpstreamRejected
+from .errors import (
+    AllProvidersFailed,
+    Attempt,
+    GatewayError,
+    ModelNotFound,
+    UpstreamError,
+    UpstreamRejected,
+)
 from .health import Health
 from .limits import Gate
+from .observe import Observer, RequestRecord, cost_usd
 from .policy import falls_back, map_exception
 from .providers import Call, Provider, build
-from .wire import ChatRequest, Usage
+from .wire import ChatRequest, Usage, UsageView
+
+_usage_view = msgspec.json.Decoder(UsageView)
+_any = msgspec.json.Decoder()
 
 log = logging.getLogger("omnimind.chain")
 
@@ -47,19 +60,37 @@ class Answer:
     usage: Usage | None = None
     chunks: AsyncIterator[bytes] | None = field(default=None, repr=False)
     entry: Entry | None = field(default=None, repr=False)
+    cost_usd: float | None = None
+    # Streams: called once the stream has ended, with its outcome (ok/stream_error/cancelled).
+    on_end: Callable[[str], None] | None = field(default=None, repr=False)
 
 
 class Engine:
     """Holds the providers of one config; shared by the HTTP app and the Python API."""
 
-    def __init__(self, config: Config, reuse: dict[str, Provider] | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        observer: Observer | None = None,
+        reuse: Engine | None = None,
+    ) -> None:
+        """`reuse`: the engine this one replaces; unchanged providers keep their pools and state."""
         self.config = config
+        self.observer = observer or Observer(set(config.models), config.server.log_content)
         self.providers: dict[str, Provider] = {}
         self.gates: dict[str, Gate] = {}
         self.health: dict[str, Health] = {}
+        self.reused: set[str] = set()
+        self.active = 0  # requests in flight (a reload drains them before closing providers)
         for name, pc in config.providers.items():
+            if reuse is not None and reuse.config.providers.get(name) == pc:
+                self.reused.add(name)
+                if name in reuse.providers:
+                    self.providers[name] = reuse.providers[name]
+                self.gates[name], self.health[name] = reuse.gates[name], reuse.health[name]
+                continue
             if pc.unavailable is None:
-                self.providers[name] = (reuse or {}).get(name) or build(pc)
+                self.providers[name] = build(pc)
             self.gates[name] = Gate(pc.spec.max_concurrency, pc.spec.max_queue)
             self.health[name] = Health(pc.spec.breaker)
 
@@ -77,34 +108,84 @@ class Engine:
         return entries
 
     async def complete(
-        self, request: ChatRequest, request_id: str = "", prefer: str | None = None
-    ) -> Answer:
-        return await self._run(request, request_id, prefer, stream=False)
+        self, request: ChatRequest, request_id: str = "", prefer: str | None = None,
+        key_id: str = "",
+    ) -> Answer:  # fmt: skip
+        return await self._run(request, request_id, prefer, False, key_id)
 
     async def stream(
-        self, request: ChatRequest, request_id: str = "", prefer: str | None = None
-    ) -> Answer:
+        self, request: ChatRequest, request_id: str = "", prefer: str | None = None,
+        key_id: str = "",
+    ) -> Answer:  # fmt: skip
         """An answer whose `chunks` start with the first chunk already received."""
-        return await self._run(request, request_id, prefer, stream=True)
+        return await self._run(request, request_id, prefer, True, key_id)
 
     async def _run(
-        self, request: ChatRequest, request_id: str, prefer: str | None, stream: bool
-    ) -> Answer:
-        entries = self.chain(request.model, prefer)
+        self, request: ChatRequest, request_id: str, prefer: str | None, stream: bool,
+        key_id: str,
+    ) -> Answer:  # fmt: skip
+        started = time.perf_counter()
+        self.active += 1
+        rec = RequestRecord(request_id, request.model, stream, key_id=key_id)
+        if self.observer.log_content:
+            rec.messages = _any.decode(request.fields["messages"])
         run = _Run(self, request, request_id, stream)
-        hedge = self.config.hedges.get(request.model)
-        if hedge is not None and len(entries) > 1:
-            answer = await run.hedged(entries, hedge)
-        else:
-            answer = None
-            for entry in entries:
-                answer = await run.try_entry(entry)
-                if answer is not None or run.expired():
-                    break
-        if answer is None:
-            raise AllProvidersFailed(request.model, run.attempts, run.retry_after)
+        try:
+            entries = self.chain(request.model, prefer)
+            hedge = self.config.hedges.get(request.model)
+            if hedge is not None and len(entries) > 1:
+                answer = await run.hedged(entries, hedge)
+            else:
+                answer = None
+                for entry in entries:
+                    answer = await run.try_entry(entry)
+                    if answer is not None or run.expired():
+                        break
+            if answer is None:
+                raise AllProvidersFailed(request.model, run.attempts, run.retry_after)
+        except GatewayError as exc:
+            rec.status, rec.error = exc.status, exc.message[:300]
+            rec.outcome = "failed" if isinstance(exc, AllProvidersFailed) else "rejected"
+            self._finish(rec, run.attempts, started)
+            raise
+        except asyncio.CancelledError:
+            rec.status, rec.outcome = 499, "cancelled"
+            self._finish(rec, run.attempts, started)
+            raise
         answer.attempts = run.attempts
+        rec.provider, rec.model, rec.latency_ms = answer.provider, answer.model, answer.latency_ms
+        if stream:
+            answer.on_end = lambda outcome: self._stream_ended(rec, answer, outcome, started)
+        else:
+            self._account(rec, answer)
+            self._finish(rec, run.attempts, started)
         return answer
+
+    def _account(self, rec: RequestRecord, answer: Answer) -> None:
+        usage, entry = answer.usage, answer.entry
+        if usage is not None:
+            rec.prompt_tokens, rec.completion_tokens = usage.prompt_tokens, usage.completion_tokens
+        if entry is not None:
+            answer.cost_usd = rec.cost_usd = cost_usd(
+                rec.prompt_tokens, rec.completion_tokens,
+                entry.input_cost_per_mtok, entry.output_cost_per_mtok,
+            )  # fmt: skip
+
+    def _stream_ended(
+        self, rec: RequestRecord, answer: Answer, outcome: str, started: float
+    ) -> None:
+        rec.outcome = outcome
+        self._account(rec, answer)
+        self._finish(rec, answer.attempts, started)
+
+    def _finish(self, rec: RequestRecord, attempts: list[Attempt], started: float) -> None:
+        self.active -= 1
+        rec.attempts = attempts
+        rec.duration_ms = _ms(started)
+        try:
+            self.observer.finished(rec)
+        except Exception:  # observation must never break an answer
+            log.exception("recording request %s failed", rec.request_id)
 
     async def attempt(self, call: Call, stream: bool, budget: float, deadline: float) -> Answer:
         """One call to one entry's provider, under its timeouts and concurrency gate."""
@@ -113,10 +194,11 @@ class Engine:
         gate = self.gates[entry.provider]
         started = time.perf_counter()
         if stream:
-            chunks = await _open(
-                provider, call, gate, min(entry.first_token_timeout, budget), deadline
-            )
-            return Answer(entry.provider, entry.model, _ms(started), [], chunks=chunks, entry=entry)
+            answer = Answer(entry.provider, entry.model, 0.0, [], entry=entry)
+            first_token = min(entry.first_token_timeout, budget)
+            answer.chunks = await _open(provider, call, gate, first_token, deadline, answer)
+            answer.latency_ms = _ms(started)
+            return answer
         async with asyncio.timeout(min(entry.timeout, budget)):
             await gate.acquire()
             try:
@@ -128,6 +210,7 @@ class Engine:
         )
 
     async def aclose(self, keep: Iterable[str] = ()) -> None:
+        """Close providers, except those named in `keep` (handed on to a newer engine)."""
         keep = set(keep)
         closing = [p.aclose() for name, p in self.providers.items() if name not in keep]
         await asyncio.gather(*closing, return_exceptions=True)
@@ -255,7 +338,12 @@ def _ms(started: float) -> float:
 
 
 async def _open(
-    provider: Provider, call: Call, gate: Gate, first_token_timeout: float, deadline: float
+    provider: Provider,
+    call: Call,
+    gate: Gate,
+    first_token_timeout: float,
+    deadline: float,
+    answer: Answer,
 ) -> AsyncIterator[bytes]:
     """Start a stream and wait for its first chunk; a failure here can still fall back."""
     chunks = provider.stream(call)
@@ -273,29 +361,50 @@ async def _open(
     except BaseException:
         await _close(chunks)
         raise
-    return _relay(first, chunks, gate, deadline)
+    return _relay(first, chunks, gate, deadline, answer)
 
 
 async def _relay(
-    first: bytes, chunks: AsyncIterator[bytes], gate: Gate, deadline: float
+    first: bytes, chunks: AsyncIterator[bytes], gate: Gate, deadline: float, answer: Answer
 ) -> AsyncIterator[bytes]:
-    """The committed stream: the first chunk, then the rest, within the request deadline."""
+    """The committed stream: the first chunk, then the rest, within the request deadline.
+
+    Chunks pass through untouched; one carrying `usage` is read for accounting.
+    """
+    outcome = "stream_error"
+    chunk = first
     try:
-        yield first
         while True:
+            if b'"usage"' in chunk:
+                _take_usage(chunk, answer)
+            yield chunk
             try:
                 async with asyncio.timeout_at(deadline):
                     chunk = await anext(chunks)
             except StopAsyncIteration:
+                outcome = "ok"
                 return
             except TimeoutError:
                 if asyncio.get_running_loop().time() < deadline:
                     raise  # the upstream went quiet for longer than the entry's timeout
                 raise UpstreamError("deadline", "request deadline reached mid-stream") from None
-            yield chunk
+    except (GeneratorExit, asyncio.CancelledError):
+        outcome = "cancelled"
+        raise
     finally:
         gate.release()
         await _close(chunks)
+        if answer.on_end is not None:
+            answer.on_end(outcome)
+
+
+def _take_usage(chunk: bytes, answer: Answer) -> None:
+    try:
+        usage = _usage_view.decode(chunk).usage
+    except msgspec.DecodeError:
+        return
+    if usage is not None:
+        answer.usage = usage
 
 
 async def _close(chunks: AsyncIterator[bytes]) -> None:

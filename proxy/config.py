@@ -126,9 +126,21 @@ class AliasSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     hedge_after_ms: PositiveInt | None = None  # start the next entry too if no first chunk yet
 
 
+class KeySpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """A gateway API key with a name (for logs and metrics) and its own rate limit."""
+
+    id: str
+    key: str
+    rate_limit_rpm: PositiveInt | None = None
+
+
 class ServerSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     request_timeout: PositiveFloat = 600.0
     max_body_bytes: PositiveInt = 16 * 1024 * 1024
+    log_content: bool = False  # put request messages into the audit log
+    api_keys: list[str | KeySpec] = []  # none: no key needed (fine on 127.0.0.1)
+    rate_limit_rpm: PositiveInt | None = None  # per key (per client address without keys)
+    metrics_auth: bool = False  # require a key for /metrics too
 
 
 class ConfigSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -162,6 +174,13 @@ class Entry:
 
 
 @dataclass(frozen=True, slots=True)
+class ApiKey:
+    id: str
+    secret: Secret
+    rate_limit_rpm: int | None
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     path: str
     providers: dict[str, ProviderConfig]
@@ -169,6 +188,7 @@ class Config:
     server: ServerSpec
     missing_env: tuple[str, ...] = ()
     hedges: dict[str, float] = field(default_factory=dict)  # alias -> hedge delay, seconds
+    api_keys: tuple[ApiKey, ...] = ()
 
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -200,19 +220,41 @@ def parse(text: str, path: str = "models.yaml") -> ConfigSpec:
         raise ConfigError(f"{path}:{where}: invalid YAML: {problem}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping with 'providers' and 'models'")
+    unknown = set(raw) - {"providers", "models", "server"}
+    if unknown:
+        raise ConfigError(f"{path}: at (top level): unknown key '{sorted(unknown)[0]}'")
+    providers = _mapping(raw, "providers", path)
+    models = _mapping(raw, "models", path)
+    # Section by section, so that errors name the provider or alias (msgspec says "[...]").
+    return ConfigSpec(
+        providers={
+            str(k): _convert(v, ProviderSpec, f"providers.{k}", path) for k, v in providers.items()
+        },
+        models={
+            str(k): _convert(v, list[EntrySpec] | AliasSpec, f"models.{k}", path)
+            for k, v in models.items()
+        },
+        server=_convert(raw.get("server") or {}, ServerSpec, "server", path),
+    )
+
+
+def _mapping(raw: dict[str, Any], key: str, path: str) -> dict[Any, Any]:
+    value = raw.get(key)
+    if not isinstance(value, dict):
+        got = "nothing" if value is None else type(value).__name__
+        raise ConfigError(f"{path}: at {key}: expected a mapping, got {got}")
+    return value
+
+
+def _convert(value: Any, type_: Any, where: str, path: str) -> Any:
     try:
-        return msgspec.convert(raw, ConfigSpec, strict=True)
+        return msgspec.convert(value, type_, strict=True)
     except msgspec.ValidationError as exc:
-        raise ConfigError(f"{path}: {_explain(str(exc))}") from None
-
-
-def _explain(message: str) -> str:
-    """msgspec says "<what> - at `$.a.b`"; we say "at a.b: <what>"."""
-    what, sep, where = message.rpartition(" - at ")
-    if not sep:
-        return message
-    key = where.strip("`").removeprefix("$").lstrip(".") or "(top level)"
-    return f"at {key}: {what}"
+        what, sep, at = str(exc).rpartition(" - at ")
+        if not sep:
+            what, at = str(exc), "`$`"
+        key = where + at.strip("`").removeprefix("$")
+        raise ConfigError(f"{path}: at {key}: {what}") from None
 
 
 def load(path: str | os.PathLike[str]) -> Config:
@@ -238,7 +280,22 @@ def build(spec: ConfigSpec, path: str = "models.yaml") -> Config:
         models[alias] = tuple(
             _entry(e, providers, f"models.{alias}[{i}]", path) for i, e in enumerate(entries)
         )
-    return Config(path, providers, models, spec.server, tuple(dict.fromkeys(missing)), hedges)
+    keys = _api_keys(spec.server, missing, path)
+    return Config(path, providers, models, spec.server, tuple(dict.fromkeys(missing)), hedges, keys)
+
+
+def _api_keys(server: ServerSpec, missing: list[str], path: str) -> tuple[ApiKey, ...]:
+    keys = []
+    for i, item in enumerate(server.api_keys):
+        spec = item if isinstance(item, KeySpec) else KeySpec(id=f"key{i}", key=item)
+        secret = Secret(_expand(spec.key, missing))
+        if not secret:
+            raise ConfigError(
+                f"{path}: at server.api_keys[{i}]: the key resolves to an empty string "
+                "(is its environment variable set?)"
+            )
+        keys.append(ApiKey(spec.id, secret, spec.rate_limit_rpm or server.rate_limit_rpm))
+    return tuple(keys)
 
 
 def _provider(name: str, spec: ProviderSpec, missing: list[str], path: str) -> ProviderConfig:

@@ -49,7 +49,13 @@ class FakeOpenAI:
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/{tag}/v1/chat/completions", self.chat)
+        app.router.add_get("/{tag}/v1/models", self.models)
         return app
+
+    async def models(self, request: web.Request) -> web.Response:
+        names = ["echo", "tools", "hang"]
+        data = [{"id": n, "object": "model", "created": 0, "owned_by": "fake"} for n in names]
+        return web.json_response({"object": "list", "data": data})
 
     def calls(self, tag: str | None = None) -> list[Seen]:
         return [s for s in self.seen if tag is None or s.tag == tag]
@@ -73,8 +79,11 @@ class FakeOpenAI:
         if model.startswith("status-"):
             status = int(arg)
             headers = {"Retry-After": "7"} if status == 429 else {}
+            message = f"fake upstream says {status}"
+            if status == 401:  # like OpenAI, echo the credential it got
+                message += f": incorrect key {request.headers.get('Authorization', '')}"
             error = {
-                "message": f"fake upstream says {status}",
+                "message": message,
                 "type": "fake",
                 "param": None,
                 "code": f"fake_{status}",

@@ -1,0 +1,15 @@
+"""ASGI entry point for process managers and `serve --workers N`.
+
+uvicorn --factory proxy.asgi:create      (config from $OMNIMIND_CONFIG or ./models.yaml)
+"""
+
+from __future__ import annotations
+
+from litestar import Litestar
+
+from .app import create_app
+from .config import default_path, load
+
+
+def create() -> Litestar:
+    return create_app(load(default_path()))

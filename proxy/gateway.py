@@ -1,0 +1,103 @@
+"""The running gateway's state: the current engine, swapped whole on a config reload.
+
+A reload (models.yaml edited, or SIGHUP) builds a new `Engine` from the new file and
+swaps it in atomically; providers whose config did not change are handed over with
+their connection pools, breaker state and concurrency gates. Requests in flight finish
+on the old engine, which closes its own providers once drained. An invalid file is
+rejected with one log line and the old config keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+
+from .auth import Guard
+from .chain import Engine
+from .config import Config, ConfigError, load
+from .observe import Observer
+
+log = logging.getLogger("omnimind.gateway")
+
+
+class Gateway:
+    def __init__(self, config: Config) -> None:
+        self.observer = Observer(set(config.models), config.server.log_content)
+        self.engine = Engine(config, self.observer)
+        self.guard = Guard(config)
+        self.created = int(time.time())
+        self._background: set[asyncio.Task[Any]] = set()
+        path = Path(config.path)
+        self._watched = path.resolve() if path.is_file() else None
+
+    @property
+    def config(self) -> Config:
+        return self.engine.config
+
+    async def reload(self) -> bool:
+        """Load the config file again and swap it in; False (old config kept) if it is bad."""
+        old = self.engine
+        try:
+            config = load(old.config.path)
+        except ConfigError as exc:
+            log.error("config reload rejected, still serving the previous config: %s", exc)
+            return False
+        new = Engine(config, self.observer, reuse=old)
+        guard = Guard(config)
+        guard.inherit(self.guard)
+        self.observer.aliases = set(config.models)
+        self.observer.log_content = config.server.log_content
+        self.engine, self.guard = new, guard
+        log.info(
+            "config reloaded from %s: aliases %s; providers kept %s",
+            config.path, ", ".join(config.models), ", ".join(sorted(new.reused)) or "none",
+        )  # fmt: skip
+        self._spawn(self._retire(old, keep=new.reused))
+        return True
+
+    async def _retire(self, old: Engine, keep: set[str]) -> None:
+        deadline = time.monotonic() + old.config.server.request_timeout
+        while old.active > 0 and time.monotonic() < deadline:  # noqa: ASYNC110 - a counter
+            await asyncio.sleep(0.05)
+        await old.aclose(keep=keep)
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def start(self) -> None:
+        """Watch the config file and SIGHUP for reloads."""
+        if self._watched is not None:
+            self._spawn(self._watch(self._watched))
+        with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
+            # Only the main thread may handle signals; tests run servers on others.
+            loop = asyncio.get_running_loop()
+            loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload()))
+
+    async def _watch(self, path: Path) -> None:
+        from watchfiles import awatch  # ships with uvicorn[standard]
+
+        def ours(_change: object, changed: str) -> bool:
+            return Path(changed).name == path.name
+
+        try:
+            # The folder, not the file: editors often replace a file rather than write it.
+            async for _ in awatch(path.parent, watch_filter=ours, debounce=200, step=50):
+                await self.reload()
+        except Exception:  # a broken watcher must not take the gateway down
+            log.exception("config file watcher stopped; SIGHUP still reloads")
+
+    async def aclose(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+        await self.engine.aclose()

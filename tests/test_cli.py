@@ -1,0 +1,211 @@
+"""The command line, run as a user runs it: `python -m proxy ...` in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+
+from proxy.config import ConfigError, Secret, load, parse
+
+from .servers import free_socket, refused_port
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "proxy", *args],
+        capture_output=True, text=True, timeout=60, cwd=ROOT, env={**os.environ, **(env or {})},
+    )  # fmt: skip
+
+
+BROKEN = {
+    "unknown key": (
+        "providers:\n  a: {type: openai, base_url: 'http://x', colour: red}\nmodels: {}\n",
+        "at providers.a: Object contains unknown field `colour`",
+    ),
+    "wrong type": (
+        "providers:\n  a: {type: openai, base_url: 'http://x', timeout: soon}\nmodels: {}\n",
+        "at providers.a.timeout: Expected `float`, got `str`",
+    ),
+    "unknown provider": (
+        "providers:\n  a: {type: openai, base_url: 'http://x'}\n"
+        "models:\n  m: [{provider: b, model: x}]\n",
+        "at models.m[0].provider: unknown provider 'b' (defined: a)",
+    ),
+    "unknown type": (
+        "providers:\n  a: {type: grpc, base_url: 'http://x'}\nmodels: {}\n",
+        "at providers.a.type: Invalid value 'grpc'",
+    ),
+    "bad yaml": ("providers: [\n", "invalid YAML"),
+    "not a url": (
+        "providers:\n  a: {type: openai, base_url: 'x'}\nmodels: {}\n",
+        "at providers.a.base_url: expected an http(s) URL",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BROKEN)
+def test_broken_config_is_one_clear_line(tmp_path: Path, case: str) -> None:
+    text, expected = BROKEN[case]
+    path = tmp_path / "models.yaml"
+    path.write_text(text, encoding="utf-8")
+    result = _cli("serve", "--config", str(path))
+    assert result.returncode == 2
+    assert expected in result.stderr and str(path) in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    result = _cli("serve", "--config", str(tmp_path / "nope.yaml"))
+    assert result.returncode == 2 and "cannot read config" in result.stderr
+
+
+def test_env_interpolation_and_masked_secrets() -> None:
+    os.environ["CLI_TEST_KEY"] = "sk-very-secret"
+    try:
+        spec = parse(
+            "providers:\n"
+            "  a: {type: openai, base_url: '${CLI_TEST_URL:-http://h:1}/v1',"
+            "      api_key: '${CLI_TEST_KEY}'}\n"
+            "  b: {type: openai, base_url: 'http://h', api_key: '${CLI_TEST_UNSET}'}\n"
+            "models: {m: [{provider: a, model: x}]}\n"
+        )
+        from proxy.config import build
+
+        config = build(spec)
+    finally:
+        del os.environ["CLI_TEST_KEY"]
+    a, b = config.providers["a"], config.providers["b"]
+    assert a.spec.base_url == "http://h:1/v1"  # type: ignore[union-attr]
+    assert a.api_key == Secret("sk-very-secret")
+    assert "sk-very-secret" not in repr(config) and "sk-very-secret" not in str(a)
+    assert b.unavailable == "api_key is empty" and config.missing_env == ("CLI_TEST_UNSET",)
+
+
+def test_empty_gateway_key_is_an_error(tmp_path: Path) -> None:
+    path = tmp_path / "models.yaml"
+    path.write_text(
+        "server: {api_keys: ['${CLI_TEST_UNSET_GW}']}\nproviders: {}\nmodels: {}\n", "utf-8"
+    )
+    with pytest.raises(ConfigError, match=r"server.api_keys\[0\]"):
+        load(path)
+
+
+def test_models_command() -> None:
+    result = _cli("models", "--config", str(ROOT / "models.yaml"))
+    assert result.returncode == 0
+    assert "omnimind-fast: ollama/qwen2:1.5b-instruct -> huggingface/" in result.stdout
+    assert {"omnimind-fast", "omnimind-balanced", "omnimind-hq"} <= {
+        line.split(":")[0] for line in result.stdout.splitlines()
+    }
+
+
+def test_check_probes_providers(tmp_path: Path, fake_url: str) -> None:
+    path = tmp_path / "models.yaml"
+    path.write_text(
+        f"""
+providers:
+  up: {{type: openai, base_url: "{fake_url}/up/v1"}}
+  down: {{type: openai, base_url: "http://127.0.0.1:{refused_port()}/v1"}}
+  keyless: {{type: openai, base_url: "{fake_url}/k/v1", api_key: "${{CLI_TEST_MISSING}}"}}
+models:
+  good: [{{provider: down, model: x}}, {{provider: up, model: echo}}]
+  missing-model: [{{provider: up, model: not-there}}]
+""",
+        encoding="utf-8",
+    )
+    result = _cli("check", "--config", str(path))
+    out = result.stdout
+    assert result.returncode == 1, out  # one alias has no usable entry
+    assert "environment variables not set: CLI_TEST_MISSING" in out
+    assert "ok: reachable" in out and "FAIL: unreachable" in out
+    assert "FAIL: model not found at the provider" in out
+    assert "1/2 aliases" in out
+    path.write_text(path.read_text().split("  missing-model")[0], encoding="utf-8")
+    assert _cli("check", "--config", str(path)).returncode == 0
+
+
+@contextmanager
+def _serve(config: Path, *extra: str) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    sock = free_socket()
+    port = sock.getsockname()[1]
+    sock.close()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "proxy", "serve", "--config", str(config), "--port", str(port),
+         "--log-level", "warning", *extra],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None, proc.communicate()[0]
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.1)
+        yield url, proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        output = proc.communicate(timeout=20)[0]
+        assert "Traceback" not in output, output
+
+
+def _config_text(fake_url: str, *aliases: str) -> str:
+    lines = "".join(f"  {a}: [{{provider: up, model: echo}}]\n" for a in aliases)
+    return f'providers:\n  up: {{type: openai, base_url: "{fake_url}/up/v1"}}\nmodels:\n{lines}'
+
+
+def test_serve_and_reload_on_sighup(tmp_path: Path, fake_url: str) -> None:
+    path = tmp_path / "models.yaml"
+    path.write_text(_config_text(fake_url, "first"), encoding="utf-8")
+    with _serve(path) as (url, proc):
+        body = {"model": "first", "messages": [{"role": "user", "content": "hi"}]}
+        assert httpx.post(f"{url}/v1/chat/completions", json=body).json()["choices"]
+        path.write_text(_config_text(fake_url, "first", "second"), encoding="utf-8")
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            ids = [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]]
+            if "second" in ids:
+                break
+            time.sleep(0.05)
+        assert "second" in ids
+
+
+def test_serve_with_workers_aggregates_metrics(tmp_path: Path, fake_url: str) -> None:
+    path = tmp_path / "models.yaml"
+    path.write_text(_config_text(fake_url, "w"), encoding="utf-8")
+    env_dir = tmp_path / "prom"
+    env_dir.mkdir()
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(env_dir)
+    try:
+        with _serve(path, "--workers", "2") as (url, _):
+            body = {"model": "w", "messages": [{"role": "user", "content": "hi"}]}
+            with httpx.Client(base_url=url) as http:
+                for _ in range(20):  # new connections spread over both workers
+                    resp = httpx.post(f"{url}/v1/chat/completions", json=body)
+                    assert resp.status_code == 200
+                metrics = http.get("/metrics").text
+    finally:
+        del os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    total = sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith('omnimind_requests_total{alias="w"')
+    )
+    assert total == 20
