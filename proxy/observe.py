@@ -76,6 +76,7 @@ class Metrics:
     """The Prometheus side: counters and histograms updated from records."""
 
     def __init__(self) -> None:
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
@@ -111,21 +112,31 @@ class Metrics:
             ["provider"], registry=r, multiprocess_mode="liveall",
         )  # fmt: skip
 
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """`metric.labels(...)`, cached: label lookup is most of a metric update's cost."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     def record(self, rec: RequestRecord, alias_label: str) -> None:
         provider = rec.provider or "none"
-        self.requests.labels(alias_label, provider, rec.outcome).inc()
+        self._child(self.requests, alias_label, provider, rec.outcome).inc()
         for a in rec.attempts:
-            self.fallbacks.labels(alias_label, a.provider, a.reason).inc()
+            self._child(self.fallbacks, alias_label, a.provider, a.reason).inc()
         if rec.provider:
-            self.duration.labels(provider).observe(rec.duration_ms / 1000)
+            self._child(self.duration, provider).observe(rec.duration_ms / 1000)
             if rec.stream:
-                self.ttft.labels(provider).observe(rec.latency_ms / 1000)
+                self._child(self.ttft, provider).observe(rec.latency_ms / 1000)
             if rec.prompt_tokens is not None:
-                self.tokens.labels(provider, rec.model, "prompt").inc(rec.prompt_tokens)
+                self._child(self.tokens, provider, rec.model, "prompt").inc(rec.prompt_tokens)
             if rec.completion_tokens is not None:
-                self.tokens.labels(provider, rec.model, "completion").inc(rec.completion_tokens)
+                self._child(self.tokens, provider, rec.model, "completion").inc(
+                    rec.completion_tokens
+                )
             if rec.cost_usd:
-                self.cost.labels(provider, rec.model).inc(rec.cost_usd)
+                self._child(self.cost, provider, rec.model).inc(rec.cost_usd)
 
     def exposition(self, health: dict[str, dict[str, Any]]) -> bytes:
         for name, h in health.items():
