@@ -93,6 +93,13 @@ class Engine:
                 self.providers[name] = build(pc)
             self.gates[name] = Gate(pc.spec.max_concurrency, pc.spec.max_queue)
             self.health[name] = Health(pc.spec.breaker)
+        for name, provider in self.providers.items():
+            # Local providers may load their models now rather than on first use.
+            preload = getattr(provider, "preload", None)
+            if preload is not None and getattr(config.providers[name].spec, "preload", False):
+                preload(
+                    [e for chain in config.models.values() for e in chain if e.provider == name]
+                )
 
     def chain(self, alias: str, prefer: str | None = None) -> tuple[Entry, ...]:
         entries = self.config.models.get(alias)

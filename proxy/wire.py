@@ -194,7 +194,7 @@ class OutMessage(msgspec.Struct):
     content: str | None
     role: str = "assistant"
     refusal: None = None
-    tool_calls: list[OutToolCall] | None = None
+    tool_calls: list[OutToolCall] | msgspec.UnsetType = msgspec.UNSET  # omitted when unset
 
 
 class Choice(msgspec.Struct):
@@ -211,7 +211,7 @@ class ChatCompletion(msgspec.Struct):
     choices: list[Choice]
     usage: Usage | None = None
     object: Literal["chat.completion"] = "chat.completion"
-    system_fingerprint: str | None = None
+    system_fingerprint: str | msgspec.UnsetType = msgspec.UNSET
 
 
 class Delta(msgspec.Struct, omit_defaults=True):

