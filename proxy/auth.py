@@ -40,6 +40,7 @@ class Guard:
         self._secrets = [(k, k.secret.reveal().encode()) for k in self.keys]
         self.default_rpm = config.server.rate_limit_rpm
         self._buckets: dict[str, Bucket] = {}
+        self.open = not self.keys and not self.default_rpm  # nothing to check
 
     def inherit(self, previous: Guard) -> None:
         """Keep the rate-limit state of keys that survive a reload."""

@@ -76,6 +76,7 @@ class Engine:
     ) -> None:
         """`reuse`: the engine this one replaces; unchanged providers keep their pools and state."""
         self.config = config
+        # Without an observer from the gateway: metrics and counters, no audit file.
         self.observer = observer or Observer(set(config.models), config.server.log_content)
         self.providers: dict[str, Provider] = {}
         self.gates: dict[str, Gate] = {}

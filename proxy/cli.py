@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import atexit
 import logging
-import logging.handlers
-import queue
 import sys
 
 from .config import ConfigError, default_path, load
@@ -48,26 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    _audit_to_stdout()
     from .server import serve as run_server
 
     run_server(config, args.host, args.port, args.log_level, max(1, args.workers))
     return 0
-
-
-def _audit_to_stdout() -> None:
-    """The audit log: bare JSON lines on stdout, apart from the server log. A queue hands
-    them to a writer thread, so the event loop never waits on the write."""
-    stream = logging.StreamHandler(sys.stdout)
-    stream.setFormatter(logging.Formatter("%(message)s"))
-    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
-    listener = logging.handlers.QueueListener(records, stream)
-    listener.start()
-    atexit.register(listener.stop)
-    audit = logging.getLogger("omnimind.audit")
-    audit.addHandler(logging.handlers.QueueHandler(records))
-    audit.setLevel(logging.INFO)
-    audit.propagate = False
 
 
 if __name__ == "__main__":

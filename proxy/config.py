@@ -137,6 +137,8 @@ class KeySpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 class ServerSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     request_timeout: PositiveFloat = 600.0
     max_body_bytes: PositiveInt = 16 * 1024 * 1024
+    # JSON lines to stdout, stderr, a file path, or off (YAML reads a bare off as false)
+    audit_log: str | bool = "stdout"
     log_content: bool = False  # put request messages into the audit log
     api_keys: list[str | KeySpec] = []  # none: no key needed (fine on 127.0.0.1)
     rate_limit_rpm: PositiveInt | None = None  # per key (per client address without keys)

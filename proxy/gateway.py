@@ -21,14 +21,16 @@ from typing import Any
 from .auth import Guard
 from .chain import Engine
 from .config import Config, ConfigError, load
-from .observe import Observer
+from .observe import AuditLog, Observer
 
 log = logging.getLogger("omnimind.gateway")
 
 
 class Gateway:
     def __init__(self, config: Config) -> None:
-        self.observer = Observer(set(config.models), config.server.log_content)
+        self.observer = Observer(
+            set(config.models), config.server.log_content, config.server.audit_log
+        )
         self.engine = Engine(config, self.observer)
         self.guard = Guard(config)
         self.created = int(time.time())
@@ -53,6 +55,9 @@ class Gateway:
         guard.inherit(self.guard)
         self.observer.aliases = set(config.models)
         self.observer.log_content = config.server.log_content
+        if config.server.audit_log != self.observer.audit.target:
+            self.observer.audit.close()
+            self.observer.audit = AuditLog(config.server.audit_log)
         self.engine, self.guard = new, guard
         log.info(
             "config reloaded from %s: aliases %s; providers kept %s",
@@ -101,3 +106,4 @@ class Gateway:
         with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
             asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
         await self.engine.aclose()
+        self.observer.audit.close()

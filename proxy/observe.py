@@ -4,14 +4,17 @@
   (`serve --workers N`) prometheus_client's multiprocess mode aggregates them.
 - The seed's counters (`requests_total`, `requests_success`, `fallback_used`,
   `latency_by_provider`), for `GET /v1/stats` and the Python router.
-- The audit log: one JSON line per request on the `omnimind.audit` logger. Message
-  content only with `server.log_content: true`; secrets never (none reach a record).
+- The audit log: one JSON line per request (`server.audit_log`: stdout, stderr, a file
+  path, or off), batched and written once per 50 ms, so a request never pays for a write.
+  Message content only with `server.log_content: true`; secrets never (none reach a record).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -23,7 +26,7 @@ from prometheus_client import multiprocess as prom_multiprocess
 
 from .errors import Attempt
 
-audit_log = logging.getLogger("omnimind.audit")
+log = logging.getLogger("omnimind.observe")
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _STATES = {"closed": 0, "half_open": 1, "open": 2}
@@ -179,25 +182,81 @@ class Stats:
         }
 
 
+class AuditLog:
+    """JSON lines, batched: a request appends its line; a timer writes them all at once."""
+
+    FLUSH_AFTER = 0.05
+
+    def __init__(self, target: str | bool) -> None:
+        if isinstance(target, bool):
+            target = "stdout" if target else "off"
+        self.target = target
+        self._lines: list[bytes] = []
+        self._pending = False
+        if target in ("off", ""):
+            self._file = None
+        elif target in ("stdout", "stderr"):
+            self._file = getattr(sys, target).buffer
+        else:
+            self._file = open(target, "ab")  # noqa: SIM115 - closed in close()
+
+    @property
+    def enabled(self) -> bool:
+        return self._file is not None
+
+    def write(self, line: bytes) -> None:
+        if self._file is None:
+            return
+        self._lines.append(line)
+        if not self._pending:
+            self._pending = True
+            try:
+                asyncio.get_running_loop().call_later(self.FLUSH_AFTER, self.flush)
+            except RuntimeError:  # no loop (the sync Python API): write now
+                self.flush()
+
+    def flush(self) -> None:
+        self._pending = False
+        lines, self._lines = self._lines, []
+        if lines and self._file is not None:
+            try:
+                self._file.write(b"\n".join(lines) + b"\n")
+                self._file.flush()
+            except OSError as exc:
+                log.error("audit log write failed (%d lines lost): %s", len(lines), exc)
+
+    def close(self) -> None:
+        self.flush()
+        if self._file is not None and self.target not in ("stdout", "stderr"):
+            self._file.close()
+        self._file = None
+
+
 class Observer:
     """Where every finished request goes; shared across config reloads."""
 
-    def __init__(self, aliases: set[str] | None = None, log_content: bool = False) -> None:
+    def __init__(
+        self,
+        aliases: set[str] | None = None,
+        log_content: bool = False,
+        audit: str | bool = "off",
+    ) -> None:
         self.metrics = Metrics()
         self.stats = Stats()
         self.aliases = aliases or set()
         self.log_content = log_content
+        self.audit = AuditLog(audit)
 
     def finished(self, rec: RequestRecord) -> None:
         # Unknown aliases are client input: keep them out of metric label values.
         alias_label = rec.alias if rec.alias in self.aliases else "unknown"
         self.metrics.record(rec, alias_label)
         self.stats.record(rec)
-        if audit_log.isEnabledFor(logging.INFO):
-            audit_log.info("%s", _audit_json(rec, self.log_content))
+        if self.audit.enabled:
+            self.audit.write(_audit_json(rec, self.log_content))
 
 
-def _audit_json(rec: RequestRecord, log_content: bool) -> str:
+def _audit_json(rec: RequestRecord, log_content: bool) -> bytes:
     line = _AuditLine(
         ts=round(time.time(), 3),
         request_id=rec.request_id,
@@ -226,7 +285,7 @@ def _audit_json(rec: RequestRecord, log_content: bool) -> str:
         error=rec.error or None,
         messages=rec.messages if log_content else None,
     )
-    return _encode(line).decode()
+    return _encode(line)
 
 
 def cost_usd(

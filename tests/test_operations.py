@@ -8,6 +8,7 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -27,9 +28,10 @@ GATEWAY_KEY = "gw-key-0123456789"
 TEAM_KEY = "gw-team-key-abcdef"
 
 
-def _config(url: str, server: str = "") -> str:
+def _config(url: str, server: str = "", audit: Path | None = None) -> str:
     return f"""
 server:
+  audit_log: {audit or "off"}
   {server or "request_timeout: 10"}
 providers:
   main:
@@ -66,8 +68,18 @@ def canary_env() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def gw(start_gateway: GatewayFactory, fake_url: str) -> UvicornServer:
-    return start_gateway(_config(fake_url))
+def audit_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("audit") / "audit.jsonl"
+
+
+@pytest.fixture(scope="module")
+def gw(start_gateway: GatewayFactory, fake_url: str, audit_path: Path) -> UvicornServer:
+    return start_gateway(_config(fake_url, audit=audit_path))
+
+
+def _audit_lines(path: Path, after: int = 0) -> list[dict[str, object]]:
+    time.sleep(0.2)  # lines are written in batches every 50 ms
+    return [json.loads(line) for line in path.read_text().splitlines()[after:]]
 
 
 @pytest.fixture
@@ -145,14 +157,14 @@ def test_seed_counters(http: httpx.Client) -> None:
 
 
 def test_audit_log_is_json_without_secrets_or_content(
-    http: httpx.Client, caplog: pytest.LogCaptureFixture
+    http: httpx.Client, audit_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
+    seen = len(_audit_lines(audit_path))
     for stream in (False, True):
         for model in ("faults", "fallback", "bad", "priced"):
             _chat(http, model, stream)
-    time.sleep(0.1)
-    audit = [json.loads(r.getMessage()) for r in caplog.records if r.name == "omnimind.audit"]
+    audit: list[Any] = _audit_lines(audit_path, seen)
     assert len(audit) == 8
     faults = next(a for a in audit if a["alias"] == "faults" and not a["stream"])
     assert [a["reason"] for a in faults["attempts"]] == [
@@ -162,7 +174,7 @@ def test_audit_log_is_json_without_secrets_or_content(
     ]
     assert faults["provider"] == "main" and faults["status"] == 200
     assert next(a for a in audit if a["alias"] == "bad")["status"] == 400
-    everything = "\n".join(r.getMessage() for r in caplog.records)
+    everything = audit_path.read_text() + "\n".join(r.getMessage() for r in caplog.records)
     assert CANARY_KEY not in everything  # the 401 echoed it back: scrubbed
     assert CANARY_PROMPT not in everything
     assert "messages" not in audit[0]
@@ -175,14 +187,11 @@ def test_gateway_never_leaks_an_upstream_key_to_the_client(http: httpx.Client) -
     assert CANARY_KEY not in http.get("/v1/providers").text
 
 
-def test_log_content_opt_in(
-    start_gateway: GatewayFactory, fake_url: str, caplog: pytest.LogCaptureFixture
-) -> None:
-    gw = start_gateway(_config(fake_url, "log_content: true"))
-    caplog.set_level(logging.INFO, logger="omnimind.audit")
+def test_log_content_opt_in(start_gateway: GatewayFactory, fake_url: str, tmp_path: Path) -> None:
+    gw = start_gateway(_config(fake_url, "log_content: true", audit=tmp_path / "a.jsonl"))
     with httpx.Client(base_url=gw.url) as http:
         _chat(http, "priced")
-    line = next(json.loads(r.getMessage()) for r in caplog.records if r.name == "omnimind.audit")
+    line: Any = _audit_lines(tmp_path / "a.jsonl")[0]
     assert line["messages"][0]["content"].startswith(CANARY_PROMPT)
 
 
