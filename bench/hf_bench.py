@@ -31,7 +31,8 @@ from transformers import GenerationConfig  # noqa: E402
 
 from proxy.config import Entry, HuggingFaceSpec, ProviderConfig  # noqa: E402
 from proxy.providers.base import Call  # noqa: E402
-from proxy.providers.huggingface import HuggingFaceProvider, LoadedModel  # noqa: E402
+from proxy.providers.hf_weights import LoadedModel  # noqa: E402
+from proxy.providers.huggingface import HuggingFaceProvider  # noqa: E402
 from proxy.wire import ChatRequest  # noqa: E402
 
 PROMPT = "Write a short story about a robot who learns to paint."

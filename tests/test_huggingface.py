@@ -24,13 +24,8 @@ from transformers import AutoTokenizer
 
 from proxy.config import Entry, HuggingFaceSpec, ProviderConfig
 from proxy.providers.base import Call
-from proxy.providers.huggingface import (
-    GENERATE_THREAD,
-    HuggingFaceProvider,
-    TextFeed,
-    find_stop,
-    partial_stop,
-)
+from proxy.providers.hf_generate import GENERATE_THREAD, TextFeed, find_stop, partial_stop
+from proxy.providers.huggingface import HuggingFaceProvider
 from proxy.wire import ChatRequest
 
 from . import schemas
