@@ -127,7 +127,7 @@ def provider_status(engine: Engine) -> dict[str, Any]:
             "id": name,
             "type": type(pc.spec).__struct_config__.tag,
             "available": available,
-            "unavailable_reason": pc.unavailable,
+            "unavailable_reason": engine.unavailable.get(name),
             "in_flight": gate.in_use,
             "queued": gate.waiting,
             **health,

