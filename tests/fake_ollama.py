@@ -1,0 +1,136 @@
+"""An Ollama emulator following Ollama's API docs, on a real socket.
+
+`POST /api/chat` streams NDJSON (`done: false` lines, then a final `done: true` line with
+`done_reason`, token counts and nanosecond durations) or answers one object; errors are
+`{"error": "..."}` bodies; `GET /api/tags` lists the pulled models. The model picks a
+behaviour:
+
+    echo          answers "echo: <last user text>" (+ " [images: N]" when images came)
+    tools         calls the first tool; after a tool result answers "tool <name> said: <text>"
+    long          answers 10 words, or stops at options.num_predict with done_reason length
+    status-<n>    answers <n> with {"error": ...}
+    error-first   streams an {"error": ...} line before any content
+    error-mid     streams two words, then an {"error": ...} line
+    truncated     streams two words, then ends without the done line
+    not-pulled    is not in /api/tags and answers 404 like an unpulled model
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+PULLED = ["echo:latest", "tools:latest", "long:latest", "error-first:latest",
+          "error-mid:latest", "truncated:latest", "status-500:latest", "status-503:latest",
+          "status-400:latest"]  # fmt: skip
+
+
+@dataclass
+class FakeOllama:
+    seen: list[dict[str, Any]] = field(default_factory=list)
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_post("/api/chat", self.chat)
+        app.router.add_get("/api/tags", self.tags)
+        return app
+
+    async def tags(self, request: web.Request) -> web.Response:
+        models = [{"name": n, "model": n, "size": 1, "digest": "0" * 64,
+                   "modified_at": "2026-01-01T00:00:00Z",
+                   "details": {"format": "gguf", "family": "qwen2"}} for n in PULLED]  # fmt: skip
+        return web.json_response({"models": models})
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.seen.append(body)
+        model = str(body.get("model", "")).removesuffix(":latest")
+        stream = body.get("stream", True)
+        if model.startswith("status-"):
+            status = int(model.split("-")[1])
+            return web.json_response({"error": f"emulated {status}"}, status=status)
+        if f"{model}:latest" not in PULLED:
+            return web.json_response(
+                {"error": f'model "{model}" not found, try pulling it first'}, status=404
+            )
+        words, calls, reason = _answer(model, body)
+        if not stream:
+            line = _line(model, " ".join(words), done=True, reason=reason, body=body, words=words)
+            if calls:
+                line["message"]["tool_calls"] = calls
+            return web.json_response(line)
+        resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await resp.prepare(request)
+        if model == "error-first":
+            await _send(resp, {"error": "emulated failure before any content"})
+            await resp.write_eof()
+            return resp
+        for i, word in enumerate(words):
+            if model in ("error-mid", "truncated") and i == 2:
+                if model == "error-mid":
+                    await _send(resp, {"error": "emulated failure mid-stream"})
+                await resp.write_eof()
+                return resp
+            await _send(resp, _line(model, word if i == 0 else " " + word))
+            await asyncio.sleep(0)
+        if calls:
+            line = _line(model, "")
+            line["message"]["tool_calls"] = calls
+            await _send(resp, line)
+        await _send(resp, _line(model, "", done=True, reason=reason, body=body, words=words))
+        await resp.write_eof()
+        return resp
+
+
+def _answer(model: str, body: dict[str, Any]) -> tuple[list[str], list[dict[str, Any]], str]:
+    messages = body.get("messages", [])
+    last = messages[-1] if messages else {}
+    if model == "tools":
+        if last.get("role") == "tool":
+            return f"tool {last.get('tool_name')} said: {last['content']}".split(), [], "stop"
+        name = body["tools"][0]["function"]["name"]
+        return [], [{"function": {"name": name, "arguments": {"city": "Paris"}}}], "stop"
+    if model in ("long", "error-mid", "truncated"):
+        limit = (body.get("options") or {}).get("num_predict")
+        words = [f"w{i}" for i in range(10)]
+        if limit is not None and limit < len(words):
+            return words[:limit], [], "length"
+        return words, [], "stop"
+    user = next((m for m in reversed(messages) if m.get("role") == "user"), {})
+    text = f"echo: {user.get('content', '')}"
+    if user.get("images"):
+        text += f" [images: {len(user['images'])}]"
+    return text.split(" "), [], "stop"
+
+
+def _line(
+    model: str,
+    content: str,
+    done: bool = False,
+    reason: str = "stop",
+    body: dict[str, Any] | None = None,
+    words: list[str] | None = None,
+) -> dict[str, Any]:
+    line: dict[str, Any] = {
+        "model": model,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S.000000000Z", time.gmtime()),
+        "message": {"role": "assistant", "content": content},
+        "done": done,
+    }
+    if done:
+        prompt = sum(len(str(m.get("content", "")).split()) for m in (body or {})["messages"])
+        line.update(
+            done_reason=reason, total_duration=5_000_000, load_duration=1_000_000,
+            prompt_eval_count=prompt, prompt_eval_duration=1_000_000,
+            eval_count=len(words or []), eval_duration=3_000_000,
+        )  # fmt: skip
+    return line
+
+
+async def _send(resp: web.StreamResponse, obj: dict[str, Any]) -> None:
+    await resp.write(json.dumps(obj).encode() + b"\n")
