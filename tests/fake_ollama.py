@@ -2,17 +2,20 @@
 
 `POST /api/chat` streams NDJSON (`done: false` lines, then a final `done: true` line with
 `done_reason`, token counts and nanosecond durations) or answers one object; errors are
-`{"error": "..."}` bodies; `GET /api/tags` lists the pulled models. The model picks a
-behaviour:
+`{"error": "..."}` bodies; `GET /api/tags` lists the pulled models. Every request is
+recorded (`requests`; chat bodies also in `seen`). The model picks a behaviour:
 
-    echo          answers "echo: <last user text>" (+ " [images: N]" when images came)
+    echo          answers "echo: <last user text>" (+ " [images: N]" when images came);
+                  any pulled model without a behaviour of its own does the same
     tools         calls the first tool; after a tool result answers "tool <name> said: <text>"
     long          answers 10 words, or stops at options.num_predict with done_reason length
-    status-<n>    answers <n> with {"error": ...}
+    big           answers one 1 MB word in a single line
+    status-<n>    answers <n> with {"error": ...} (503: Ollama's "server busy")
     error-first   streams an {"error": ...} line before any content
     error-mid     streams two words, then an {"error": ...} line
     truncated     streams two words, then ends without the done line
-    not-pulled    is not in /api/tags and answers 404 like an unpulled model
+    bad-json      answers 200 with a body (or first line) that is not JSON
+    not-pulled    (any model not in PULLED) answers 404 like an unpulled model
 """
 
 from __future__ import annotations
@@ -25,14 +28,29 @@ from typing import Any
 
 from aiohttp import web
 
-PULLED = ["echo:latest", "tools:latest", "long:latest", "error-first:latest",
-          "error-mid:latest", "truncated:latest", "status-500:latest", "status-503:latest",
-          "status-400:latest"]  # fmt: skip
+PULLED = ["echo:latest", "tools:latest", "long:latest", "big:latest", "error-first:latest",
+          "error-mid:latest", "truncated:latest", "bad-json:latest", "status-400:latest",
+          "status-500:latest", "status-503:latest",
+          "qwen2:1.5b-instruct"]  # the fast tier of the shipped models.yaml  # fmt: skip
+BIG = "x" * 1_000_000  # over aiohttp's line limit (512 KiB in 3.14)
+
+
+def tagged(model: str) -> str:
+    """A model name as /api/tags lists it: `name:tag`, the tag `latest` when left out."""
+    return model if ":" in model else f"{model}:latest"
+
+
+@dataclass
+class Seen:
+    path: str
+    headers: dict[str, str]  # names lower-cased
 
 
 @dataclass
 class FakeOllama:
-    seen: list[dict[str, Any]] = field(default_factory=list)
+    seen: list[dict[str, Any]] = field(default_factory=list)  # /api/chat bodies
+    requests: list[Seen] = field(default_factory=list)
+    tags_status: int = 200  # anything else: /api/tags fails
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
@@ -40,27 +58,44 @@ class FakeOllama:
         app.router.add_get("/api/tags", self.tags)
         return app
 
+    def _record(self, request: web.Request) -> None:
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        self.requests.append(Seen(request.path, headers))
+
+    def chats(self, model: str) -> list[dict[str, Any]]:
+        return [body for body in self.seen if body.get("model") == model]
+
     async def tags(self, request: web.Request) -> web.Response:
+        self._record(request)
+        if self.tags_status != 200:
+            return web.json_response({"error": "emulated tags failure"}, status=self.tags_status)
         models = [{"name": n, "model": n, "size": 1, "digest": "0" * 64,
                    "modified_at": "2026-01-01T00:00:00Z",
                    "details": {"format": "gguf", "family": "qwen2"}} for n in PULLED]  # fmt: skip
         return web.json_response({"models": models})
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
+        self._record(request)
         body = await request.json()
         self.seen.append(body)
-        model = str(body.get("model", "")).removesuffix(":latest")
+        name = str(body.get("model", ""))
+        model = name.removesuffix(":latest")
         stream = body.get("stream", True)
         if model.startswith("status-"):
             status = int(model.split("-")[1])
-            return web.json_response({"error": f"emulated {status}"}, status=status)
-        if f"{model}:latest" not in PULLED:
+            message = f"emulated {status}"
+            if status == 503:
+                message = "server busy, please try again.  maximum pending requests exceeded"
+            return web.json_response({"error": message}, status=status)
+        if tagged(name) not in PULLED:
             return web.json_response(
                 {"error": f'model "{model}" not found, try pulling it first'}, status=404
             )
+        if model == "bad-json":
+            return web.Response(body=b"{not json\n", content_type="application/x-ndjson")
         words, calls, reason = _answer(model, body)
         if not stream:
-            line = _line(model, " ".join(words), done=True, reason=reason, body=body, words=words)
+            line = _line(name, " ".join(words), done=True, reason=reason, body=body, words=words)
             if calls:
                 line["message"]["tool_calls"] = calls
             return web.json_response(line)
@@ -73,16 +108,16 @@ class FakeOllama:
         for i, word in enumerate(words):
             if model in ("error-mid", "truncated") and i == 2:
                 if model == "error-mid":
-                    await _send(resp, {"error": "emulated failure mid-stream"})
+                    await _send(resp, {"error": "an error was encountered while running the model"})
                 await resp.write_eof()
                 return resp
-            await _send(resp, _line(model, word if i == 0 else " " + word))
+            await _send(resp, _line(name, word if i == 0 else " " + word))
             await asyncio.sleep(0)
         if calls:
-            line = _line(model, "")
+            line = _line(name, "")
             line["message"]["tool_calls"] = calls
             await _send(resp, line)
-        await _send(resp, _line(model, "", done=True, reason=reason, body=body, words=words))
+        await _send(resp, _line(name, "", done=True, reason=reason, body=body, words=words))
         await resp.write_eof()
         return resp
 
@@ -95,6 +130,8 @@ def _answer(model: str, body: dict[str, Any]) -> tuple[list[str], list[dict[str,
             return f"tool {last.get('tool_name')} said: {last['content']}".split(), [], "stop"
         name = body["tools"][0]["function"]["name"]
         return [], [{"function": {"name": name, "arguments": {"city": "Paris"}}}], "stop"
+    if model == "big":
+        return [BIG], [], "stop"
     if model in ("long", "error-mid", "truncated"):
         limit = (body.get("options") or {}).get("num_predict")
         words = [f"w{i}" for i in range(10)]
