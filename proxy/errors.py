@@ -8,6 +8,7 @@
     ├── RateLimited               429 with Retry-After (gateway-side limits)
     ├── UpstreamRejected          the upstream's 400/413/422, relayed: the request is wrong
     └── AllProvidersFailed        429 / 504 / 502 once every chain entry has failed
+                                  (400 when no entry could serve this kind of request)
 
     UpstreamError                 one failed attempt at one provider (never shown raw);
                                   `reason` is from the fixed vocabulary in `policy.py`
@@ -142,7 +143,9 @@ class AllProvidersFailed(GatewayError):
         self.attempts = attempts
         reasons = [a.reason for a in attempts]
         headers: dict[str, str] = {}
-        if attempts and all(r in ("rate_limited", "cooling_down") for r in reasons):
+        if attempts and all(r == "unsupported" for r in reasons):
+            self.status, self.type, code = 400, "invalid_request_error", "unsupported_request"
+        elif attempts and all(r in ("rate_limited", "cooling_down") for r in reasons):
             self.status, self.type, code = 429, "rate_limit_error", "rate_limit_exceeded"
             headers["retry-after"] = str(max(1, round(retry_after or 1)))
         elif attempts and reasons[-1] in ("timeout", "deadline"):
@@ -154,4 +157,8 @@ class AllProvidersFailed(GatewayError):
             for a in attempts
         )
         message = f"All providers for model '{alias}' failed: {tried or 'no entry could be tried'}"
+        if self.status == 400:
+            message = f"No provider for model '{alias}' supports this request: " + "; ".join(
+                f"{a.provider}: {a.message}" for a in attempts
+            )
         super().__init__(message, code=code, headers=headers)

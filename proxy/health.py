@@ -23,7 +23,9 @@ from .config import BreakerSpec
 from .errors import UpstreamError
 from .policy import CLIENT_ERROR
 
-_NOT_HARD = frozenset({CLIENT_ERROR, "rate_limited", "cooling_down", "circuit_open", "queue_full"})
+_NOT_HARD = frozenset(
+    {CLIENT_ERROR, "rate_limited", "cooling_down", "circuit_open", "queue_full", "unsupported"}
+)
 
 
 @dataclass(slots=True)

@@ -10,6 +10,8 @@ Reasons (the fixed vocabulary of `x-omnimind-fallbacks`, logs and metrics):
     model_missing   404 from the upstream: the model is not there
     bad_response    200 whose body or first chunk is not valid JSON / not the protocol
     unavailable     provider not usable (no api key, failed to load)
+    unsupported     this provider cannot serve this request (a remote image URL for
+                    Ollama, n > 1 locally): the next may; not a fault of the provider
     queue_full      a local provider's bounded queue is full
     circuit_open    skipped by the circuit breaker
     cooling_down    skipped while a Retry-After from the provider runs
@@ -26,7 +28,7 @@ from collections.abc import Mapping
 
 import aiohttp
 
-from .errors import UpstreamError
+from .errors import InvalidRequest, UpstreamError
 
 CLIENT_ERROR = "client_error"
 _CLIENT_STATUSES = frozenset({400, 413, 422})
@@ -71,6 +73,8 @@ _EXCEPTION_REASONS: tuple[tuple[type[BaseException], str], ...] = (
 def map_exception(exc: BaseException) -> UpstreamError:
     if isinstance(exc, UpstreamError):
         return exc
+    if isinstance(exc, InvalidRequest):  # an adapter found the request itself wrong
+        return UpstreamError(CLIENT_ERROR, exc.message, 400, param=exc.param, code=exc.code)
     for exc_type, reason in _EXCEPTION_REASONS:
         if isinstance(exc, exc_type):
             return UpstreamError(reason, _describe(exc))

@@ -20,6 +20,10 @@ Routes: `POST /{tag}/v1/chat/completions`, where `tag` names the configured prov
     keepalive            streams SSE comments (": OPENROUTER PROCESSING") between chunks
     empty-stream         sends [DONE] with no chunk before it
     tools                answers with a tool call to the first tool in the request
+    json                 answers JSON text (also streamed): an instance of the request's
+                         `response_format` json_schema, filled with canned values (city
+                         Paris, country France, ...); without a schema {"city": "Paris",
+                         "country": "France"}
 """
 
 from __future__ import annotations
@@ -114,6 +118,8 @@ class FakeOpenAI:
                 return await self._sse(request, [b"{not json"], done=True)
             return web.Response(body=b"{not json", content_type="application/json")
         text = "echo: " + _last_user_text(body)
+        if model == "json":
+            text = json.dumps(_json_answer(body))
         if model == "tools":
             return await self._tool_call(request, body, stream)
         if not stream or model == "not-sse":
@@ -205,6 +211,43 @@ def _last_user_text(body: dict[str, Any]) -> str:
                 return " ".join(p.get("text", "") for p in content if p.get("type") == "text")
             return str(content)
     return ""
+
+
+_CANNED: dict[str, Any] = {"city": "Paris", "country": "France"}
+
+
+def _json_answer(body: dict[str, Any]) -> Any:
+    """What a model honouring `response_format` would say: the schema's shape, canned values."""
+    fmt = body.get("response_format") or {}
+    if fmt.get("type") != "json_schema":
+        return dict(_CANNED)
+    schema = fmt["json_schema"].get("schema") or {}
+    return _instance(schema, schema.get("$defs", {}), "")
+
+
+def _instance(schema: dict[str, Any], defs: dict[str, Any], name: str) -> Any:
+    if "$ref" in schema:
+        return _instance(defs[schema["$ref"].rsplit("/", 1)[-1]], defs, name)
+    if "enum" in schema:
+        return schema["enum"][0]
+    for key in ("anyOf", "oneOf", "allOf"):
+        if key in schema:
+            options = [s for s in schema[key] if s.get("type") != "null"] or schema[key]
+            return _instance(options[0], defs, name)
+    kind = schema.get("type", "object")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), "null")
+    if kind == "object":
+        props = schema.get("properties", {})
+        return {k: _instance(v, defs, k) for k, v in props.items()}
+    if kind == "array":
+        return [_instance(schema.get("items", {}), defs, name)]
+    return {
+        "string": _CANNED.get(name, name or "text"),
+        "integer": 1,
+        "number": 1.5,
+        "boolean": True,
+    }.get(kind)
 
 
 def _usage(body: dict[str, Any], text: str | None) -> dict[str, int]:

@@ -289,7 +289,7 @@ def test_unsupported_but_valid_request_falls_back(client: openai.OpenAI) -> None
         model="tiny-or-echo", messages=MESSAGES, n=2
     )
     assert raw.headers["x-omnimind-provider"] == "backup"
-    assert raw.headers["x-omnimind-fallbacks"] == "hf:unavailable"
+    assert raw.headers["x-omnimind-fallbacks"] == "hf:unsupported"
 
 
 # ---- loading -------------------------------------------------------------------------------

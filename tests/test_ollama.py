@@ -121,6 +121,7 @@ models:
         + "".join(_pair(m, "ollama", m) for m in BEHAVIOURS)
         + _pair("nocheck-not-pulled", "nocheck", "not-pulled")
         + _pair("down", "down", "echo")
+        + "  ollama-only:\n    - {provider: ollama, model: echo}\n"
     )
 
 
@@ -310,15 +311,22 @@ def test_image_message(client: openai.OpenAI, emulator: tuple[FakeOllama, str]) 
     }  # fmt: skip
 
 
-def test_remote_image_url_is_the_clients_error(
+def test_remote_image_url_passes_to_a_provider_that_can_fetch_it(
     client: openai.OpenAI, emulator: tuple[FakeOllama, str]
 ) -> None:
     before = len(emulator[0].seen)
     remote: Any = [{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]
-    with pytest.raises(openai.BadRequestError) as err:  # Ollama cannot fetch URLs
-        client.chat.completions.create(model="echo", messages=[{"role": "user", "content": remote}])
+    raw = client.chat.completions.with_raw_response.create(
+        model="echo", messages=[{"role": "user", "content": remote}]
+    )
+    assert raw.headers["x-omnimind-provider"] == "backup"
+    assert raw.headers["x-omnimind-fallbacks"] == "ollama:unsupported"
+    assert len(emulator[0].seen) == before  # Ollama was never called
+    with pytest.raises(openai.BadRequestError) as err:  # no entry can: the client's error
+        client.chat.completions.create(
+            model="ollama-only", messages=[{"role": "user", "content": remote}]
+        )
     assert "base64 data URL" in err.value.message
-    assert len(emulator[0].seen) == before  # refused before any call
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -91,7 +91,7 @@ def parse_params(call: Call, default_max_tokens: int) -> Params:
         raise _client_error("'top_p' must be between 0 and 1.", "top_p")
     if body.n is not None and body.n > 1:
         # A fine request, just not one this adapter serves: the chain moves on.
-        raise UpstreamError("unavailable", "n > 1 is not supported by local inference")
+        raise UpstreamError("unsupported", "n > 1 is not supported by local inference")
     return Params(
         messages=messages,
         max_new_tokens=limit or default_max_tokens,
@@ -282,7 +282,7 @@ def _generate(
 
 def _generation_error(exc: Exception) -> UpstreamError:
     if isinstance(exc, jinja2.TemplateError):  # this model's template refuses these messages
-        return UpstreamError("unavailable", f"the chat template rejects the messages: {exc}")
+        return UpstreamError("unsupported", f"the chat template rejects the messages: {exc}")
     return UpstreamError("server_error", f"generation failed: {describe(exc)}")
 
 

@@ -291,13 +291,13 @@ def _image(url: str) -> str:
     head, sep, data = url.partition(",")
     if sep and head.startswith("data:") and head.endswith(";base64"):
         return data
-    if url.startswith(("http://", "https://")):
-        message = (
+    if url.startswith(("http://", "https://")):  # another provider in the chain may fetch it
+        raise UpstreamError(
+            "unsupported",
             "Ollama cannot fetch image URLs: send the image inline as a base64 data URL "
-            "(data:image/png;base64,...)"
+            "(data:image/png;base64,...)",
         )
-    else:
-        message = "An image must be a base64 data URL (data:image/png;base64,...)"
+    message = "An image must be a base64 data URL (data:image/png;base64,...)"
     raise UpstreamError(CLIENT_ERROR, message, 400, param="messages")
 
 

@@ -1,0 +1,523 @@
+"""The Python API (issue 8): the seed's in-process router, served by the gateway's own Engine.
+
+    from proxy import get_llm_router, LLMModelTier, invoke_llm_sync
+
+    router = get_llm_router()  # process-wide; reads the server's models.yaml
+    resp = await router.invoke("What is 2+2?", tier=LLMModelTier.BALANCED)
+    resp.success, resp.text, resp.provider, resp.latency_ms, resp.tokens_used
+    invoke_llm_sync("Hello", tier=LLMModelTier.FAST)  # the same, from sync code
+
+A tier is an alias of models.yaml (`omnimind-fast`, `omnimind-balanced`, `omnimind-hq`, or
+any other alias given as a string); its chain and fallback are the `Engine`'s, exactly as
+the HTTP server runs them. This module only builds requests and reads answers.
+
+One loop per router. aiohttp sessions belong to the event loop that made them, so a
+router owns a daemon thread running one event loop, and its Engine lives there.
+`await router.invoke(...)` from any loop hops onto that loop and back; `invoke_sync` and
+`invoke_llm_sync` block on it, so they work from plain code, from worker threads, and even
+from inside another running loop (blocking that loop meanwhile). Only the router's own
+loop thread may not block on itself: that raises RuntimeError.
+
+Failures. `invoke` never raises for a provider fault: when every entry fails it returns
+`LLMResponse(success=False, error=...)` naming each attempt in order. A stream cannot say
+so in a return value: `stream` raises `LLMError` (carrying the same `LLMResponse`) when no
+provider could start, or when the committed provider fails mid-way. Invalid arguments (an
+unknown tier or provider, a reserved parameter) raise ValueError before anything is sent.
+
+Counters (`get_metrics`) are the seed's: requests_total, requests_success, fallback_used
+and latency_by_provider. They are kept per router, by its engine's own `Observer`, from
+each request's answer and attempts: the same code that serves the server's `/v1/stats`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import enum
+import os
+import threading
+import time
+import uuid
+import weakref
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import msgspec
+
+from .chain import Answer, Engine
+from .config import Config, default_path, load
+from .errors import AllProvidersFailed, Attempt, GatewayError, InvalidRequest, UpstreamRejected
+from .policy import map_exception
+from .wire import ChatRequest, encode
+
+T = TypeVar("T")
+
+_RESERVED = frozenset({"model", "messages", "stream"})
+_CLOSE_TIMEOUT = 10.0
+
+
+class LLMModelTier(enum.StrEnum):
+    """The seed's tiers; each value is the models.yaml alias that serves it."""
+
+    FAST = "omnimind-fast"
+    BALANCED = "omnimind-balanced"
+    HIGH_QUALITY = "omnimind-hq"
+
+    @property
+    def alias(self) -> str:
+        return self.value
+
+
+class LLMProvider(enum.StrEnum):
+    """The seed's provider names (the providers of the default models.yaml)."""
+
+    OLLAMA = "ollama"
+    HUGGINGFACE = "huggingface"
+    OPENROUTER = "openrouter"
+
+
+@dataclass(slots=True)
+class LLMResponse:
+    """One answer, or one structured failure (`success=False`, `error` says why).
+
+    `latency_ms` is the answering provider's (for a failure: the whole call's);
+    `attempts` are the entries that failed or were skipped before it, in order.
+    """
+
+    success: bool
+    text: str = ""
+    provider: str = ""
+    model: str = ""
+    latency_ms: float = 0.0
+    tokens_used: int = 0
+    error: str | None = None
+    attempts: list[Attempt] = field(default_factory=list)
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    cost_usd: float | None = None
+
+    @property
+    def fallbacks(self) -> list[str]:
+        """`provider:reason` for each failed attempt, as in the `x-omnimind-fallbacks` header."""
+        return [f"{a.provider}:{a.reason}" for a in self.attempts]
+
+
+class LLMError(Exception):
+    """A stream failed; `response` is the structured failure (error, attempts, partial text)."""
+
+    def __init__(self, response: LLMResponse) -> None:
+        super().__init__(response.error)
+        self.response = response
+
+    @property
+    def attempts(self) -> list[Attempt]:
+        return self.response.attempts
+
+
+# ---- reading answers ---------------------------------------------------------------------
+
+
+class _Message(msgspec.Struct):
+    content: Any = None  # a string, or (from a few upstreams) a list of content parts
+    tool_calls: list[dict[str, Any]] | None = None
+
+
+class _Choice(msgspec.Struct):
+    message: _Message | None = None  # chat.completion
+    delta: _Message | None = None  # chat.completion.chunk
+
+
+class _View(msgspec.Struct):
+    choices: list[_Choice] = []
+
+
+_view = msgspec.json.Decoder(_View)
+
+
+def _text(message: _Message | None) -> str:
+    content = None if message is None else message.content
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text") or "" for p in content if isinstance(p, dict))
+    return ""
+
+
+def _answered(answer: Answer) -> LLMResponse:
+    try:
+        choices = _view.decode(answer.body).choices
+    except msgspec.DecodeError:
+        choices = []
+    message = choices[0].message if choices else None
+    if message is None:
+        error = f"{answer.provider} ({answer.model}) answered without a message"
+        return LLMResponse(False, "", answer.provider, answer.model, answer.latency_ms, 0, error)
+    usage = answer.usage
+    tokens = (
+        0 if usage is None else usage.total_tokens or usage.prompt_tokens + usage.completion_tokens
+    )
+    return LLMResponse(
+        success=True,
+        text=_text(message),
+        provider=answer.provider,
+        model=answer.model,
+        latency_ms=answer.latency_ms,
+        tokens_used=tokens,
+        attempts=answer.attempts,
+        tool_calls=message.tool_calls or [],
+        cost_usd=answer.cost_usd,
+    )
+
+
+def _describe(attempts: list[Attempt]) -> str:
+    parts = []
+    for a in attempts:
+        part = f"{a.provider} ({a.model}): {a.reason}" + (f" {a.status}" if a.status else "")
+        parts.append(part + (f" - {a.message}" if a.message else ""))
+    return "; ".join(parts) or "no entry could be tried"
+
+
+def _failed(exc: GatewayError, alias: str, started: float) -> LLMResponse:
+    attempts: list[Attempt] = []
+    if isinstance(exc, AllProvidersFailed):
+        attempts = exc.attempts
+        error = f"All providers for '{alias}' failed: {_describe(attempts)}"
+    elif isinstance(exc, UpstreamRejected):
+        error = f"The upstream rejected the request ({exc.status}): {exc.message}"
+    else:
+        error = exc.message
+    latency = (time.perf_counter() - started) * 1000
+    return LLMResponse(False, latency_ms=latency, error=error, attempts=attempts)
+
+
+async def _next(chunks: AsyncIterator[bytes]) -> bytes | None:
+    try:
+        return await anext(chunks)
+    except StopAsyncIteration:
+        return None
+
+
+async def _close(chunks: AsyncIterator[bytes]) -> None:
+    aclose = getattr(chunks, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
+async def _call_on_loop(fn: Callable[[], T]) -> T:
+    return fn()
+
+
+# ---- the router --------------------------------------------------------------------------
+
+
+class LLMRouter:
+    """The seed's router on the gateway's Engine, run on a loop of its own (see module doc).
+
+    `config`: a loaded `Config`, a models.yaml path, or None for `default_path()`.
+    Close it with `close()` / `await aclose()` (also done at interpreter exit).
+    """
+
+    def __init__(self, config: Config | str | os.PathLike[str] | None = None) -> None:
+        if not isinstance(config, Config):
+            config = load(config if config is not None else default_path())
+        self.config = config
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="omnimind-router", daemon=True
+        )
+        self._thread.start()
+        engine: list[Engine] = []  # filled on the loop, so the engine and its sessions live there
+        self._closer = weakref.finalize(self, _shutdown, self._loop, self._thread, engine)
+        try:
+            engine.append(self._call(_call_on_loop(lambda: Engine(config))))
+        except BaseException:
+            self._closer()
+            raise
+        self._engine = engine[0]
+
+    @property
+    def closed(self) -> bool:
+        return not self._closer.alive
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The router's own event loop (on its daemon thread), where its Engine runs."""
+        return self._loop
+
+    # -- requests ---------------------------------------------------------------------------
+
+    async def invoke(
+        self,
+        prompt: str | Sequence[Mapping[str, Any]],
+        tier: LLMModelTier | str = LLMModelTier.BALANCED,
+        preferred_provider: LLMProvider | str | None = None,
+        **params: Any,
+    ) -> LLMResponse:
+        """Answer `prompt` (a user message, or a list of chat messages) from `tier`'s chain.
+
+        `params` (temperature, max_tokens, tools, response_format, ...) go into the request
+        body as given. Provider faults come back as `success=False`, never as exceptions.
+        """
+        request, alias, prefer = self._prepare(prompt, tier, preferred_provider, params, False)
+        return await self._hop(self._complete(request, alias, prefer))
+
+    def invoke_sync(
+        self,
+        prompt: str | Sequence[Mapping[str, Any]],
+        tier: LLMModelTier | str = LLMModelTier.BALANCED,
+        preferred_provider: LLMProvider | str | None = None,
+        **params: Any,
+    ) -> LLMResponse:
+        """`invoke`, blocking: from sync code, worker threads or inside another loop."""
+        request, alias, prefer = self._prepare(prompt, tier, preferred_provider, params, False)
+        return self._call(self._complete(request, alias, prefer))
+
+    def stream(
+        self,
+        prompt: str | Sequence[Mapping[str, Any]],
+        tier: LLMModelTier | str = LLMModelTier.BALANCED,
+        preferred_provider: LLMProvider | str | None = None,
+        **params: Any,
+    ) -> AsyncIterator[str]:
+        """The answer's text deltas, as they come: `async for delta in router.stream(...)`.
+
+        Raises `LLMError` if no provider can start the stream (with every attempt), or if the
+        provider that started it fails mid-way (`.response.text` holds what came before).
+        Breaking out of the loop closes the upstream stream.
+        """
+        request, alias, prefer = self._prepare(prompt, tier, preferred_provider, params, True)
+        return self._deltas(request, alias, prefer)
+
+    async def _complete(self, request: ChatRequest, alias: str, prefer: str | None) -> LLMResponse:
+        started = time.perf_counter()
+        try:
+            answer = await self._engine.complete(request, _request_id(), prefer)
+        except GatewayError as exc:
+            return _failed(exc, alias, started)
+        return _answered(answer)
+
+    async def _deltas(
+        self, request: ChatRequest, alias: str, prefer: str | None
+    ) -> AsyncIterator[str]:
+        started = time.perf_counter()
+        try:
+            answer = await self._hop(self._engine.stream(request, _request_id(), prefer))
+        except GatewayError as exc:
+            raise LLMError(_failed(exc, alias, started)) from None
+        chunks = answer.chunks
+        assert chunks is not None
+        text: list[str] = []
+        finished = False
+        try:
+            while (chunk := await self._hop(_next(chunks))) is not None:
+                try:
+                    choices = _view.decode(chunk).choices
+                except msgspec.DecodeError:
+                    continue  # the provider checked it is JSON; a chunk of another shape
+                delta = _text(choices[0].delta) if choices else ""
+                if delta:
+                    text.append(delta)
+                    yield delta
+            finished = True
+        except Exception as exc:  # noqa: BLE001 - committed: report the provider's fault
+            if self.closed:
+                raise
+            error = map_exception(exc)
+            raise LLMError(
+                LLMResponse(
+                    False, "".join(text), answer.provider, answer.model, answer.latency_ms,
+                    error=f"The stream from {answer.provider} ({answer.model}) failed after it "
+                    f"started: {error}",
+                    attempts=answer.attempts,
+                )
+            ) from None  # fmt: skip
+        finally:
+            if not finished and not self.closed:
+                await self._hop(_close(chunks))
+
+    def _prepare(
+        self,
+        prompt: str | Sequence[Mapping[str, Any]],
+        tier: LLMModelTier | str,
+        preferred_provider: LLMProvider | str | None,
+        params: dict[str, Any],
+        stream: bool,
+    ) -> tuple[ChatRequest, str, str | None]:
+        alias = self.alias(tier)
+        prefer = None
+        if preferred_provider is not None:
+            prefer = str(preferred_provider)
+            if prefer not in self.config.providers:
+                raise ValueError(
+                    f"Unknown provider {prefer!r}; models.yaml defines: "
+                    + ", ".join(self.config.providers)
+                )
+        reserved = _RESERVED.intersection(params)
+        if reserved:
+            raise ValueError(f"{', '.join(sorted(reserved))} cannot be given as a parameter")
+        if isinstance(prompt, str):
+            messages: list[Any] = [{"role": "user", "content": prompt}]
+        else:
+            messages = [dict(m) for m in prompt if isinstance(m, Mapping)]
+            if not isinstance(prompt, Sequence) or len(messages) != len(prompt):
+                raise TypeError("prompt must be a string or a list of chat messages (dicts)")
+        body = {"model": alias, "messages": messages, **params, "stream": stream}
+        try:
+            return ChatRequest(encode(body)), alias, prefer
+        except InvalidRequest as exc:
+            raise ValueError(exc.message) from None
+
+    def alias(self, tier: LLMModelTier | str) -> str:
+        """The models.yaml alias for a tier (a `LLMModelTier`, its name, or an alias)."""
+        value = str(tier)
+        if value not in self.config.models:
+            named = LLMModelTier.__members__.get(value.upper())
+            if named is not None and named.value in self.config.models:
+                return named.value
+            raise ValueError(
+                f"Unknown tier or model alias {value!r}; models.yaml defines: "
+                + ", ".join(self.config.models)
+            )
+        return value
+
+    # -- state ------------------------------------------------------------------------------
+
+    def get_provider_status(self) -> dict[str, bool]:
+        """Each provider's availability now, e.g. {'ollama': True, 'openrouter': False}.
+
+        Available: its adapter loaded, its breaker not open, not cooling down after a 429.
+        """
+        from .app import provider_status  # the server's own definition of "available"
+
+        def status() -> dict[str, bool]:
+            return {p["id"]: p["available"] for p in provider_status(self._engine)["data"]}
+
+        return self._read(status)
+
+    def get_metrics(self) -> dict[str, Any]:
+        """The seed's counters for this router: requests_total, requests_success,
+        fallback_used, latency_by_provider (mean ms of the answering attempt, per provider)."""
+        return self._read(self._engine.observer.stats.snapshot)
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def _read(self, fn: Callable[[], T]) -> T:
+        """Run `fn` on the router's loop (where the state it reads changes), without blocking it."""
+        if threading.current_thread() is self._thread:
+            return fn()
+        return self._call(_call_on_loop(fn))
+
+    async def _hop(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Await `coro` on the router's loop, from whichever loop awaits this."""
+        if asyncio.get_running_loop() is self._loop:
+            return await coro
+        future = self._submit(coro)
+        return await asyncio.wrap_future(future)
+
+    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run `coro` on the router's loop and block this thread until it is done."""
+        if threading.current_thread() is self._thread:
+            coro.close()
+            raise RuntimeError(
+                "A blocking LLMRouter call was made on the router's own event loop thread, "
+                "which would deadlock; use `await router.invoke(...)` there"
+            )
+        future = self._submit(coro)
+        try:
+            return future.result()
+        finally:
+            future.cancel()  # interrupted (e.g. KeyboardInterrupt): stop the work too
+
+    def _submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        if self.closed:
+            coro.close()
+            raise RuntimeError("This LLMRouter is closed")
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)
+
+    def close(self) -> None:
+        """Cancel what is in flight, close the providers and stop the loop (idempotent)."""
+        if threading.current_thread() is self._thread:
+            raise RuntimeError("An LLMRouter cannot be closed from its own event loop thread")
+        self._closer()
+
+    async def aclose(self) -> None:
+        """`close()` without blocking the calling loop."""
+        if asyncio.get_running_loop() is self._loop:
+            raise RuntimeError("An LLMRouter cannot be closed from its own event loop")
+        await asyncio.to_thread(self._closer)
+
+    def __enter__(self) -> LLMRouter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> LLMRouter:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+def _request_id() -> str:
+    return f"py-{uuid.uuid4().hex}"
+
+
+async def _wind_down(engine: list[Engine]) -> None:
+    """On the router's loop: cancel its requests, close open streams, close providers."""
+    current = asyncio.current_task()
+    tasks = [t for t in asyncio.all_tasks() if t is not current]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await asyncio.get_running_loop().shutdown_asyncgens()
+    if engine:
+        await engine[0].aclose()
+
+
+def _shutdown(
+    loop: asyncio.AbstractEventLoop, thread: threading.Thread, engine: list[Engine]
+) -> None:
+    """The router's finalizer: runs once, from close() or at interpreter exit."""
+    try:
+        if loop.is_running():
+            asyncio.run_coroutine_threadsafe(_wind_down(engine), loop).result(_CLOSE_TIMEOUT)
+    except (concurrent.futures.TimeoutError, RuntimeError):
+        pass  # stopping the loop below is all that is left to do
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(_CLOSE_TIMEOUT)
+        if not thread.is_alive():
+            loop.close()
+
+
+# ---- the process-wide router -------------------------------------------------------------
+
+_routers: dict[str, LLMRouter] = {}
+_routers_lock = threading.Lock()
+
+
+def get_llm_router(config_path: str | os.PathLike[str] | None = None) -> LLMRouter:
+    """The process-wide router for a models.yaml, made on first use (like `functools.cache`).
+
+    Keyed by the file's absolute path; None means `default_path()` ($OMNIMIND_CONFIG, else
+    ./models.yaml), the file the server reads. Every caller and thread gets the same router
+    (one engine, one set of connection pools and breakers). A router that was closed is
+    replaced by a fresh one on the next call. The file is read once: edits need a new router.
+    """
+    path = os.path.abspath(os.fspath(config_path if config_path is not None else default_path()))
+    with _routers_lock:
+        router = _routers.get(path)
+        if router is None or router.closed:
+            router = _routers[path] = LLMRouter(path)
+        return router
+
+
+def invoke_llm_sync(
+    prompt: str | Sequence[Mapping[str, Any]],
+    tier: LLMModelTier | str = LLMModelTier.BALANCED,
+    preferred_provider: LLMProvider | str | None = None,
+    **params: Any,
+) -> LLMResponse:
+    """The seed's one-call helper: `get_llm_router().invoke_sync(...)`."""
+    return get_llm_router().invoke_sync(prompt, tier, preferred_provider, **params)
