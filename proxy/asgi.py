@@ -5,11 +5,10 @@ uvicorn --factory proxy.asgi:create      (config from $OMNIMIND_CONFIG or ./mode
 
 from __future__ import annotations
 
-from litestar import Litestar
-
 from .app import create_app
 from .config import default_path, load
+from .fastpath import App
 
 
-def create() -> Litestar:
+def create() -> App:
     return create_app(load(default_path()))

@@ -39,7 +39,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -278,12 +278,13 @@ class LLMRouter:
         tier: LLMModelTier | str = LLMModelTier.BALANCED,
         preferred_provider: LLMProvider | str | None = None,
         **params: Any,
-    ) -> AsyncIterator[str]:
+    ) -> AsyncGenerator[str, None]:
         """The answer's text deltas, as they come: `async for delta in router.stream(...)`.
 
         Raises `LLMError` if no provider can start the stream (with every attempt), or if the
         provider that started it fails mid-way (`.response.text` holds what came before).
-        Breaking out of the loop closes the upstream stream.
+        Closing the generator early (`contextlib.aclosing`, or when it is collected after a
+        `break`) closes the upstream stream.
         """
         request, alias, prefer = self._prepare(prompt, tier, preferred_provider, params, True)
         return self._deltas(request, alias, prefer)
@@ -298,7 +299,7 @@ class LLMRouter:
 
     async def _deltas(
         self, request: ChatRequest, alias: str, prefer: str | None
-    ) -> AsyncIterator[str]:
+    ) -> AsyncGenerator[str, None]:
         started = time.perf_counter()
         try:
             answer = await self._hop(self._engine.stream(request, _request_id(), prefer))
@@ -357,9 +358,11 @@ class LLMRouter:
             raise ValueError(f"{', '.join(sorted(reserved))} cannot be given as a parameter")
         if isinstance(prompt, str):
             messages: list[Any] = [{"role": "user", "content": prompt}]
+        elif not isinstance(prompt, Sequence):
+            raise TypeError("prompt must be a string or a list of chat messages (dicts)")
         else:
             messages = [dict(m) for m in prompt if isinstance(m, Mapping)]
-            if not isinstance(prompt, Sequence) or len(messages) != len(prompt):
+            if len(messages) != len(prompt):
                 raise TypeError("prompt must be a string or a list of chat messages (dicts)")
         body = {"model": alias, "messages": messages, **params, "stream": stream}
         try:
