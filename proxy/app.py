@@ -12,7 +12,6 @@ from typing import Any
 from litestar import Litestar, MediaType, Request, Response, get
 from litestar.exceptions import HTTPException
 
-from .chain import Engine
 from .config import Config
 from .errors import GatewayError, error_json
 from .fastpath import App, error_response
@@ -37,29 +36,6 @@ def _request_id(request: Request) -> str:
         rid = request.headers.get("x-request-id") or os.urandom(16).hex()
         state["request_id"] = rid
     return str(rid)
-
-
-def provider_status(engine: Engine) -> dict[str, Any]:
-    """Each provider's availability, breaker state, cooldown, last error and latency."""
-    data = []
-    for name, pc in engine.config.providers.items():
-        health = engine.health[name].snapshot()
-        gate = engine.gates[name]
-        available = (
-            name in engine.providers
-            and health["state"] != "open"
-            and health["cooldown_remaining_s"] == 0
-        )
-        data.append({
-            "id": name,
-            "type": type(pc.spec).__struct_config__.tag,
-            "available": available,
-            "unavailable_reason": engine.unavailable.get(name),
-            "in_flight": gate.in_use,
-            "queued": gate.waiting,
-            **health,
-        })  # fmt: skip
-    return {"object": "list", "data": data}
 
 
 def create_app(config: Config) -> App:
@@ -93,14 +69,14 @@ def create_app(config: Config) -> App:
     @get("/v1/providers")
     async def providers(request: Request) -> Response[bytes]:
         authorize(request)
-        return Response(encode(provider_status(gateway.engine)), media_type=MediaType.JSON)
+        return Response(encode(gateway.engine.provider_status()), media_type=MediaType.JSON)
 
     @get("/v1/stats")
     async def stats(request: Request) -> Response[bytes]:
         authorize(request)
         body = gateway.observer.stats.snapshot()
         body["providers"] = {
-            p["id"]: p["available"] for p in provider_status(gateway.engine)["data"]
+            p["id"]: p["available"] for p in gateway.engine.provider_status()["data"]
         }
         return Response(encode(body), media_type=MediaType.JSON)
 
@@ -108,7 +84,7 @@ def create_app(config: Config) -> App:
     async def metrics(request: Request) -> Response[bytes]:
         if gateway.config.server.metrics_auth:
             authorize(request)
-        health = {p["id"]: p for p in provider_status(gateway.engine)["data"]}
+        health = {p["id"]: p for p in gateway.engine.provider_status()["data"]}
         return Response(
             gateway.observer.metrics.exposition(health),
             media_type="text/plain; version=0.0.4; charset=utf-8",

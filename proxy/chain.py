@@ -20,6 +20,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import msgspec
 
@@ -226,6 +227,28 @@ class Engine:
         return Answer(
             entry.provider, entry.model, _ms(started), [], result.body, result.usage, entry=entry
         )
+
+    def provider_status(self) -> dict[str, Any]:
+        """Each provider's availability, breaker state, cooldown, last error and latency."""
+        data = []
+        for name, pc in self.config.providers.items():
+            health = self.health[name].snapshot()
+            gate = self.gates[name]
+            available = (
+                name in self.providers
+                and health["state"] != "open"
+                and health["cooldown_remaining_s"] == 0
+            )
+            data.append({
+                "id": name,
+                "type": type(pc.spec).__struct_config__.tag,
+                "available": available,
+                "unavailable_reason": self.unavailable.get(name),
+                "in_flight": gate.in_use,
+                "queued": gate.waiting,
+                **health,
+            })  # fmt: skip
+        return {"object": "list", "data": data}
 
     async def aclose(self, keep: Iterable[str] = ()) -> None:
         """Close providers, except those named in `keep` (handed on to a newer engine)."""

@@ -390,10 +390,9 @@ class LLMRouter:
 
         Available: its adapter loaded, its breaker not open, not cooling down after a 429.
         """
-        from .app import provider_status  # the server's own definition of "available"
 
         def status() -> dict[str, bool]:
-            return {p["id"]: p["available"] for p in provider_status(self._engine)["data"]}
+            return {p["id"]: p["available"] for p in self._engine.provider_status()["data"]}
 
         return self._read(status)
 
