@@ -18,6 +18,10 @@ Routes: `POST /{tag}/v1/chat/completions`, where `tag` names the configured prov
     error-mid            streams two chunks, then an {"error": ...} event (non-stream: 200
                          with an error body, as some upstreams do)
     keepalive            streams SSE comments (": OPENROUTER PROCESSING") between chunks
+    ragged               streams the echo answer in legal but unusual SSE framing: CRLF and
+                         lone-CR line ends, `data:` without its space, an `event:` field,
+                         comments, one chunk's JSON over two `data:` lines, all written a
+                         few bytes at a time (so reads split lines, events and CRLFs)
     empty-stream         sends [DONE] with no chunk before it
     tools                answers with a tool call to the first tool in the request
     json                 answers JSON text (also streamed): an instance of the request's
@@ -146,6 +150,8 @@ class FakeOpenAI:
             return await self._sse(request, chunks[:2] + [_error_event()], done=False)
         if model == "keepalive":
             return await self._sse(request, chunks, done=True, comments=True)
+        if model == "ragged":
+            return await self._ragged(request, chunks)
         return await self._sse(request, chunks, done=True)
 
     async def _sse(
@@ -175,6 +181,29 @@ class FakeOpenAI:
             return resp
         if done:
             await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+    async def _ragged(self, request: web.Request, chunks: list[bytes]) -> web.StreamResponse:
+        ends = [b"\r\n", b"\n", b"\r"]
+        wire = b": hello\r\n\r\n"
+        for i, chunk in enumerate(chunks):
+            end = ends[i % 3]
+            if i == 1:  # one event's data over two lines, joined by LF it is the same JSON
+                head, _, rest = chunk.partition(b",")
+                wire += b"event: message" + end + b"data:" + head + b"," + end
+                wire += b"data: " + rest + end + end
+            elif i == 2:
+                wire += b"data:" + chunk + end + end  # no space after the colon
+            else:
+                wire += b"data: " + chunk + end + end
+            wire += b": keep-alive" + end + end
+        wire += b"data: [DONE]\r\n\r\n"
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for at in range(0, len(wire), 7):
+            await resp.write(wire[at : at + 7])
+            await asyncio.sleep(0.0005)  # separate TCP segments: the reader sees the splits
         await resp.write_eof()
         return resp
 

@@ -114,6 +114,7 @@ models:
             "reset-mid",
             "no-done",
             "keepalive",
+            "ragged",
             "drip-5-20",
         )
     )
@@ -201,6 +202,20 @@ def test_wire_format_matches_openai_spec(http: httpx.Client) -> None:
 def test_keepalive_comments_are_tolerated(client: openai.OpenAI) -> None:
     stream = client.chat.completions.create(model="keepalive", messages=MESSAGES, stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in stream) == "echo: hello there"
+
+
+def test_unusual_sse_framing_is_relayed_intact(client: openai.OpenAI) -> None:
+    """CRLF and lone-CR line ends, multi-line data, extra fields, reads split anywhere."""
+    stream = client.chat.completions.create(
+        model="ragged", messages=MESSAGES, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = list(stream)
+    for c in chunks:
+        schemas.chunk(c.model_dump(exclude_unset=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == (
+        "echo: hello there"
+    )
+    assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens > 0
 
 
 def test_stream_relays_chunk_by_chunk(http: httpx.Client) -> None:
@@ -498,5 +513,7 @@ def test_fake_upstream_is_honest(fake_url: str) -> None:
             "echo: hello there"
         )
         assert chunks[-1].usage is not None
+        ragged = direct.chat.completions.create(model="ragged", messages=MESSAGES, stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in ragged) == "echo: hello there"
         with pytest.raises(openai.RateLimitError):
             direct.chat.completions.create(model="status-429", messages=MESSAGES)

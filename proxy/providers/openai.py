@@ -16,6 +16,7 @@ from ..errors import UpstreamError
 from ..policy import CLIENT_ERROR, retry_after, status_reason
 from ..wire import UsageView
 from .base import Call, Completion
+from .sse import iter_sse
 
 _usage_decoder = msgspec.json.Decoder(UsageView)
 _error_decoder = msgspec.json.Decoder(dict[str, object])
@@ -84,6 +85,8 @@ class OpenAIProvider:
             async for data in iter_sse(resp.content):
                 if data == b"[DONE]":
                     return
+                if b"\n" in data:  # a multi-line event: in JSON a line break is whitespace
+                    data = data.replace(b"\n", b" ")
                 if first or b'"error"' in data:
                     check_chunk(data)
                     first = False
@@ -134,19 +137,3 @@ def upstream_error_fields(body: bytes) -> tuple[str, str | None, str | None]:
             str(code) if isinstance(code, str | int) else None,
         )
     return str(error), None, None
-
-
-async def iter_sse(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
-    """The `data` of each server-sent event; comments (`: keep-alive`) and other fields skipped."""
-    data: list[bytes] = []
-    async for line in content:
-        line = line.rstrip(b"\r\n")
-        if not line:
-            if data:
-                yield b"\n".join(data)
-                data = []
-        elif line.startswith(b"data:"):
-            value = line[5:]
-            data.append(value[1:] if value.startswith(b" ") else value)
-    if data:
-        yield b"\n".join(data)
