@@ -63,7 +63,6 @@ _UVICORN_GATEWAY = [PY, "-m", "proxy", "serve", "--config", "{config}", "--port"
 _GRANIAN = [PY, "-m", "granian", "--interface", "asgi", "--factory", "--host", "127.0.0.1",
             "--port", "{port}", "--workers", "1", "--loop", "uvloop", "--http", "1", "--no-ws",
             "--backlog", "2048", "--log-level", "warning"]  # fmt: skip
-FROZEN = "gateway+gc.freeze/uvicorn"
 TUNED = "gateway+tuned/uvicorn"
 DRIP = "drip-10-5"  # 10 chunks, the first at once, then one every 5 ms
 
@@ -77,7 +76,9 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--servers", default="uvicorn,granian", help="gateway servers to compare")
     p.add_argument("--streams", type=int, default=1000, help="open streams for the RSS test")
     p.add_argument("--drips", type=int, default=100, help="dripping streams timed per target")
-    p.add_argument("--no-prototype", action="store_true", help="skip bench/tuned.py's targets")
+    p.add_argument("--no-prototype", action="store_true", help="skip bench/tuned.py's target")
+    p.add_argument("--workers", type=int, default=2,
+                   help="also run the gateway as `serve --workers N` (0 or 1: skip)")  # fmt: skip
     p.add_argument("--no-profile", action="store_true", help="skip py-spy")
     p.add_argument("--loadgen", choices=["auto", "wrk", "py"], default="auto")
     p.add_argument("--no-install", action="store_true", help="never apt-get install wrk")
@@ -149,9 +150,11 @@ class Bench:
             argv = _UVICORN_GATEWAY if server == "uvicorn" else [*_GRANIAN, "bench.asgi:app"]
             self._start(f"gateway/{server}", argv, env=env, health="/health")
             self.r.gateways[f"gateway/{server}"] = GatewayStats()
+        if "uvicorn" in self.args.servers.split(",") and self.args.workers > 1:
+            workers = [*_UVICORN_GATEWAY, "--workers", str(self.args.workers)]
+            self._start(f"gateway/uvicorn x{self.args.workers}", workers, env=env, health="/health")
         if not self.args.no_prototype:
             argv = [PY, "-m", "bench.tuned", "--config", cfg, "--port", "{port}"]
-            self._start(FROZEN, [*argv, "--gc-freeze"], health="/health")
             self._start(TUNED, [*argv, "--patch"], health="/health")
         for name, server in self.servers.items():
             _post(server, "bench")

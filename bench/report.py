@@ -282,14 +282,14 @@ def markdown(r: Results) -> str:
         f"- machine: {machine()}",
         f"- code: {revision()}",
         f"- load generator: {r.loadgen}; {r.seconds:g} s per run, best of {r.repeat} "
-        "(interleaved across targets); single worker everywhere",
+        "(interleaved across targets); single worker except where a target says xN",
         "- direct: bench/upstream.py (raw asyncio Protocol on uvloop, canned bytes); floor: "
         "bench/floor.py (Litestar + aiohttp pass-through on uvicorn)",
         "- gateway: `python -m proxy serve` (uvicorn, uvloop + httptools) and granian "
         "(`bench.asgi:app`)",
         "- prototypes, not the shipped gateway (bench/tuned.py, same app and server): "
-        "gateway+gc.freeze = `gc.freeze()` after startup; gateway+tuned = the stream and "
-        "disconnect patches, applied in that process only",
+        "gateway+tuned = the relay and disconnect-watcher patches, applied in that process "
+        "only; gateway/uvicorn xN = `serve --workers N`",
         "- stream = 10 SSE chunks per answer; CPU µs/req: the target's CPU time (psutil, "
         "whole process tree) / requests; upstream CPU: % of one core during the run",
         "",

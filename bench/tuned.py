@@ -1,14 +1,11 @@
 """Prototype: the gateway with the hot-path suggestions patched in (in this process only).
 
-    python -m bench.tuned --config models.yaml --port N [--patch] [--gc-freeze]
+    python -m bench.tuned --config models.yaml --port N [--patch]
 
 Serves `proxy.app.create_app` exactly as `python -m proxy serve` does (uvicorn, uvloop,
-httptools), with `--gc-freeze` after `gc.freeze()` (the startup heap moved out of the
-collector's way), and with `--patch` after `apply()` swaps in, in `proxy`'s modules
-(never on disk):
+httptools, the start-up heap frozen by the app's lifespan), and with `--patch` after
+`apply()` swaps in, in `proxy`'s modules (never on disk):
 
-- `iter_sse_blocks` for `openai.iter_sse`: one await per network read (`iter_any()`), events
-  split from a buffer, rather than one `readline()` per line;
 - `relay` for `chain._relay`: the same loop, but the per-chunk `asyncio.timeout_at` is
   entered only when the request deadline is nearer than the entry's own read timeout
   (which aiohttp's `sock_read` already enforces on every read);
@@ -23,12 +20,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 import uvicorn
-from aiohttp import StreamReader
 
 from proxy import chain
 from proxy.app import create_app
@@ -36,7 +31,6 @@ from proxy.chain import Answer, _close, _take_usage
 from proxy.config import load
 from proxy.errors import UpstreamError
 from proxy.limits import Gate
-from proxy.providers import openai
 
 try:  # where the chat route's disconnect watcher lives
     from proxy import fastpath as _route
@@ -44,28 +38,6 @@ except ImportError:  # before the chat route moved out of Litestar
     from proxy import app as _route  # type: ignore[no-redef]
 
 WATCH_AFTER = 0.05
-
-
-async def iter_sse_blocks(content: StreamReader) -> AsyncIterator[bytes]:
-    buf = b""
-    async for block in content.iter_any():
-        buf += block
-        if b"\r" in buf:
-            buf = buf.replace(b"\r\n", b"\n")
-        *events, buf = buf.split(b"\n\n")
-        for event in events:
-            if event.startswith(b"data: ") and b"\n" not in event:
-                yield event[6:]  # the usual one-line event
-                continue
-            data = [
-                line[6:] if line.startswith(b"data: ") else line[5:]
-                for line in event.split(b"\n")
-                if line.startswith(b"data:")
-            ]
-            if data:
-                yield b"\n".join(data)
-    if buf.startswith(b"data:"):
-        yield buf[6:] if buf.startswith(b"data: ") else buf[5:]
 
 
 async def relay(
@@ -137,7 +109,6 @@ def apply() -> list[str]:
     """Patch what exists under the expected names; returns what was patched."""
     patched = []
     for module, name, new in (
-        (openai, "iter_sse", iter_sse_blocks),
         (chain, "_relay", relay),
         (_route, "unless_disconnected", unless_disconnected),
         (_route, "_unless_disconnected", unless_disconnected),
@@ -153,15 +124,10 @@ if __name__ == "__main__":
     parser.add_argument("--config", required=True)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--patch", action="store_true", help="apply() the hot-path patches")
-    parser.add_argument("--gc-freeze", action="store_true", help="gc.freeze() after startup")
     args = parser.parse_args()
     if args.patch:
         print("bench.tuned patched:", ", ".join(apply()), flush=True)
     asgi = create_app(load(args.config))
-    if args.gc_freeze:
-        gc.collect()
-        gc.freeze()
-        print(f"bench.tuned froze {gc.get_freeze_count()} objects", flush=True)
     uvicorn.run(
         asgi, host="127.0.0.1", port=args.port, loop="uvloop", http="httptools",
         log_level="warning", access_log=False, timeout_graceful_shutdown=10,
