@@ -35,6 +35,7 @@ test: lint
 	$(PY) -m pytest $(ARGS)
 
 bench: install
+	$(PIP) install -q -e ".[bench]"
 	$(PY) -m bench $(ARGS)
 
 clean:
