@@ -3,10 +3,10 @@
     python -m bench [--seconds 2] [--repeat 2] [--servers uvicorn,granian] [--quick] ...
 
 Starts, each in its own process on 127.0.0.1: a static upstream (bench/upstream.py), the
-floor (bench/floor.py), the gateway under uvicorn (`python -m proxy serve`) and under
-granian (bench/asgi.py), and prototypes of two suggestions (bench/tuned.py). Drives
-each with wrk (installed with apt-get if missing, else bench/pyload.py) at every
-concurrency, streamed and not; then holds many slow streams open for memory, times
+floor (bench/floor.py), the gateway under uvicorn (`python -m proxy serve`), the same
+with `--workers 2`, under granian (bench/asgi.py), and with --prototype a suggestion not
+landed (bench/tuned.py). Drives each with wrk (installed with apt-get if missing, else
+bench/pyload.py) at every concurrency, streamed and not; then holds many slow streams open for memory, times
 dripping streams chunk by chunk, measures fallback past a refused port, profiles the
 gateway with py-spy and times hot-path pieces (bench/micro.py). Prints a markdown
 report and writes it to bench/results/<date>.md. About four minutes on 2 cores.
@@ -76,7 +76,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--servers", default="uvicorn,granian", help="gateway servers to compare")
     p.add_argument("--streams", type=int, default=1000, help="open streams for the RSS test")
     p.add_argument("--drips", type=int, default=100, help="dripping streams timed per target")
-    p.add_argument("--no-prototype", action="store_true", help="skip bench/tuned.py's target")
+    p.add_argument("--prototype", action="store_true", help="add bench/tuned.py's target")
     p.add_argument("--workers", type=int, default=2,
                    help="also run the gateway as `serve --workers N` (0 or 1: skip)")  # fmt: skip
     p.add_argument("--no-profile", action="store_true", help="skip py-spy")
@@ -153,7 +153,7 @@ class Bench:
         if "uvicorn" in self.args.servers.split(",") and self.args.workers > 1:
             workers = [*_UVICORN_GATEWAY, "--workers", str(self.args.workers)]
             self._start(f"gateway/uvicorn x{self.args.workers}", workers, env=env, health="/health")
-        if not self.args.no_prototype:
+        if self.args.prototype:
             argv = [PY, "-m", "bench.tuned", "--config", cfg, "--port", "{port}"]
             self._start(TUNED, [*argv, "--patch"], health="/health")
         for name, server in self.servers.items():

@@ -109,8 +109,9 @@ async def _cases(n: int) -> list[tuple[str, float, float, str]]:
             await asyncio.sleep(0)
 
     now, alt = await _time(with_timeout, n), await _time(lambda: asyncio.sleep(0), n)
-    how = "bare await (deadline left to sock_read / one timer per stream)"
-    out.append(("per chunk: `async with asyncio.timeout_at()` around the read", now, alt, how))
+    how = "shipped: a bare await (one deadline timer per stream, `chain._Deadline`)"
+    what = "per chunk: `async with asyncio.timeout_at()` around the read (before)"
+    out.append((what, now, alt, how))
 
     async def drain(parse: Callable[[StreamReader], AsyncIterator[bytes]], pieces: int) -> None:
         async for _ in parse(_reader(_SSE, pieces)):

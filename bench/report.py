@@ -287,9 +287,8 @@ def markdown(r: Results) -> str:
         "bench/floor.py (Litestar + aiohttp pass-through on uvicorn)",
         "- gateway: `python -m proxy serve` (uvicorn, uvloop + httptools) and granian "
         "(`bench.asgi:app`)",
-        "- prototypes, not the shipped gateway (bench/tuned.py, same app and server): "
-        "gateway+tuned = the relay and disconnect-watcher patches, applied in that process "
-        "only; gateway/uvicorn xN = `serve --workers N`",
+        "- gateway/uvicorn xN = `serve --workers N`; gateway+tuned (with --prototype) = "
+        "bench/tuned.py's lazy disconnect watcher, patched in that process only",
         "- stream = 10 SSE chunks per answer; CPU µs/req: the target's CPU time (psutil, "
         "whole process tree) / requests; upstream CPU: % of one core during the run",
         "",

@@ -409,33 +409,59 @@ async def _relay(
 ) -> AsyncIterator[bytes]:
     """The committed stream: the first chunk, then the rest, within the request deadline.
 
-    Chunks pass through untouched; one carrying `usage` is read for accounting.
+    Chunks pass through untouched; one carrying `usage` is read for accounting. The gap
+    between chunks is bounded by the adapter's own read timeout; the request deadline by
+    one timer for the whole stream (`_Deadline`), not a timeout per chunk.
     """
     outcome = "stream_error"
     chunk = first
+    timer = _Deadline(deadline)
     try:
         while True:
             if b'"usage"' in chunk:
                 _take_usage(chunk, answer)
             yield chunk
+            timer.task = task = asyncio.current_task()
             try:
-                async with asyncio.timeout_at(deadline):
-                    chunk = await anext(chunks)
+                if timer.loop.time() >= deadline:
+                    raise UpstreamError("deadline", "request deadline reached mid-stream")
+                chunk = await anext(chunks)
             except StopAsyncIteration:
                 outcome = "ok"
                 return
-            except TimeoutError:
-                if asyncio.get_running_loop().time() < deadline:
-                    raise  # the upstream went quiet for longer than the entry's timeout
-                raise UpstreamError("deadline", "request deadline reached mid-stream") from None
+            except asyncio.CancelledError:
+                if timer.fired and task is not None and task.uncancel() == 0:
+                    raise UpstreamError("deadline", "request deadline reached mid-stream") from None
+                raise
+            finally:
+                timer.task = None
     except (GeneratorExit, asyncio.CancelledError):
         outcome = "cancelled"
         raise
     finally:
+        timer.handle.cancel()
         gate.release()
         await _close(chunks)
         if answer.on_end is not None:
             answer.on_end(outcome)
+
+
+class _Deadline:
+    """At `deadline`, cancel the stream's task if it is waiting for the upstream (`task` is
+    set only then); otherwise the relay sees the time before its next wait."""
+
+    __slots__ = ("loop", "handle", "task", "fired")
+
+    def __init__(self, deadline: float) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.handle = self.loop.call_at(deadline, self._fire)
+        self.task: asyncio.Task[Any] | None = None
+        self.fired = False
+
+    def _fire(self) -> None:
+        if self.task is not None:
+            self.fired = True
+            self.task.cancel()
 
 
 def _take_usage(chunk: bytes, answer: Answer) -> None:

@@ -71,6 +71,7 @@ models:
   limited-ok: [{{provider: limited, model: echo}}, {{provider: backup, model: echo}}]
   alone: [{{provider: alone, model: status-429}}]
   drip: [{{provider: slowpoke, model: drip-100-50}}]
+  silent: [{{provider: slowpoke, model: drip-2-60000, timeout: 30}}]
   hang: [{{provider: slowpoke, model: hang}}]
   retried: [{{provider: retrier, model: status-502}}, {{provider: backup, model: echo}}]
   hedged:
@@ -227,6 +228,19 @@ def test_request_deadline_bounds_a_stream(http: httpx.Client) -> None:
     last = json.loads(_events(resp)[-1])
     schemas.error(last)
     assert last["error"]["code"] == "deadline"
+
+
+def test_request_deadline_bounds_a_silent_stream(http: httpx.Client, fake: FakeOpenAI) -> None:
+    """One chunk, then nothing: the deadline (4 s) ends it though the read timeout is 30 s."""
+    started = time.monotonic()
+    resp = _post(http, "silent", stream=True)
+    assert 3.5 < time.monotonic() - started < 5
+    events = _events(resp)
+    assert json.loads(events[0])["choices"][0]["delta"]["content"] == "0 "
+    last = json.loads(events[-1])
+    schemas.error(last)
+    assert last["error"]["code"] == "deadline"
+    assert settle(lambda: fake.active, 0, within=2) == 0  # the upstream request was closed
 
 
 def test_request_deadline_bounds_a_hang(http: httpx.Client) -> None:
