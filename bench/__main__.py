@@ -6,10 +6,10 @@ Starts, each in its own process on 127.0.0.1: a static upstream (bench/upstream.
 floor (bench/floor.py), the gateway under uvicorn (`python -m proxy serve`), the same
 with `--workers 2`, under granian (bench/asgi.py), and with --prototype a suggestion not
 landed (bench/tuned.py). Drives each with wrk (installed with apt-get if missing, else
-bench/pyload.py) at every concurrency, streamed and not; then holds many slow streams open for memory, times
-dripping streams chunk by chunk, measures fallback past a refused port, profiles the
-gateway with py-spy and times hot-path pieces (bench/micro.py). Prints a markdown
-report and writes it to bench/results/<date>.md. About four minutes on 2 cores.
+bench/pyload.py) at every concurrency, streamed and not; then holds many slow streams
+open for memory, times dripping streams chunk by chunk, measures fallback past a refused
+port, profiles the gateway with py-spy and times hot-path pieces (bench/micro.py). Prints
+a markdown report and writes it to bench/results/<date>.md. About four minutes on 2 cores.
 """
 
 from __future__ import annotations

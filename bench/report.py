@@ -257,7 +257,11 @@ def _target_cells(r: Results, name: str) -> list[str]:
         later = _added(r, name, "later_ms", 99)
         cells[4] = f"{_check(later < 1)} {later:+.3f} ms"
     if name in r.idle_rss:
-        cells[5] = f"{_check(r.idle_rss[name] < 120)} {r.idle_rss[name]:.1f} MB"
+        rss = r.idle_rss[name]
+        workers = name.rpartition(" x")[2] if " x" in name else ""
+        # the target is for one worker; N workers are shown, not judged
+        judged = f"{_check(rss < 120)} {rss:.1f} MB"
+        cells[5] = f"{rss:.1f} MB, {workers} workers" if workers else judged
     g = r.gateways.get(name)
     if g is not None:
         grew = g.hold_rss - g.hold_before
