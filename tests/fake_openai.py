@@ -167,21 +167,24 @@ class FakeOpenAI:
     ) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
-        if first_delay:
-            await asyncio.sleep(first_delay)
-        for i, chunk in enumerate(chunks):
-            if gap and i:
-                await asyncio.sleep(gap)
-            if comments:
-                await resp.write(b": OPENROUTER PROCESSING\n\n")
-            await resp.write(b"data: " + chunk + b"\n\n")
-        if abort:
-            assert request.transport is not None
-            request.transport.abort()
-            return resp
-        if done:
-            await resp.write(b"data: [DONE]\n\n")
-        await resp.write_eof()
+        try:
+            if first_delay:
+                await asyncio.sleep(first_delay)
+            for i, chunk in enumerate(chunks):
+                if gap and i:
+                    await asyncio.sleep(gap)
+                if comments:
+                    await resp.write(b": OPENROUTER PROCESSING\n\n")
+                await resp.write(b"data: " + chunk + b"\n\n")
+            if abort:
+                assert request.transport is not None
+                request.transport.abort()
+                return resp
+            if done:
+                await resp.write(b"data: [DONE]\n\n")
+            await resp.write_eof()
+        except ConnectionResetError:
+            pass  # the caller (the gateway) closed the stream: what a real upstream sees too
         return resp
 
     async def _ragged(self, request: web.Request, chunks: list[bytes]) -> web.StreamResponse:
