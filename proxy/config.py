@@ -103,6 +103,7 @@ class HuggingFaceSpec(_Provider, tag="huggingface"):
     timeout: PositiveFloat = 300.0
     first_token_timeout: PositiveFloat = 120.0
     max_concurrency: PositiveInt | None = 1
+    max_batch: PositiveInt = 1  # > 1: waiting requests share one generate() (needs concurrency)
 
 
 ProviderSpec = OpenAISpec | OllamaSpec | HuggingFaceSpec
@@ -317,6 +318,15 @@ def _provider(name: str, spec: ProviderSpec, missing: list[str], path: str) -> P
         changes["api_key"] = None
         if not key:
             unavailable = "api_key is empty"
+    if (
+        isinstance(spec, HuggingFaceSpec)
+        and (spec.max_concurrency or spec.max_batch) < spec.max_batch
+    ):
+        raise ConfigError(
+            f"{path}: at providers.{name}.max_batch: {spec.max_batch} is more than "
+            f"max_concurrency ({spec.max_concurrency}), so no batch could fill; raise "
+            "max_concurrency to at least max_batch"
+        )
     if changes:
         spec = msgspec.structs.replace(spec, **changes)
     return ProviderConfig(name, spec, key, headers, unavailable)

@@ -4,6 +4,7 @@ import os
 import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -32,6 +33,21 @@ def fake_url(fake: FakeOpenAI) -> str:
 
 
 GatewayFactory = Callable[[str], UvicornServer]
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama with SmolLM2's tokenizer and chat template (tests/tiny_model.py)."""
+    from .tiny_model import build_tiny_model  # imports torch: only for tests that ask
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_dir: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_dir)
 
 
 @pytest.fixture(scope="module")

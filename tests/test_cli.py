@@ -47,6 +47,10 @@ BROKEN = {
         "at providers.a.type: Invalid value 'grpc'",
     ),
     "bad yaml": ("providers: [\n", "invalid YAML"),
+    "batch beyond concurrency": (
+        "providers:\n  a: {type: huggingface, max_batch: 4, max_concurrency: 2}\nmodels: {}\n",
+        "at providers.a.max_batch: 4 is more than max_concurrency (2)",
+    ),
     "not a url": (
         "providers:\n  a: {type: openai, base_url: 'x'}\nmodels: {}\n",
         "at providers.a.base_url: expected an http(s) URL",

@@ -20,7 +20,6 @@ import httpx
 import openai
 import pytest
 import torch
-from transformers import AutoTokenizer
 
 from proxy.config import Entry, HuggingFaceSpec, ProviderConfig
 from proxy.providers.base import Call
@@ -32,20 +31,10 @@ from . import schemas
 from .conftest import GatewayFactory
 from .fake_openai import FakeOpenAI
 from .servers import UvicornServer, settle
-from .tiny_model import SMOLLM2_GGUF, build_tiny_model
+from .tiny_model import SMOLLM2_GGUF
 
 MESSAGES: list[Any] = [{"role": "user", "content": "Tell me something."}]
 LONG = 4000  # max_tokens for a generation that runs until it is stopped (~15 s)
-
-
-@pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
-
-
-@pytest.fixture(scope="session")
-def tokenizer(tiny_dir: Path) -> Any:
-    return AutoTokenizer.from_pretrained(tiny_dir)
 
 
 def _config(tiny_dir: Path, fake_url: str, broken_gguf_dir: Path) -> str:

@@ -24,8 +24,12 @@ def smollm2_dir() -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def build_tiny_model(folder: Path) -> Path:
-    """Write tokenizer, config and random weights into `folder` (a few seconds)."""
+def build_tiny_model(folder: Path, init_range: float = 0.02) -> Path:
+    """Write tokenizer, config and random weights into `folder` (a few seconds).
+
+    With the default `init_range` greedy decoding repeats one token; with a wider one
+    (0.3) it says different gibberish words for different prompts.
+    """
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir(), gguf_file=SMOLLM2_GGUF)
     tokenizer.save_pretrained(folder)
     config = LlamaConfig(
@@ -40,6 +44,7 @@ def build_tiny_model(folder: Path) -> Path:
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        initializer_range=init_range,
     )
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(folder)

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -181,9 +181,13 @@ class TextFeed:
         if not self.prompt_seen:  # generate() first hands over the prompt
             self.prompt_seen = True
             return
+        self.add(int(t) for t in value.reshape(-1).tolist())
+
+    def add(self, ids: Iterable[int]) -> None:
+        """Newly generated ids (after the prompt)."""
         if self.stop_hit or self.halt.is_set():
             return  # generate() runs one more step after a stop; that token is not ours
-        self.ids.extend(int(t) for t in value.reshape(-1).tolist())
+        self.ids.extend(ids)
         self._advance(final=False)
 
     def end(self) -> None:
@@ -224,7 +228,7 @@ def partial_stop(text: str, stops: tuple[str, ...]) -> int:
 
 
 @contextlib.contextmanager
-def _random_state(params: Params) -> Iterator[None]:
+def random_state(params: Params) -> Iterator[None]:
     if not params.sample:
         yield
         return
@@ -251,18 +255,19 @@ def generate(
     try:
         if halt.is_set():
             return None
-        return _generate(loaded, params, halt, emit)
+        return generate_unlocked(loaded, params, halt, emit)
     finally:
         loaded.lock.release()
 
 
-def _generate(
+def generate_unlocked(
     loaded: LoadedModel, params: Params, halt: threading.Event, emit: Callable[[str], None]
 ) -> Done | None:
+    """`generate()` for a caller that holds the model's lock."""
     inputs = encode_prompt(loaded, params.messages)
     feed = TextFeed(loaded.tokenizer, params.stops, halt, emit)
     started = time.perf_counter()
-    with _random_state(params), torch.inference_mode():
+    with random_state(params), torch.inference_mode():
         loaded.model.generate(
             **inputs,
             generation_config=generation_config(loaded, params),
@@ -287,15 +292,22 @@ def _generation_error(exc: Exception) -> UpstreamError:
 
 
 Event = str | Done | UpstreamError
+# generate() or a stand-in with its signature (`hf_batch.generate_batched`, partially applied)
+Runner = Callable[[LoadedModel, Params, threading.Event, Callable[[str], None]], Done | None]
 
 
 class Generation:
     """One request's generate() on its own thread, read from the event loop as events."""
 
     def __init__(
-        self, loaded: LoadedModel, params: Params, on_exit: Callable[[Generation], None]
+        self,
+        loaded: LoadedModel,
+        params: Params,
+        on_exit: Callable[[Generation], None],
+        run: Runner | None = None,
     ) -> None:
         self.loop = asyncio.get_running_loop()
+        self._generate: Runner = run or generate
         self.events: asyncio.Queue[Event] = asyncio.Queue()
         self.halt = threading.Event()
         self.loaded = loaded
@@ -324,7 +336,7 @@ class Generation:
 
     def _run(self) -> None:
         try:
-            done = generate(self.loaded, self._params, self.halt, self._push)
+            done = self._generate(self.loaded, self._params, self.halt, self._push)
             if done is not None:
                 self._push(done)
         except Exception as exc:  # noqa: BLE001 - handed to the request as an UpstreamError

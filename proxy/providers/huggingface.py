@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import os
 import threading
 import time
@@ -63,6 +64,7 @@ from ..wire import (
     now,
 )
 from .base import Call, Completion
+from .hf_batch import generate_batched
 from .hf_generate import Generation, parse_params
 from .hf_weights import LoadedModel, LoadError, ModelKey, describe, load_model, log
 
@@ -93,6 +95,7 @@ class HuggingFaceProvider:
         self._slots: dict[ModelKey, _Slot] = {}
         self._slots_lock = threading.Lock()
         self._running: set[Generation] = set()
+        self._run = functools.partial(generate_batched, max_batch=spec.max_batch)
         self._closed = False
 
     # -- loading
@@ -149,7 +152,7 @@ class HuggingFaceProvider:
             raise UpstreamError("unavailable", "provider is closed")
         params = parse_params(call, self._spec.max_new_tokens)
         loaded = await self.load(call.entry)
-        generation = Generation(loaded, params, self._running.discard)
+        generation = Generation(loaded, params, self._running.discard, self._run)
         self._running.add(generation)
         generation.start()
         return generation
