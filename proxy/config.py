@@ -104,6 +104,7 @@ class HuggingFaceSpec(_Provider, tag="huggingface"):
     first_token_timeout: PositiveFloat = 120.0
     max_concurrency: PositiveInt | None = 1
     max_batch: PositiveInt = 1  # > 1: waiting requests share one generate() (needs concurrency)
+    batch_wait_ms: Annotated[float, msgspec.Meta(ge=0, le=1000)] = 10.0  # for a batch to fill
 
 
 ProviderSpec = OpenAISpec | OllamaSpec | HuggingFaceSpec

@@ -40,9 +40,15 @@ def gw(start_gateway: GatewayFactory, wordy_dir: Path) -> UvicornServer:
 providers:
   solo: {{type: huggingface, max_new_tokens: 12}}
   batch: {{type: huggingface, max_concurrency: 8, max_batch: 4, max_new_tokens: 12}}
+  pair:
+    type: huggingface
+    max_concurrency: 2
+    max_batch: 2
+    batch_wait_ms: 200
 models:
   solo: [{{provider: solo, model: '{wordy_dir}'}}]
   batch: [{{provider: batch, model: '{wordy_dir}'}}]
+  pair: [{{provider: pair, model: '{wordy_dir}'}}]
 """)
 
 
@@ -193,3 +199,20 @@ def test_a_stream_that_leaves_ends_its_row_only(
         return sum(t.name == GENERATE_THREAD for t in threading.enumerate())
 
     assert settle(generating, 0, within=10) == 0  # the 4000-token row did not run on
+
+
+def test_clients_in_lock_step_still_share_batches(
+    client: openai.OpenAI, log: pytest.LogCaptureFixture
+) -> None:
+    """Two clients that each ask again as soon as they are answered: the batch_wait_ms
+    window lets the second join the first's batch instead of taking turns with it."""
+    answers: list[Any] = []
+
+    def ask_three_times(prompt: str) -> None:
+        for _ in range(3):
+            answers.append(_ask(client, "pair", prompt, max_tokens=10, temperature=0))
+
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(ask_three_times, PROMPTS[:2]))
+    assert len(answers) == 6
+    assert _sizes(log).count(2) >= 2

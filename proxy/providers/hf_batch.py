@@ -2,11 +2,13 @@
 
 With `max_batch: N` (> 1) a request's worker thread does not wait for the model alone. It
 puts a `Job` in the model's queue and competes for the model's lock. The thread that gets
-the lock takes the oldest waiting job plus up to N - 1 more that can share its decoding
-settings, runs them as one left-padded batch, and finishes every job it took before it
+the lock waits up to `batch_wait_ms` for the queue to hold N jobs, takes the oldest
+waiting job plus up to N - 1 more that can share its decoding settings, runs them as one
+left-padded batch, and finishes every job it took before it
 lets go of the lock. So a thread that gets the lock and finds its own job still queued
 knows that nobody is running it. This is static batching: a request that arrives while a
-batch runs waits for the next one.
+batch runs waits for the next one. The short wait keeps N clients that each send their
+next request when the last one ends from falling into lock-step, one request per batch.
 
 Jobs share a batch when their decoding matches: all greedy, or sampling with the same
 temperature and top_p and no `seed`. A seeded request runs alone, so its answer repeats.
@@ -60,7 +62,7 @@ class Job:
 
 def _take(loaded: LoadedModel, limit: int) -> list[Job]:
     """The oldest live waiting job and up to `limit - 1` more that share its key."""
-    with loaded.waiting_lock:
+    with loaded.waiting_changed:
         live: list[Job] = [j for j in loaded.waiting if not j.halt.is_set()]
         if not live:
             loaded.waiting = []
@@ -75,7 +77,7 @@ def _take(loaded: LoadedModel, limit: int) -> list[Job]:
 
 def _withdraw(loaded: LoadedModel, job: Job) -> bool:
     """Take `job` back if no batch has it yet."""
-    with loaded.waiting_lock:
+    with loaded.waiting_changed:
         if job in loaded.waiting:
             loaded.waiting.remove(job)
             return True
@@ -88,13 +90,18 @@ def generate_batched(
     halt: threading.Event,
     emit: Callable[[str], None],
     max_batch: int,
+    wait: float = 0.0,
 ) -> Done | None:
-    """Like `generate()`, but shares `generate()` calls with other waiting requests."""
+    """Like `generate()`, but shares `generate()` calls with other waiting requests.
+
+    The request that starts a batch first waits up to `wait` seconds for the batch to fill.
+    """
     if max_batch <= 1:
         return generate(loaded, params, halt, emit)
     job = Job(params, halt, emit)
-    with loaded.waiting_lock:
+    with loaded.waiting_changed:
         loaded.waiting.append(job)
+        loaded.waiting_changed.notify_all()
     while not job.finished.is_set():
         if halt.is_set() and _withdraw(loaded, job):
             return None  # given up before any batch took it
@@ -103,6 +110,10 @@ def generate_batched(
         try:
             if job.finished.is_set():
                 break
+            with loaded.waiting_changed:  # give a batch that is not full a moment to fill
+                loaded.waiting_changed.wait_for(
+                    lambda: len(loaded.waiting) >= max_batch, timeout=wait
+                )
             batch = _take(loaded, max_batch)
             if batch:
                 _run(loaded, batch)

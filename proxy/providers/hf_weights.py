@@ -65,9 +65,9 @@ class LoadedModel:
     pad_id: int | None
     load_seconds: float
     lock: threading.Lock = field(default_factory=threading.Lock)
-    # Requests waiting to share a batch (`hf_batch`), guarded by `waiting_lock`.
+    # Requests waiting to share a batch (`hf_batch`), guarded by `waiting_changed`.
     waiting: list[Any] = field(default_factory=list)
-    waiting_lock: threading.Lock = field(default_factory=threading.Lock)
+    waiting_changed: threading.Condition = field(default_factory=threading.Condition)
 
     @property
     def fingerprint(self) -> str:

@@ -95,7 +95,9 @@ class HuggingFaceProvider:
         self._slots: dict[ModelKey, _Slot] = {}
         self._slots_lock = threading.Lock()
         self._running: set[Generation] = set()
-        self._run = functools.partial(generate_batched, max_batch=spec.max_batch)
+        self._run = functools.partial(
+            generate_batched, max_batch=spec.max_batch, wait=spec.batch_wait_ms / 1000
+        )
         self._closed = False
 
     # -- loading
