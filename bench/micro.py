@@ -109,7 +109,7 @@ async def _cases(n: int) -> list[tuple[str, float, float, str]]:
             await asyncio.sleep(0)
 
     now, alt = await _time(with_timeout, n), await _time(lambda: asyncio.sleep(0), n)
-    how = "shipped: a bare await (one deadline timer per stream, `chain._Deadline`)"
+    how = "shipped: a bare await (one deadline timer per stream, `streaming._Deadline`)"
     what = "per chunk: `async with asyncio.timeout_at()` around the read (before)"
     out.append((what, now, alt, how))
 

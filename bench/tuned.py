@@ -11,7 +11,7 @@ httptools, the start-up heap frozen by the app's lifespan), and with `--patch` a
   µs per request, but a client that leaves in its first 50 ms is seen 50 ms late.
 
 (The block-wise SSE parser and the one-timer-per-stream deadline, prototyped here
-before, have landed: `providers/sse.py`, `chain._Deadline`.)
+before, have landed: `providers/sse.py`, `streaming._Deadline`.)
 """
 
 from __future__ import annotations

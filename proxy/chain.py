@@ -1,7 +1,7 @@
 """The chain engine: try an alias's entries in order until one answers.
 
 Non-stream: an entry has answered when its whole body is in. Stream: when its first
-chunk is in (`_open`, TensorZero's peek_first_chunk): until then a failure moves on,
+chunk is in (`streaming.open_stream`, TensorZero's peek_first_chunk): until then a failure moves on,
 after it the answer is committed to that entry. Every failed or skipped entry is kept,
 in order, as an `Attempt`; when all fail, `AllProvidersFailed` carries them all.
 
@@ -18,8 +18,7 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable
 from typing import Any
 
 import msgspec
@@ -38,9 +37,9 @@ from .limits import Gate
 from .observe import Observer, RequestRecord, cost_usd
 from .policy import falls_back, map_exception
 from .providers import Call, Provider, build
-from .wire import ChatRequest, Usage, UsageView
+from .streaming import Answer, close_stream, open_stream
+from .wire import ChatRequest
 
-_usage_view = msgspec.json.Decoder(UsageView)
 _any = msgspec.json.Decoder()
 
 log = logging.getLogger("omnimind.chain")
@@ -48,23 +47,6 @@ log = logging.getLogger("omnimind.chain")
 _INSTALL_HINT = "local providers need: pip install 'omnimind-gateway[local]'"
 # Failures worth retrying on the same provider (when `retries` is configured).
 _TRANSIENT = frozenset({"connect_error", "timeout", "server_error", "bad_response"})
-
-
-@dataclass(slots=True)
-class Answer:
-    """Who answered, how fast, and after which failures; `body` xor `chunks` is set."""
-
-    provider: str
-    model: str
-    latency_ms: float
-    attempts: list[Attempt]
-    body: bytes = b""
-    usage: Usage | None = None
-    chunks: AsyncIterator[bytes] | None = field(default=None, repr=False)
-    entry: Entry | None = field(default=None, repr=False)
-    cost_usd: float | None = None
-    # Streams: called once the stream has ended, with its outcome (ok/stream_error/cancelled).
-    on_end: Callable[[str], None] | None = field(default=None, repr=False)
 
 
 class Engine:
@@ -215,7 +197,7 @@ class Engine:
         if stream:
             answer = Answer(entry.provider, entry.model, 0.0, [], entry=entry)
             first_token = min(entry.first_token_timeout, budget)
-            answer.chunks = await _open(provider, call, gate, first_token, deadline, answer)
+            answer.chunks = await open_stream(provider, call, gate, first_token, deadline, answer)
             answer.latency_ms = _ms(started)
             return answer
         async with asyncio.timeout(min(entry.timeout, budget)):
@@ -370,110 +352,8 @@ class _Run:
                 self.attempts.append(Attempt(entry.provider, entry.model, "hedge_lost"))
             for result in await asyncio.gather(*running, return_exceptions=True):
                 if isinstance(result, Answer) and result.chunks is not None:
-                    await _close(result.chunks)
+                    await close_stream(result.chunks)
 
 
 def _ms(started: float) -> float:
     return (time.perf_counter() - started) * 1000
-
-
-async def _open(
-    provider: Provider,
-    call: Call,
-    gate: Gate,
-    first_token_timeout: float,
-    deadline: float,
-    answer: Answer,
-) -> AsyncIterator[bytes]:
-    """Start a stream and wait for its first chunk; a failure here can still fall back."""
-    chunks = provider.stream(call)
-    try:
-        async with asyncio.timeout(first_token_timeout):
-            await gate.acquire()
-            try:
-                first = await anext(chunks)
-            except BaseException:
-                gate.release()
-                raise
-    except StopAsyncIteration:
-        await _close(chunks)
-        raise UpstreamError("bad_response", "stream ended before its first chunk") from None
-    except BaseException:
-        await _close(chunks)
-        raise
-    return _relay(first, chunks, gate, deadline, answer)
-
-
-async def _relay(
-    first: bytes, chunks: AsyncIterator[bytes], gate: Gate, deadline: float, answer: Answer
-) -> AsyncIterator[bytes]:
-    """The committed stream: the first chunk, then the rest, within the request deadline.
-
-    Chunks pass through untouched; one carrying `usage` is read for accounting. The gap
-    between chunks is bounded by the adapter's own read timeout; the request deadline by
-    one timer for the whole stream (`_Deadline`), not a timeout per chunk.
-    """
-    outcome = "stream_error"
-    chunk = first
-    timer = _Deadline(deadline)
-    try:
-        while True:
-            if b'"usage"' in chunk:
-                _take_usage(chunk, answer)
-            yield chunk
-            timer.task = task = asyncio.current_task()
-            try:
-                if timer.loop.time() >= deadline:
-                    raise UpstreamError("deadline", "request deadline reached mid-stream")
-                chunk = await anext(chunks)
-            except StopAsyncIteration:
-                outcome = "ok"
-                return
-            except asyncio.CancelledError:
-                if timer.fired and task is not None and task.uncancel() == 0:
-                    raise UpstreamError("deadline", "request deadline reached mid-stream") from None
-                raise
-            finally:
-                timer.task = None
-    except (GeneratorExit, asyncio.CancelledError):
-        outcome = "cancelled"
-        raise
-    finally:
-        timer.handle.cancel()
-        gate.release()
-        await _close(chunks)
-        if answer.on_end is not None:
-            answer.on_end(outcome)
-
-
-class _Deadline:
-    """At `deadline`, cancel the stream's task if it is waiting for the upstream (`task` is
-    set only then); otherwise the relay sees the time before its next wait."""
-
-    __slots__ = ("loop", "handle", "task", "fired")
-
-    def __init__(self, deadline: float) -> None:
-        self.loop = asyncio.get_running_loop()
-        self.handle = self.loop.call_at(deadline, self._fire)
-        self.task: asyncio.Task[Any] | None = None
-        self.fired = False
-
-    def _fire(self) -> None:
-        if self.task is not None:
-            self.fired = True
-            self.task.cancel()
-
-
-def _take_usage(chunk: bytes, answer: Answer) -> None:
-    try:
-        usage = _usage_view.decode(chunk).usage
-    except msgspec.DecodeError:
-        return
-    if usage is not None:
-        answer.usage = usage
-
-
-async def _close(chunks: AsyncIterator[bytes]) -> None:
-    aclose = getattr(chunks, "aclose", None)
-    if aclose is not None:
-        await aclose()

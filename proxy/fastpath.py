@@ -17,10 +17,10 @@ from typing import Any
 
 from litestar import Litestar
 
-from .chain import Answer
 from .errors import AllProvidersFailed, GatewayError, PayloadTooLarge, error_json
 from .gateway import Gateway
 from .policy import map_exception
+from .streaming import Answer
 from .wire import ChatRequest
 
 log = logging.getLogger("omnimind.app")

@@ -15,8 +15,8 @@ from typing import Any
 
 import msgspec
 
-from .chain import Answer
 from .errors import AllProvidersFailed, Attempt, GatewayError, UpstreamRejected
+from .streaming import Answer
 
 
 class LLMModelTier(enum.StrEnum):
