@@ -28,9 +28,14 @@ log = logging.getLogger("omnimind.gateway")
 
 
 class Gateway:
-    def __init__(self, config: Config) -> None:
+    """`audit=False` (the in-process router): no audit log, whatever the config says."""
+
+    def __init__(self, config: Config, audit: bool = True) -> None:
+        self._audit = audit
         self.observer = Observer(
-            set(config.models), config.server.log_content, config.server.audit_log
+            set(config.models),
+            config.server.log_content,
+            config.server.audit_log if audit else "off",
         )
         self.engine = Engine(config, self.observer)
         self.guard = Guard(config)
@@ -56,7 +61,7 @@ class Gateway:
         guard.inherit(self.guard)
         self.observer.aliases = set(config.models)
         self.observer.log_content = config.server.log_content
-        if config.server.audit_log != self.observer.audit.target:
+        if self._audit and config.server.audit_log != self.observer.audit.target:
             self.observer.audit.close()
             self.observer.audit = AuditLog(config.server.audit_log)
         self.engine, self.guard = new, guard
@@ -78,12 +83,13 @@ class Gateway:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def start(self) -> None:
+    async def start(self, freeze: bool = True) -> None:
         """Watch the config file and SIGHUP for reloads; freeze start-up objects."""
-        # Start-up leaves ~70k long-lived objects; frozen, full collections skip them
-        # (bench/: p99 at concurrency 32 from ~54 ms to ~20 ms).
-        gc.collect()
-        gc.freeze()
+        if freeze:  # the server's own process only: not in someone else's (the router)
+            # Start-up leaves ~70k long-lived objects; frozen, full collections skip them
+            # (bench/: p99 at concurrency 32 from ~54 ms to ~20 ms).
+            gc.collect()
+            gc.freeze()
         if self._watched is not None:
             self._spawn(self._watch(self._watched))
         with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):

@@ -44,6 +44,7 @@ from typing import Any, TypeVar
 from .chain import Engine
 from .config import Config, default_path, load
 from .errors import GatewayError, InvalidRequest
+from .gateway import Gateway
 from .policy import map_exception
 from .seed import (
     LLMError,
@@ -86,23 +87,48 @@ class LLMRouter:
     Close it with `close()` / `await aclose()` (also done at interpreter exit).
     """
 
-    def __init__(self, config: Config | str | os.PathLike[str] | None = None) -> None:
+    def __init__(
+        self, config: Config | str | os.PathLike[str] | None = None, *, watch: bool = True
+    ) -> None:
         if not isinstance(config, Config):
             config = load(config if config is not None else default_path())
-        self.config = config
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="omnimind-router", daemon=True
         )
         self._thread.start()
-        engine: list[Engine] = []  # filled on the loop, so the engine and its sessions live there
-        self._closer = weakref.finalize(self, _shutdown, self._loop, self._thread, engine)
+        # Made on the loop, so the engine and its sessions live there.
+        gateway: list[Gateway] = []
+        self._closer = weakref.finalize(self, _shutdown, self._loop, self._thread, gateway)
         try:
-            engine.append(self._call(_call_on_loop(lambda: Engine(config))))
+            gateway.append(self._call(_start(config, watch)))
         except BaseException:
             self._closer()
             raise
-        self._engine = engine[0]
+        self._gateway = gateway[0]
+
+    @property
+    def config(self) -> Config:
+        """The config now in use (a reload replaces it)."""
+        return self._gateway.config
+
+    @property
+    def _engine(self) -> Engine:
+        return self._gateway.engine
+
+    def reload(self) -> bool:
+        """Read models.yaml again and swap it in, as the server does on SIGHUP.
+
+        Providers whose config did not change keep their pools, breakers and queues;
+        requests in flight finish on the old config. False, with one log line, if the file
+        is invalid: the old config keeps serving. With `watch` (the default) this happens
+        by itself within about a second of the file changing.
+        """
+        return self._call(self._gateway.reload())
+
+    async def areload(self) -> bool:
+        """`reload()` without blocking the calling loop."""
+        return await self._hop(self._gateway.reload())
 
     @property
     def closed(self) -> bool:
@@ -330,7 +356,14 @@ def _request_id() -> str:
     return f"py-{uuid.uuid4().hex}"
 
 
-async def _wind_down(engine: list[Engine]) -> None:
+async def _start(config: Config, watch: bool) -> Gateway:
+    gateway = Gateway(config, audit=False)
+    if watch:
+        await gateway.start(freeze=False)  # the file watcher; SIGHUP is the server's
+    return gateway
+
+
+async def _wind_down(gateway: list[Gateway]) -> None:
     """On the router's loop: cancel its requests, close open streams, close providers."""
     current = asyncio.current_task()
     tasks = [t for t in asyncio.all_tasks() if t is not current]
@@ -338,17 +371,17 @@ async def _wind_down(engine: list[Engine]) -> None:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     await asyncio.get_running_loop().shutdown_asyncgens()
-    if engine:
-        await engine[0].aclose()
+    if gateway:
+        await gateway[0].aclose()
 
 
 def _shutdown(
-    loop: asyncio.AbstractEventLoop, thread: threading.Thread, engine: list[Engine]
+    loop: asyncio.AbstractEventLoop, thread: threading.Thread, gateway: list[Gateway]
 ) -> None:
     """The router's finalizer: runs once, from close() or at interpreter exit."""
     try:
         if loop.is_running():
-            asyncio.run_coroutine_threadsafe(_wind_down(engine), loop).result(_CLOSE_TIMEOUT)
+            asyncio.run_coroutine_threadsafe(_wind_down(gateway), loop).result(_CLOSE_TIMEOUT)
     except (concurrent.futures.TimeoutError, RuntimeError):
         pass  # stopping the loop below is all that is left to do
     finally:
@@ -370,7 +403,8 @@ def get_llm_router(config_path: str | os.PathLike[str] | None = None) -> LLMRout
     Keyed by the file's absolute path; None means `default_path()` ($OMNIMIND_CONFIG, else
     ./models.yaml), the file the server reads. Every caller and thread gets the same router
     (one engine, one set of connection pools and breakers). A router that was closed is
-    replaced by a fresh one on the next call. The file is read once: edits need a new router.
+    replaced by a fresh one on the next call. Edits to the file are picked up as the server
+    picks them up (a file watcher; or call `reload()`).
     """
     path = os.path.abspath(os.fspath(config_path if config_path is not None else default_path()))
     with _routers_lock:

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import subprocess
 import sys
 import textwrap
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -396,3 +398,35 @@ def test_the_seeds_example_runs_unchanged(tmp_path: Path, fake_url: str) -> None
         "True True echo: Hello",
     ]
     assert done.stderr == ""  # no warning, no unclosed session at interpreter exit
+
+
+def test_router_follows_edits_to_models_yaml(
+    tmp_path: Path, fake_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Retiering is editing models.yaml, for the in-process router as for the server."""
+    path = tmp_path / "models.yaml"
+    path.write_text(textwrap.dedent(_config(fake_url)), encoding="utf-8")
+    with LLMRouter(path) as router:
+        assert router.invoke_sync("hi", tier="omnimind-hq").provider == "openrouter"
+        # the watcher: hq now starts with huggingface, and a new alias appears
+        edited = _config(fake_url).replace(
+            "  omnimind-hq:\n    - {provider: openrouter, model: echo}\n",
+            "  omnimind-hq:\n    - {provider: huggingface, model: echo}\n"
+            "  added:\n    - {provider: openrouter, model: echo}\n",
+        )
+        path.write_text(textwrap.dedent(edited), encoding="utf-8")
+        deadline = time.monotonic() + 5
+        while "added" not in router.config.models and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "added" in router.config.models
+        assert router.invoke_sync("hi", tier="omnimind-hq").provider == "huggingface"
+        assert router.invoke_sync("hi", tier="added").success
+        # an invalid edit: rejected, the last good config keeps serving
+        caplog.set_level(logging.ERROR, logger="omnimind.gateway")
+        path.write_text("providers: {x: {type: nope}}\nmodels: {}\n", encoding="utf-8")
+        assert not router.reload()
+        assert any("reload rejected" in r.getMessage() for r in caplog.records)
+        assert router.invoke_sync("hi", tier="added").success
+        # explicitly, without waiting for the watcher
+        path.write_text(textwrap.dedent(_config(fake_url)), encoding="utf-8")
+        assert router.reload() and "added" not in router.config.models
