@@ -188,7 +188,8 @@ class _RowsEnded(StoppingCriteria):
 
 
 def _run_many(loaded: LoadedModel, batch: list[Job]) -> None:
-    prompts = [encode_prompt(loaded, job.params.messages)["input_ids"][0] for job in batch]
+    # built on the CPU, moved to the model's device once
+    prompts = [encode_prompt(loaded, j.params.messages)["input_ids"][0].cpu() for j in batch]
     width = max(len(p) for p in prompts)
     pad = loaded.pad_id if loaded.pad_id is not None else loaded.eos_ids[0]
     ids = torch.full((len(batch), width), pad, dtype=torch.long)
