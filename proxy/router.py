@@ -55,6 +55,7 @@ from .seed import (
     delta_text,
     failed,
 )
+from .streaming import close_stream
 from .wire import ChatRequest, encode
 
 T = TypeVar("T")
@@ -68,12 +69,6 @@ async def _next(chunks: AsyncIterator[bytes]) -> bytes | None:
         return await anext(chunks)
     except StopAsyncIteration:
         return None
-
-
-async def _close(chunks: AsyncIterator[bytes]) -> None:
-    aclose = getattr(chunks, "aclose", None)
-    if aclose is not None:
-        await aclose()
 
 
 async def _call_on_loop(fn: Callable[[], T]) -> T:
@@ -225,7 +220,7 @@ class LLMRouter:
             ) from None  # fmt: skip
         finally:
             if not finished and not self.closed:
-                await self._hop(_close(chunks))
+                await self._hop(close_stream(chunks))
 
     def _prepare(
         self,

@@ -36,7 +36,7 @@ async def iter_sse(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
         if b"\r" in buf:
             if buf[-1:] == b"\r":
                 buf, held = buf[:-1], b"\r"
-            buf = buf.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+            buf = _lf(buf)
         if b"\n\n" not in buf:
             if len(buf) > MAX_EVENT:
                 raise UpstreamError("bad_response", "upstream event exceeds the size limit")
@@ -52,9 +52,14 @@ async def iter_sse(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
                 if data is not None:
                     yield data
     if buf:
-        data = _data(buf.replace(b"\r\n", b"\n").replace(b"\r", b"\n"))
+        data = _data(_lf(buf))
         if data is not None:
             yield data
+
+
+def _lf(text: bytes) -> bytes:
+    """CRLF and lone CR line ends as LF."""
+    return text.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
 
 
 def _data(event: bytes) -> bytes | None:
