@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import msgspec
 
+from .embeddings import decode_body
 from .errors import InvalidRequest, UpstreamError
 from .wire import Usage, encode
 
@@ -80,16 +81,7 @@ _body_decoder = msgspec.json.Decoder(CompletionBody)
 
 def parse_completion_request(raw: bytes) -> CompletionRequest:
     """The request checked as OpenAI checks it; anything malformed raises `InvalidRequest`."""
-    try:
-        body = _body_decoder.decode(raw)
-    except msgspec.ValidationError as exc:
-        what, _, where = str(exc).rpartition(" - at ")
-        param = where.strip("`").removeprefix("$").lstrip(".") or None
-        raise InvalidRequest(f"Invalid request: {what or exc}", param=param) from None
-    except msgspec.DecodeError:
-        raise InvalidRequest(
-            "We could not parse the JSON body of your request. The body must be a JSON object."
-        ) from None
+    body = decode_body(_body_decoder, raw)
     _check_range(body.max_tokens, "max_tokens", 0, None)
     _check_range(body.temperature, "temperature", 0, 2)
     _check_range(body.top_p, "top_p", 0, 1)

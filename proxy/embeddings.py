@@ -60,16 +60,7 @@ _body_decoder = msgspec.json.Decoder(EmbeddingBody)
 
 def parse_embedding_request(raw: bytes) -> EmbeddingRequest:
     """The request checked as OpenAI checks it; anything malformed raises `InvalidRequest`."""
-    try:
-        body = _body_decoder.decode(raw)
-    except msgspec.ValidationError as exc:
-        what, _, where = str(exc).rpartition(" - at ")
-        param = where.strip("`").removeprefix("$").lstrip(".") or None
-        raise InvalidRequest(f"Invalid request: {what or exc}", param=param) from None
-    except msgspec.DecodeError:
-        raise InvalidRequest(
-            "We could not parse the JSON body of your request. The body must be a JSON object."
-        ) from None
+    body = decode_body(_body_decoder, raw)
     if body.dimensions is not None and body.dimensions < 1:
         raise InvalidRequest("'dimensions' must be at least 1.", param="dimensions")
     texts, tokens = embedding_inputs(body.input)
@@ -80,6 +71,25 @@ def parse_embedding_request(raw: bytes) -> EmbeddingRequest:
         encoding_format=body.encoding_format or "float",
         dimensions=body.dimensions,
     )
+
+
+def decode_body(decoder: msgspec.json.Decoder[Any], raw: bytes) -> Any:
+    """A body decoded into its Struct; a wrong or missing field is a 400 naming it."""
+    try:
+        return decoder.decode(raw)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        what, at, where = text.partition(" - at ")
+        param = where.strip("`").removeprefix("$").lstrip(".") or None if at else None
+        missing = text.partition("missing required field `")[2].partition("`")[0]
+        if missing:
+            param = f"{param}.{missing}" if param else missing
+            raise InvalidRequest(f"Missing required parameter: '{param}'.", param=param) from None
+        raise InvalidRequest(f"Invalid request: {what or text}", param=param) from None
+    except msgspec.DecodeError:
+        raise InvalidRequest(
+            "We could not parse the JSON body of your request. The body must be a JSON object."
+        ) from None
 
 
 def embedding_inputs(value: Any) -> tuple[list[str] | None, list[list[int]] | None]:

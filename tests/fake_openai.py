@@ -28,12 +28,23 @@ Routes: `POST /{tag}/v1/chat/completions`, where `tag` names the configured prov
                          `response_format` json_schema, filled with canned values (city
                          Paris, country France, ...); without a schema {"city": "Paris",
                          "country": "France"}
+
+`POST /{tag}/v1/completions` (legacy text completions) answers "echo: <prompt>" as a
+`text_completion` (streamed word by word, `echo` and `include_usage` honoured; several
+prompts give one choice each) and `POST /{tag}/v1/embeddings` one unit vector per input
+(8 numbers, or `dimensions`; `base64` as OpenAI encodes it; token arrays accepted).
+Both share status-<code>, hang, slow-<ms>, bad-json, reset and (completions) reset-mid,
+no-done and error-mid with the chat route.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import json
+import math
+import struct
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,6 +68,8 @@ class FakeOpenAI:
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/{tag}/v1/chat/completions", self.chat)
+        app.router.add_post("/{tag}/v1/completions", self.completions)
+        app.router.add_post("/{tag}/v1/embeddings", self.embeddings)
         app.router.add_get("/{tag}/v1/models", self.models)
         return app
 
@@ -79,24 +92,91 @@ class FakeOpenAI:
         finally:
             self.active -= 1
 
+    async def _record(self, request: web.Request) -> tuple[dict[str, Any], str]:
+        body = await request.json()
+        model = body.get("model", "")
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        self.seen.append(Seen(request.match_info["tag"], model, headers, body))
+        return body, model
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        body, model = await self._record(request)
+        failed = await self._fail(request, model)
+        if failed is not None:
+            return failed
+        stream = bool(body.get("stream"))
+        if model == "bad-json":
+            if stream:
+                return await self._sse(request, [b"{not json"], done=True)
+            return web.Response(body=b"{not json", content_type="application/json")
+        prompts = body.get("prompt")
+        prompts = (
+            prompts
+            if isinstance(prompts, list) and isinstance(prompts[0], str)
+            else [prompts if isinstance(prompts, str) else f"<{len(prompts)} tokens>"]
+        )
+        texts = [("" if not body.get("echo") else p) + "echo: " + p for p in prompts]
+        if not stream:
+            return web.json_response(_text_completion(model, texts, body))
+        words = texts[0].split(" ")
+        chunks = [_text_chunk(model, w if i == 0 else " " + w) for i, w in enumerate(words)]
+        chunks.append(_text_chunk(model, "", "stop"))
+        if (body.get("stream_options") or {}).get("include_usage"):
+            usage = _text_completion(model, texts, body)["usage"]
+            chunks.append({**_text_chunk(model, ""), "choices": [], "usage": usage})
+        data = [json.dumps(c).encode() for c in chunks]
+        if model == "reset-mid":
+            return await self._sse(request, data[:2], done=False, abort=True)
+        if model == "no-done":
+            return await self._sse(request, data, done=False)
+        if model == "error-mid":
+            return await self._sse(request, data[:2] + [_error_event()], done=False)
+        return await self._sse(request, data, done=True)
+
+    async def embeddings(self, request: web.Request) -> web.StreamResponse:
+        body, model = await self._record(request)
+        failed = await self._fail(request, model)
+        if failed is not None:
+            return failed
+        if model == "bad-json":
+            return web.Response(body=b"{not json", content_type="application/json")
+        inputs = body["input"]
+        if isinstance(inputs, str) or (inputs and isinstance(inputs[0], int)):
+            inputs = [inputs]
+        size = int(body.get("dimensions") or 8)
+        data = []
+        for i, item in enumerate(inputs):
+            vector = fake_vector(item if isinstance(item, str) else json.dumps(item), size)
+            value: Any = vector
+            if body.get("encoding_format") == "base64":
+                value = base64.b64encode(struct.pack(f"<{size}f", *vector)).decode()
+            data.append({"object": "embedding", "index": i, "embedding": value})
+        tokens = sum(len(x.split()) if isinstance(x, str) else len(x) for x in inputs)
+        usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+        return web.json_response({"object": "list", "data": data, "model": model, "usage": usage})
+
+    async def _fail(self, request: web.Request, model: str) -> web.StreamResponse | None:
+        """The behaviours every route shares: errors, hangs, delays, resets."""
+        _, _, arg = model.partition("-")
+        if model.startswith("status-"):
+            return _status(request, int(arg))
+        if model == "hang":
+            await asyncio.sleep(3600)
+        if model.startswith("slow-") and not model.startswith("slow-first-"):
+            await asyncio.sleep(int(arg) / 1000)
+        if model == "reset":
+            assert request.transport is not None
+            request.transport.abort()
+            await asyncio.sleep(1)
+        return None
+
     async def _behave(
         self, request: web.Request, body: dict[str, Any], model: str
     ) -> web.StreamResponse:
         stream = bool(body.get("stream"))
         kind, _, arg = model.partition("-")
         if model.startswith("status-"):
-            status = int(arg)
-            headers = {"Retry-After": "7"} if status == 429 else {}
-            message = f"fake upstream says {status}"
-            if status == 401:  # like OpenAI, echo the credential it got
-                message += f": incorrect key {request.headers.get('Authorization', '')}"
-            error = {
-                "message": message,
-                "type": "fake",
-                "param": None,
-                "code": f"fake_{status}",
-            }
-            return web.json_response({"error": error}, status=status, headers=headers)
+            return _status(request, int(arg))
         if model == "hang":
             await asyncio.sleep(3600)
         if model.startswith("slow-") and not model.startswith("slow-first-"):
@@ -233,6 +313,54 @@ class FakeOpenAI:
             _chunk(body["model"], {}, "tool_calls"),
         ]
         return await self._sse(request, [json.dumps(c).encode() for c in chunks], done=True)
+
+
+def _status(request: web.Request, status: int) -> web.Response:
+    headers = {"Retry-After": "7"} if status == 429 else {}
+    message = f"fake upstream says {status}"
+    if status == 401:  # like OpenAI, echo the credential it got
+        message += f": incorrect key {request.headers.get('Authorization', '')}"
+    error = {"message": message, "type": "fake", "param": None, "code": f"fake_{status}"}
+    return web.json_response({"error": error}, status=status, headers=headers)
+
+
+def fake_vector(text: str, size: int = 8) -> list[float]:
+    """The fake's embedding of a text: a unit vector that depends only on the text."""
+    seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
+    raw = [((seed >> (i % 64)) & 0xFF) - 127.5 + i for i in range(size)]
+    norm = math.sqrt(sum(x * x for x in raw))
+    return [x / norm for x in raw]
+
+
+def _text_completion(model: str, texts: list[str], body: dict[str, Any]) -> dict[str, Any]:
+    prompts = body.get("prompt")
+    prompt = len(str(prompts).split())
+    completion = sum(len(t.split()) for t in texts)
+    return {
+        "id": "cmpl-fake",
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {"text": t, "index": i, "logprobs": None, "finish_reason": "stop"}
+            for i, t in enumerate(texts)
+        ],
+        "usage": {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        },
+    }
+
+
+def _text_chunk(model: str, text: str, finish: str | None = None) -> dict[str, Any]:
+    return {
+        "id": "cmpl-fake",
+        "object": "text_completion",
+        "created": int(time.time()),
+        "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}],
+        "model": model,
+    }
 
 
 def _last_user_text(body: dict[str, Any]) -> str:

@@ -79,6 +79,7 @@ class EmbeddingModel:
     recipe: Recipe
     device: str
     dimensions: int
+    specials: tuple[list[int], list[int]]  # what the tokenizer puts before and after a text
     executor: concurrent.futures.ThreadPoolExecutor = field(
         default_factory=lambda: concurrent.futures.ThreadPoolExecutor(1, "omnimind-embed")
     )
@@ -103,7 +104,8 @@ class EmbeddingModel:
                         f"input[{i}] holds a token id over this model's vocabulary ({vocab})",
                         param="input",
                     )
-            ids = [tok.build_inputs_with_special_tokens(row) for row in tokens or []]
+            head, tail = self.specials
+            ids = [head + row + tail for row in tokens or []]
         for i, row in enumerate(ids):
             if len(row) > window:
                 if not truncate:
@@ -226,7 +228,17 @@ def load_embedding_model(model: str, device: str, dtype: str, token: str | None)
         model, time.perf_counter() - started, where, dimensions, recipe.pooling,
         ", normalised" if recipe.normalize else "", recipe.window,
     )  # fmt: skip
-    return EmbeddingModel(loaded, tokenizer, recipe, where, dimensions)
+    return EmbeddingModel(loaded, tokenizer, recipe, where, dimensions, _specials(tokenizer))
+
+
+def _specials(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """The special ids the tokenizer adds before and after a text ([CLS] / [SEP] for BERT)."""
+    bare = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    for start in range(len(full) - len(bare) + 1):
+        if full[start : start + len(bare)] == bare:
+            return full[:start], full[start + len(bare) :]
+    return [], []
 
 
 @dataclass(slots=True)
