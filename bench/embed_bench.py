@@ -14,6 +14,8 @@ mean pooling, normalised, window 256):
 
 The two run in alternating rounds (direct, gateway, direct, ...) so drift on a shared
 machine hits both; inputs/s are medians over rounds and the ratio is gateway / direct.
+Both use the same number of torch threads (`--threads`; on a machine whose cores are
+busy with other work, 1 thread is far faster than torch's default, which spins).
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
 
 from bench.procs import PY, free_port, start  # noqa: E402
 from proxy.providers.hf_embed import EmbeddingModel, load_embedding_model  # noqa: E402
@@ -105,7 +109,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--inputs", type=int, default=64, help="inputs per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch CPU threads on both paths (0: torch's)"
+    )
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
 
     texts = sentences(args.inputs)
     model = load_embedding_model(args.model, args.device, "auto", None)
@@ -115,12 +125,14 @@ def main(argv: list[str] | None = None) -> int:
     port = free_port()
     argv_ = [PY, "-m", "proxy", "serve", "--config", str(config), "--port", str(port),
              "--log-level", "warning"]  # fmt: skip
-    server = start("gateway", argv_, port, workdir, health="/health", timeout=120)
+    env = {"OMP_NUM_THREADS": str(threads)}  # the same thread count on both paths
+    server = start("gateway", argv_, port, workdir, env=env, health="/health", timeout=120)
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
     try:
         gateway_round(conn, [texts[:2]])  # the gateway loads its model on first use
         direct_round(model, [texts[:2]])
-        print(f"all-MiniLM-L6-v2 on {args.device}, {args.inputs} inputs per round, "
+        print(f"all-MiniLM-L6-v2 on {args.device} ({threads} torch threads), "
+              f"{args.inputs} inputs per round, "
               f"{args.rounds} rounds, python {sys.version.split()[0]}\n")  # fmt: skip
         print("| inputs per request | direct inputs/s | gateway inputs/s | gateway / direct |")
         print("| ---: | ---: | ---: | ---: |")
