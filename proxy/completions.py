@@ -23,7 +23,10 @@ import msgspec
 
 from .embeddings import decode_body
 from .errors import InvalidRequest, UpstreamError
-from .wire import Usage, encode
+from .pipeline import Context, Reply
+from .providers import Op
+from .routes_chat import serve
+from .wire import ApiRequest, Usage, encode
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_PROMPTS = 2048
@@ -145,6 +148,24 @@ def _bad_prompt(message: str) -> InvalidRequest:
     return InvalidRequest(message, param="prompt", code="invalid_value")
 
 
+class CompletionApiRequest(ApiRequest):
+    """`POST /v1/completions`: the body checked once, when the request is built."""
+
+    __slots__ = ("checked",)
+    required = "prompt"
+
+    def check(self) -> None:
+        super().check()
+        self.checked = parse_completion_request(self.raw)
+
+
+def completion_request(request: ApiRequest) -> CompletionRequest:
+    """The checked completion request an adapter serves (checked here if it was not yet)."""
+    if isinstance(request, CompletionApiRequest):
+        return request.checked
+    return parse_completion_request(request.raw)
+
+
 # ---- what a translating adapter serves -------------------------------------------------------
 
 
@@ -264,3 +285,11 @@ class TextAnswer:
 
 def finish_reason(reason: str | None) -> FinishReason:
     return "length" if reason == "length" else "stop"
+
+
+# ---- the route ---------------------------------------------------------------------------------
+
+
+async def route(ctx: Context) -> Reply:
+    """`POST /v1/completions`: served from the alias's chain like chat, streamed or not."""
+    return await serve(ctx, CompletionApiRequest(ctx.body), Op.COMPLETION)

@@ -25,6 +25,10 @@ from typing import Any, Literal
 import msgspec
 
 from .errors import InvalidRequest
+from .pipeline import Context, JsonReply, Reply
+from .providers import Op
+from .routes_chat import answer_headers, info
+from .wire import ApiRequest
 
 MAX_INPUTS = 2048  # OpenAI's limit on the number of inputs in one request
 
@@ -136,6 +140,24 @@ def _bad_input(message: str) -> InvalidRequest:
     return InvalidRequest(message, param="input", code="invalid_value")
 
 
+class EmbeddingApiRequest(ApiRequest):
+    """`POST /v1/embeddings`: the body checked once, when the request is built."""
+
+    __slots__ = ("checked",)
+    required = "input"
+
+    def check(self) -> None:
+        super().check()
+        self.checked = parse_embedding_request(self.raw)
+
+
+def embedding_request(request: ApiRequest) -> EmbeddingRequest:
+    """The checked embedding request an adapter serves (checked here if it was not yet)."""
+    if isinstance(request, EmbeddingApiRequest):
+        return request.checked
+    return parse_embedding_request(request.raw)
+
+
 # ---- answers -----------------------------------------------------------------------------------
 
 
@@ -178,3 +200,13 @@ def embedding_list(
         data = [EmbeddingItem(index=i, embedding=list(v)) for i, v in enumerate(vectors)]
     usage = EmbeddingUsage(prompt_tokens=prompt_tokens, total_tokens=prompt_tokens)
     return EmbeddingList(data=data, model=model, usage=usage)
+
+
+# ---- the route ---------------------------------------------------------------------------------
+
+
+async def route(ctx: Context) -> Reply:
+    """`POST /v1/embeddings`: one answer from the alias's chain (embeddings never stream)."""
+    request = EmbeddingApiRequest(ctx.body)
+    answer = await ctx.gateway.engine.complete(request, Op.EMBEDDING, info(ctx))
+    return JsonReply(answer.body, answer_headers(answer))

@@ -19,7 +19,7 @@ from proxy.completions import (
     parse_completion_request,
     translatable,
 )
-from proxy.config import Entry, OllamaSpec
+from proxy.config import Entry
 from proxy.errors import InvalidRequest, UpstreamError
 from proxy.providers.ollama_ops import OllamaOps
 
@@ -171,8 +171,7 @@ def _entry(model: str) -> Entry:
 
 
 def _ops(url: str, session: aiohttp.ClientSession) -> OllamaOps:
-    spec = OllamaSpec(base_url=url, options={"num_ctx": 2048}, keep_alive="5m")
-    return OllamaOps(spec, {"Authorization": "Bearer k"}, lambda: session)
+    return OllamaOps(url, {"Authorization": "Bearer k"}, {"num_ctx": 2048}, "5m", lambda: session)
 
 
 async def test_ollama_raw_completion(emulator: tuple[FakeOllama, str]) -> None:

@@ -15,7 +15,7 @@ import httpx
 import ollama
 import pytest
 
-from proxy.config import Entry, OllamaSpec
+from proxy.config import Entry
 from proxy.embeddings import MAX_INPUTS, parse_embedding_request
 from proxy.errors import InvalidRequest, UpstreamError
 
@@ -139,7 +139,7 @@ async def _ollama_embed(url: str, request: Any, model: str = "embed", truncate: 
     from proxy.providers.ollama_ops import OllamaOps
 
     async with aiohttp.ClientSession() as session:
-        ops = OllamaOps(OllamaSpec(base_url=url, keep_alive="5m"), {}, lambda: session)
+        ops = OllamaOps(url, {}, {}, "5m", lambda: session)
         return await ops.embed(request, _entry(model), truncate)
 
 
@@ -169,7 +169,7 @@ async def test_ollama_embedding_refusals(emulator: tuple[FakeOllama, str]) -> No
     long = " ".join(["word"] * (EMBED_WINDOW + 1))
     with pytest.raises(UpstreamError) as err:
         await _ollama_embed(url, _request(input=long))
-    assert err.value.reason == "client_error" and "context length" in err.value.message
+    assert err.value.reason == "context_too_long" and "context length" in err.value.message
     cut = await _ollama_embed(url, _request(input=long), truncate=True)
     assert json.loads(cut.body)["usage"]["prompt_tokens"] == EMBED_WINDOW
     with pytest.raises(UpstreamError) as err:

@@ -12,15 +12,12 @@ those and run `AutoModel` + that pooling ourselves: the vectors are bit-identica
 scikit-learn and scipy (+209 MB installed). A folder without them gets mean pooling,
 unit-normalised, and the tokenizer's window.
 
-Loading. The first request for a model starts one loader thread; every caller awaits the
-same `concurrent.futures.Future`, so a model loads once and the event loop never blocks.
-A failed load answers `unavailable` for `RETRY_LOAD_AFTER` seconds, then is retried.
-
-Running. One request's inputs are tokenized and embedded on the model's worker thread
-(one forward at a time per model), sorted by length and cut into batches of `BATCH` so
-padding stays small; vectors come back in the client's order. Token-id inputs are fed
-as they are (the model's special tokens added around them). `usage.prompt_tokens` counts
-the tokens the model saw, special tokens included.
+Loading is once per model on a loader thread whose future every caller awaits (as in
+`hf_provider`); a failed load answers `unavailable` for `RETRY_LOAD_AFTER` seconds. One
+request's inputs are tokenized and embedded on the model's own worker thread, sorted by
+length in batches of `BATCH` (little padding), returned in the client's order. Token ids
+are fed as they are, between the model's special tokens; `usage.prompt_tokens` counts
+every token the model saw.
 
 Refusals. An input over the window is `context_too_long` unless the entry says
 `truncate`; `dimensions` other than the model's own is `unsupported` unless the entry
@@ -34,9 +31,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
+import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,10 +42,13 @@ from typing import Any
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from ..embeddings import EmbeddingRequest, embedding_list
-from ..errors import UpstreamError
-from ..wire import encode
-from .base import Completion
+from ..config import Entry, ProviderConfig
+from ..embeddings import EmbeddingRequest, embedding_list, embedding_request
+from ..errors import InvalidRequest, UpstreamError
+from ..policy import client_error
+from ..reasons import Reason
+from ..wire import Usage, encode
+from .base import Call, Completion, Op
 from .hf_weights import LoadError, describe, log, resolve_device, resolve_dtype, resolve_source
 
 RETRY_LOAD_AFTER = 60.0
@@ -162,7 +163,7 @@ def read_recipe(folder: Path, tokenizer: Any, config: Any) -> Recipe:
     """Pooling, normalisation and window from a sentence-transformers folder's own files."""
     pooling, normalize = "mean", True  # a plain transformers folder
     window = int(min(tokenizer.model_max_length, getattr(config, "max_position_embeddings", 512)))
-    modules_file = folder / "modules.json"
+    modules_file = folder / "modules.json"  # a hub id is no folder: the defaults
     if modules_file.is_file():
         modules = json.loads(modules_file.read_text(encoding="utf-8"))
         kinds = {str(m.get("type", "")).rsplit(".", 1)[-1]: m for m in modules}
@@ -219,9 +220,7 @@ def load_embedding_model(model: str, device: str, dtype: str, token: str | None)
     loaded: Any = AutoModel.from_pretrained(source, dtype=torch_dtype, **kwargs)
     loaded.to(where)
     loaded.eval()
-    folder = Path(source)
-    recipe = read_recipe(folder, tokenizer, loaded.config) if folder.is_dir() else None
-    recipe = recipe or Recipe("mean", True, int(min(tokenizer.model_max_length, 512)))
+    recipe = read_recipe(Path(source), tokenizer, loaded.config)
     dimensions = int(loaded.config.hidden_size)
     log.info(
         "loaded embedding model %s in %.1f s on %s: %d dimensions, %s pooling%s, window %d",
@@ -250,14 +249,11 @@ class _Slot:
         return self.failed_at is not None and time.monotonic() - self.failed_at > RETRY_LOAD_AFTER
 
 
-Loader = Callable[[str], EmbeddingModel]
-
-
 class LocalEmbedder:
     """Embedding models of one provider: loaded once each, run on their own threads."""
 
     def __init__(self, device: str, dtype: str, token: str | None = None) -> None:
-        self._load: Loader = lambda model: load_embedding_model(model, device, dtype, token)
+        self._where = (device, dtype, token)
         self._slots: dict[str, _Slot] = {}
         self._lock = threading.Lock()
         self._closed = False
@@ -290,7 +286,14 @@ class LocalEmbedder:
                 vectors = torch.nn.functional.normalize(vectors, p=2, dim=1)
         prompt_tokens = sum(len(row) for row in ids)
         answer = embedding_list(vectors.tolist(), model, prompt_tokens, request.encoding_format)
-        return Completion(encode(answer), None)
+        usage = Usage(prompt_tokens=prompt_tokens, total_tokens=prompt_tokens)
+        return Completion(encode(answer), usage)
+
+    def ready(self) -> bool:
+        """Every model asked for so far is loaded (none is loading or failed)."""
+        with self._lock:
+            slots = list(self._slots.values())
+        return all(s.future.done() and s.future.exception() is None for s in slots)
 
     def _slot(self, model: str) -> _Slot:
         with self._lock:
@@ -306,7 +309,7 @@ class LocalEmbedder:
 
     def _load_into(self, model: str, slot: _Slot) -> None:
         try:
-            loaded = self._load(model)
+            loaded = load_embedding_model(model, *self._where)
         except Exception as exc:  # noqa: BLE001 - any failure makes the model unavailable
             message = f"cannot load embedding model {model}: {describe(exc)}"
             log.error("%s", message)
@@ -322,6 +325,56 @@ class LocalEmbedder:
         for slot in slots:
             if slot.future.done() and slot.future.exception() is None:
                 slot.future.result().executor.shutdown(wait=False, cancel_futures=True)
+
+
+class LocalAdapter:
+    """The `huggingface` provider: embeddings served here, chat (and raw completions, where
+    the generating adapter declares `Op.COMPLETION` in its `ops`) by the generating one."""
+
+    def __init__(self, generating: Any, config: ProviderConfig) -> None:
+        spec = config.spec
+        self.name = config.name
+        self._generating = generating
+        token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
+        self._embedder = LocalEmbedder(spec.device, spec.dtype, token)
+        self._ops: frozenset[Op] = getattr(generating, "ops", frozenset({Op.CHAT}))
+
+    def preload(self, entries: Iterable[Entry]) -> None:
+        entries = list(entries)
+        for entry in entries:
+            if entry.kind == "embedding":
+                self._embedder.preload(entry.model)
+        self._generating.preload([e for e in entries if e.kind != "embedding"])
+
+    def ready(self) -> bool:
+        return bool(self._generating.ready()) and self._embedder.ready()
+
+    async def complete(self, call: Call) -> Completion:
+        if call.op is Op.EMBEDDING:
+            try:
+                checked = embedding_request(call.request)
+            except InvalidRequest as exc:
+                raise client_error(exc.message, exc.param) from None
+            options = EmbedOptions(truncate=call.entry.truncate)
+            return await self._embedder.embed(checked, call.entry.model, options)
+        self._check(call.op)
+        result: Completion = await self._generating.complete(call)
+        return result
+
+    def stream(self, call: Call) -> AsyncIterator[bytes]:
+        if call.op is Op.EMBEDDING:
+            raise UpstreamError(Reason.UNSUPPORTED, "embeddings are not streamed")
+        self._check(call.op)
+        chunks: AsyncIterator[bytes] = self._generating.stream(call)
+        return chunks
+
+    def _check(self, op: Op) -> None:
+        if op not in self._ops:
+            raise UpstreamError(Reason.UNSUPPORTED, f"local inference does not serve {op} yet")
+
+    async def aclose(self) -> None:
+        await self._embedder.aclose()
+        await self._generating.aclose()
 
 
 def _run(

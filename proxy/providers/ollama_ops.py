@@ -22,22 +22,25 @@ error line before any text falls back, after it the stream fails; a stream witho
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from contextlib import aclosing
 from typing import Any
 
 import aiohttp
 import msgspec
 
-from ..completions import RawPrompt, TextAnswer, finish_reason
-from ..config import Entry, OllamaSpec
-from ..embeddings import EmbeddingRequest, embedding_list
-from ..errors import UpstreamError
-from ..policy import retry_after, status_reason
+from ..completions import RawPrompt, TextAnswer, completion_request, finish_reason, translatable
+from ..config import Entry
+from ..embeddings import EmbeddingRequest, embedding_list, embedding_request
+from ..errors import InvalidRequest, UpstreamError
+from ..policy import client_error, status_error
+from ..reasons import Reason
 from ..wire import Usage, encode
-from .base import Completion
+from .base import Call, Completion, Op
+from .http import read_capped
 
 MAX_LINE = 16 * 1024 * 1024
+MAX_BODY = 256 * 1024 * 1024  # a whole answer: 2048 embeddings of 4096 numbers fit
 _SAMPLING = ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty")
 
 
@@ -64,19 +67,50 @@ _error = msgspec.json.Decoder(dict[str, Any])
 
 
 class OllamaOps:
-    """Embeddings and raw completions on one Ollama server (the adapter's session and headers)."""
+    """Embeddings and raw completions on one Ollama server, with the adapter's session,
+    headers and options; `ready(entry)` runs first (the adapter's pulled-model check)."""
 
     def __init__(
         self,
-        spec: OllamaSpec,
+        base_url: str,
         headers: Mapping[str, str],
+        options: Mapping[str, Any],
+        keep_alive: str | int | None,
         session: Callable[[], aiohttp.ClientSession],
+        ready: Callable[[Entry], Awaitable[None]] | None = None,
     ) -> None:
-        self._spec = spec
-        self._embed_url = f"{spec.base_url}/api/embed"
-        self._generate_url = f"{spec.base_url}/api/generate"
+        self._embed_url = f"{base_url}/api/embed"
+        self._generate_url = f"{base_url}/api/generate"
         self._headers = {"Content-Type": "application/json", **headers}
+        self._options = dict(options)
+        self._keep_alive = keep_alive
         self._session = session
+        self._ready = ready
+
+    async def complete(self, call: Call) -> Completion:
+        """An embedding list or a text completion, as `call.op` asks."""
+        try:
+            if call.op is Op.EMBEDDING:
+                checked = embedding_request(call.request)
+                return await self.embed(checked, call.entry, call.entry.truncate)
+            prompt = translatable(completion_request(call.request), "Ollama", tokens=False)
+        except InvalidRequest as exc:  # the request is wrong for every provider
+            raise client_error(exc.message, exc.param) from None
+        return await self.generate(prompt, call.entry)
+
+    async def stream(self, call: Call) -> AsyncGenerator[bytes, None]:
+        """A streamed text completion (embeddings are never streamed)."""
+        if call.op is not Op.COMPLETION:
+            raise UpstreamError(Reason.UNSUPPORTED, f"Ollama does not stream {call.op}")
+        try:
+            prompt = translatable(completion_request(call.request), "Ollama", tokens=False)
+        except InvalidRequest as exc:
+            raise client_error(exc.message, exc.param) from None
+        async with aclosing(
+            self.generate_stream(prompt, call.entry, call.request.include_usage)
+        ) as chunks:
+            async for chunk in chunks:
+                yield chunk
 
     # -- embeddings
 
@@ -86,9 +120,12 @@ class OllamaOps:
         body: dict[str, Any] = {"model": entry.model, "input": request.texts, "truncate": truncate}
         if request.dimensions is not None:
             body["dimensions"] = request.dimensions
-        self._common(body)
-        async with self._post(self._embed_url, body, entry, stream=False) as resp:
-            raw = await resp.read()
+        if self._options:
+            body["options"] = dict(self._options)
+        if self._keep_alive is not None:
+            body["keep_alive"] = self._keep_alive
+        async with await self._post(self._embed_url, body, entry, stream=False) as resp:
+            raw = await read_capped(resp, MAX_BODY)
             if resp.status != 200:
                 raise _status_error(resp.status, raw, resp.headers)
         try:
@@ -110,10 +147,9 @@ class OllamaOps:
     # -- raw completions
 
     async def generate(self, prompt: RawPrompt, entry: Entry) -> Completion:
-        async with self._post(
-            self._generate_url, self._generate_body(prompt, entry, False), entry, stream=False
-        ) as resp:
-            raw = await resp.read()
+        body = self._generate_body(prompt, entry, False)
+        async with await self._post(self._generate_url, body, entry, stream=False) as resp:
+            raw = await read_capped(resp, MAX_BODY)
             if resp.status != 200:
                 raise _status_error(resp.status, raw, resp.headers)
         line = _decode_line(raw)
@@ -121,17 +157,17 @@ class OllamaOps:
             raise UpstreamError("bad_response", "Ollama answered 200 without done: true")
         usage = _usage(line)
         text = _echo(prompt) + line.response
-        body = TextAnswer.new(entry.model).body(text, finish_reason(line.done_reason), usage)
-        return Completion(body, usage)
+        answer = TextAnswer.new(entry.model).body(text, finish_reason(line.done_reason), usage)
+        return Completion(answer, usage)
 
     async def generate_stream(
         self, prompt: RawPrompt, entry: Entry, include_usage: bool
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[bytes, None]:
         answer = TextAnswer.new(entry.model)
         body = self._generate_body(prompt, entry, True)
-        async with self._post(self._generate_url, body, entry, stream=True) as resp:
+        async with await self._post(self._generate_url, body, entry, stream=True) as resp:
             if resp.status != 200:
-                raise _status_error(resp.status, await resp.read(), resp.headers)
+                raise _status_error(resp.status, await read_capped(resp, MAX_LINE), resp.headers)
             started = False
             async with aclosing(_ndjson(resp.content)) as lines:
                 async for line in lines:
@@ -155,7 +191,7 @@ class OllamaOps:
             "raw": True,
             "stream": stream,
         }
-        options = dict(self._spec.options)
+        options = dict(self._options)
         for name in _SAMPLING:
             value = getattr(prompt, name)
             if value is not None:
@@ -164,25 +200,23 @@ class OllamaOps:
         if prompt.stops:
             options["stop"] = list(prompt.stops)
         body["options"] = options
-        if self._spec.keep_alive is not None:
-            body["keep_alive"] = self._spec.keep_alive
+        if self._keep_alive is not None:
+            body["keep_alive"] = self._keep_alive
         return body
 
-    def _common(self, body: dict[str, Any]) -> None:
-        if self._spec.options:
-            body["options"] = dict(self._spec.options)
-        if self._spec.keep_alive is not None:
-            body["keep_alive"] = self._spec.keep_alive
-
-    def _post(
+    async def _post(
         self, url: str, body: dict[str, Any], entry: Entry, stream: bool
-    ) -> Any:  # aiohttp's request context manager
+    ) -> aiohttp.ClientResponse:
+        if self._ready is not None:
+            await self._ready(entry)
         timeout = aiohttp.ClientTimeout(
             total=None,
             sock_connect=entry.connect_timeout,
             sock_read=entry.timeout if stream else None,
         )
-        return self._session().post(url, data=encode(body), headers=self._headers, timeout=timeout)
+        return await self._session().post(
+            url, data=encode(body), headers=self._headers, timeout=timeout, allow_redirects=False
+        )
 
 
 def _echo(prompt: RawPrompt) -> str:
@@ -232,9 +266,8 @@ def _error_text(error: Any) -> str:
 
 def _status_error(status: int, body: bytes, headers: Mapping[str, str]) -> UpstreamError:
     try:
-        message = _error_text(_error.decode(body).get("error", ""))
+        obj = _error.decode(body)
+        message = _error_text(obj.get("error", ""))
     except msgspec.DecodeError:
         message = body[:300].decode("utf-8", "replace").strip()
-    return UpstreamError(
-        status_reason(status), message or f"HTTP {status}", status, retry_after(headers)
-    )
+    return status_error(status, message, headers)
