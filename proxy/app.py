@@ -6,13 +6,15 @@ auth and rate limits, body limits, and errors rendered in the route's API shape.
 
 from __future__ import annotations
 
-from . import routes_chat, routes_info
+from . import completions, embeddings, routes_chat, routes_info
 from .config import Config
 from .gateway import Gateway
 from .pipeline import Pipeline, Route
 
 ROUTES: list[Route] = [
     Route("/v1/chat/completions", routes_chat.chat),
+    Route("/v1/completions", completions.route),
+    Route("/v1/embeddings", embeddings.route),
     Route("/v1/models", routes_info.list_models, "GET"),
     Route("/v1/models/", routes_info.get_model, "GET", prefix=True),
     Route("/v1/providers", routes_info.providers, "GET"),

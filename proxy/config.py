@@ -167,6 +167,7 @@ class Entry:
     context_window: int | None = None
     max_tokens: int | None = None
     truncate: bool = False
+    kind: str = "chat"  # the alias's: "chat" or "embedding"
 
     @property
     def deployment(self) -> str:
@@ -306,7 +307,8 @@ def build(spec: ConfigSpec, path: str = "models.yaml") -> Config:
         declared = value.kind if isinstance(value, AliasSpec) else None
         kinds[alias] = _kind(alias, declared, entries, path)
         models[alias] = tuple(
-            _entry(e, providers, f"models.{alias}[{i}]", path) for i, e in enumerate(entries)
+            _entry(e, providers, f"models.{alias}[{i}]", path, kinds[alias])
+            for i, e in enumerate(entries)
         )
     keys = _api_keys(spec.server, missing, path)
     return Config(
@@ -370,7 +372,9 @@ def _provider(name: str, spec: Any, missing: list[str], path: str) -> ProviderCo
     return ProviderConfig(name, spec, key, headers, unavailable, secrets)
 
 
-def _entry(e: EntrySpec, providers: dict[str, ProviderConfig], where: str, path: str) -> Entry:
+def _entry(
+    e: EntrySpec, providers: dict[str, ProviderConfig], where: str, path: str, kind: str = "chat"
+) -> Entry:
     provider = providers.get(e.provider)
     if provider is None:
         known = ", ".join(sorted(providers)) or "none"
@@ -392,6 +396,7 @@ def _entry(e: EntrySpec, providers: dict[str, ProviderConfig], where: str, path:
         context_window=e.context_window or p.context_window(e),
         max_tokens=e.max_tokens,
         truncate=e.truncate,
+        kind=kind,
     )
 
 

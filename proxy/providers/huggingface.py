@@ -45,9 +45,10 @@ class Spec(BaseProviderSpec, tag="huggingface"):
 
 
 def Adapter(config: ProviderConfig) -> Any:  # noqa: N802 - the registry's constructor name
-    from .hf_provider import HuggingFaceProvider  # torch: only when a config asks for it
+    from .hf_embed import LocalAdapter  # torch: only when a config asks for it
+    from .hf_provider import HuggingFaceProvider
 
-    return HuggingFaceProvider(config)
+    return LocalAdapter(HuggingFaceProvider(config), config)
 
 
 async def probe(config: ProviderConfig) -> Probe:

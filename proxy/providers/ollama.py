@@ -34,7 +34,7 @@ from typing import Any
 import aiohttp
 import msgspec
 
-from ..config import BaseProviderSpec, EntrySpec, ProviderConfig
+from ..config import BaseProviderSpec, Entry, EntrySpec, ProviderConfig
 from ..errors import InvalidRequest, UpstreamError
 from ..policy import client_error, status_error
 from ..reasons import Reason
@@ -52,6 +52,7 @@ from ..wire import (
 )
 from .base import Call, Completion, Op, Probe
 from .http import Listing, get_json, read_capped, session
+from .ollama_ops import OllamaOps
 from .ollama_wire import (
     Line,
     Said,
@@ -108,6 +109,14 @@ class Adapter:
         self._pulled: set[str] | None = None  # None: unknown (tags not fetched or failed)
         self._pulled_at = -TAGS_TTL
         self._tags_lock = asyncio.Lock()
+        # /api/embed and /api/generate (embeddings, legacy completions): ollama_ops.py
+        self._ops = OllamaOps(
+            spec.base_url, config.headers, spec.options, spec.keep_alive, self._client, self._ready
+        )
+
+    async def _ready(self, entry: Entry) -> None:
+        if self._spec.check_models:
+            await self._check_pulled(entry.model, entry.connect_timeout)
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -115,6 +124,8 @@ class Adapter:
         return self._session
 
     async def complete(self, call: Call) -> Completion:
+        if call.op is not Op.CHAT:
+            return await self._ops.complete(call)
         async with await self._post(call, stream=False) as resp:
             body = await read_capped(resp, MAX_BODY)
             if resp.status != 200:
@@ -145,6 +156,11 @@ class Adapter:
         return Completion(encode(answer), used)
 
     async def stream(self, call: Call) -> AsyncIterator[bytes]:
+        if call.op is not Op.CHAT:
+            async with aclosing(self._ops.stream(call)) as parts:
+                async for part in parts:
+                    yield part
+            return
         cid, created, model = completion_id(), now(), call.entry.model
 
         def chunk(delta: Delta, finish: str | None = None) -> bytes:
