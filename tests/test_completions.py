@@ -119,7 +119,11 @@ def openai_fake() -> Iterator[tuple[FakeOpenAI, str]]:
 def test_official_openai_client_completes_with_the_fake(
     openai_fake: tuple[FakeOpenAI, str],
 ) -> None:
-    client = openai.OpenAI(base_url=f"{openai_fake[1]}/up/v1", api_key="k", max_retries=0)
+    with openai.OpenAI(base_url=f"{openai_fake[1]}/up/v1", api_key="k", max_retries=0) as client:
+        _official_completions(client)
+
+
+def _official_completions(client: openai.OpenAI) -> None:
     answer = client.completions.create(model="echo", prompt="say hi")
     assert answer.choices[0].text == "echo: say hi" and answer.object == "text_completion"
     text_completion(answer.model_dump(mode="json", exclude_unset=True))
@@ -350,6 +354,10 @@ def test_failure_mid_stream_ends_with_an_error_event(gw: Any) -> None:
 def test_langchain_openai_llm(gw: Any) -> None:
     from langchain_openai import OpenAI
 
-    llm = OpenAI(base_url=f"{gw.url}/v1", api_key="k", model="ollama-first", max_retries=0)  # type: ignore[arg-type]
-    assert llm.invoke("Once upon") == "echo: Once upon"
-    assert "".join(llm.stream("Once upon")) == "echo: Once upon"
+    with httpx.Client() as http:
+        llm = OpenAI(
+            base_url=f"{gw.url}/v1", api_key="k", model="ollama-first",  # type: ignore[arg-type]
+            max_retries=0, http_client=http,
+        )  # fmt: skip
+        assert llm.invoke("Once upon") == "echo: Once upon"
+        assert "".join(llm.stream("Once upon")) == "echo: Once upon"

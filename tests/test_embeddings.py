@@ -269,14 +269,12 @@ async def test_local_model_that_is_missing_is_unavailable() -> None:
 # ---- the OpenAI fake is faithful: the official client accepts it -----------------------------
 
 
-def test_official_openai_client_embeds_with_the_fake() -> None:
+def test_official_openai_client_embeds_with_the_fake(fake_url: str) -> None:
     import openai
 
-    from .fake_openai import FakeOpenAI, fake_vector
+    from .fake_openai import fake_vector
 
-    server = AiohttpServer(FakeOpenAI().app())
-    try:
-        client = openai.OpenAI(base_url=f"{server.url}/up/v1", api_key="k", max_retries=0)
+    with openai.OpenAI(base_url=f"{fake_url}/up/v1", api_key="k", max_retries=0) as client:
         answer = client.embeddings.create(model="echo", input=["a", "b"])  # base64 by default
         assert answer.data[1].embedding == pytest.approx(fake_vector("b"), abs=1e-7)
         floats = client.embeddings.create(model="echo", input="a", encoding_format="float")
@@ -286,8 +284,6 @@ def test_official_openai_client_embeds_with_the_fake() -> None:
         assert len(sized.data[0].embedding) == 3 and sized.usage.prompt_tokens == 2
         with pytest.raises(openai.InternalServerError):
             client.embeddings.create(model="status-503", input="x")
-    finally:
-        server.close()
 
 
 # ---- through the gateway ----------------------------------------------------------------------
@@ -420,12 +416,13 @@ def test_refusals_through_the_gateway(client: Any, gw: Any) -> None:
 def test_langchain_openai_embeddings(gw: Any) -> None:
     from langchain_openai import OpenAIEmbeddings
 
-    emb = OpenAIEmbeddings(
-        base_url=f"{gw.url}/v1", api_key="k", model="emb-local",  # type: ignore[arg-type]
-        check_embedding_ctx_length=False, max_retries=0,
-    )  # fmt: skip
-    query = emb.embed_query("A kitten is resting on a rug.")
-    docs = emb.embed_documents(SENTENCES)
+    with httpx.Client() as http:
+        emb = OpenAIEmbeddings(
+            base_url=f"{gw.url}/v1", api_key="k", model="emb-local",  # type: ignore[arg-type]
+            check_embedding_ctx_length=False, max_retries=0, http_client=http,
+        )  # fmt: skip
+        query = emb.embed_query("A kitten is resting on a rug.")
+        docs = emb.embed_documents(SENTENCES)
     assert len(query) == 384 and len(docs) == 4
     assert _cosine(query, docs[2]) > 0.99 and _cosine(query, docs[1]) < 0.5
 
