@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -237,14 +238,18 @@ async def test_ollama_raw_completion_failures(emulator: tuple[FakeOllama, str]) 
 # ---- through the gateway ----------------------------------------------------------------------
 
 
-def _gateway_config(fake_url: str, ollama_url: str) -> str:
+def _gateway_config(fake_url: str, ollama_url: str, tiny: str) -> str:
     dead = f"http://127.0.0.1:{refused_port()}"
     return f"""
 providers:
   up: {{type: openai, base_url: "{fake_url}/up/v1"}}
   dead: {{type: openai, base_url: "{dead}/v1", breaker: {{failures: 1000000}}}}
   ollama: {{type: ollama, base_url: "{ollama_url}"}}
+  local: {{type: huggingface, device: cpu}}
 models:
+  local-first:
+    - {{provider: local, model: "{tiny}"}}
+    - {{provider: up, model: echo}}
   relay:
     - {{provider: dead, model: echo}}
     - {{provider: up, model: echo}}
@@ -261,8 +266,8 @@ models:
 
 
 @pytest.fixture(scope="module")
-def gw(start_gateway: Any, fake_url: str, emulator: tuple[FakeOllama, str]) -> Any:
-    return start_gateway(_gateway_config(fake_url, emulator[1]))
+def gw(start_gateway: Any, fake_url: str, emulator: tuple[FakeOllama, str], tiny_dir: Path) -> Any:
+    return start_gateway(_gateway_config(fake_url, emulator[1], str(tiny_dir)))
 
 
 @pytest.fixture
@@ -331,6 +336,22 @@ def test_length_and_usage_from_ollama(client: openai.OpenAI) -> None:
     answer = client.completions.create(model="ollama-long", prompt="a b", max_tokens=3)
     assert answer.choices[0].text == "w0 w1 w2" and answer.choices[0].finish_reason == "length"
     assert answer.usage is not None and answer.usage.completion_tokens == 3
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_local_model_serves_or_passes_on_raw_prompts(client: openai.OpenAI, stream: bool) -> None:
+    """Local inference serves raw prompts once its adapter declares `Op.COMPLETION`; until
+    then the next entry answers. Either way the client gets a text completion."""
+    raw = client.completions.with_raw_response.create(
+        model="local-first", prompt="Once upon", max_tokens=4, stream=stream
+    )
+    answer = raw.parse()
+    if stream:
+        assert [p for p in answer if p.choices]  # type: ignore[union-attr]
+    else:
+        assert answer.object == "text_completion"  # type: ignore[union-attr]
+    if raw.headers["x-omnimind-provider"] == "up":
+        assert raw.headers["x-omnimind-fallbacks"] == "local:unsupported"
 
 
 def test_bad_requests_are_400s_through_the_gateway(gw: Any) -> None:
