@@ -343,13 +343,14 @@ def test_a_local_model_serves_or_passes_on_raw_prompts(client: openai.OpenAI, st
     """Local inference serves raw prompts once its adapter declares `Op.COMPLETION`; until
     then the next entry answers. Either way the client gets a text completion."""
     raw = client.completions.with_raw_response.create(
-        model="local-first", prompt="Once upon", max_tokens=4, stream=stream
+        model="local-first", prompt="Once upon", max_tokens=4, stream=stream, echo=True
     )
     answer = raw.parse()
     if stream:
-        assert [p for p in answer if p.choices]  # type: ignore[union-attr]
+        text = "".join(p.choices[0].text for p in answer if p.choices)  # type: ignore[union-attr]
     else:
-        assert answer.object == "text_completion"  # type: ignore[union-attr]
+        text = answer.choices[0].text  # type: ignore[union-attr]
+    assert text.startswith("Once upon")  # echo: the prompt first, from either provider
     if raw.headers["x-omnimind-provider"] == "up":
         assert raw.headers["x-omnimind-fallbacks"] == "local:unsupported"
 
