@@ -311,6 +311,8 @@ models:
     chain:
       - {{provider: dead, model: echo}}
       - {{provider: up, model: echo}}
+  emb-priced:
+    - {{provider: up, model: echo, kind: embedding, input_cost_per_mtok: 2000000}}
   emb-ollama:
     kind: embedding
     chain:
@@ -360,6 +362,14 @@ def test_relayed_after_a_dead_entry(client: Any, gw: Any, fake: Any) -> None:
     body = httpx.post(f"{gw.url}/v1/embeddings", json={"model": "emb-relay", "input": "a"})
     assert body.status_code == 200
     valid(body.json())
+
+
+def test_cost_metrics_and_audit_as_for_chat(client: Any, gw: Any) -> None:
+    raw = client.embeddings.with_raw_response.create(model="emb-priced", input=["a b", "c"])
+    assert raw.parse().usage.prompt_tokens == 3
+    assert float(raw.headers["x-omnimind-cost-usd"]) == pytest.approx(6.0)  # 3 tokens x $2
+    metrics = httpx.get(f"{gw.url}/metrics").text
+    assert 'alias="emb-priced"' in metrics and "omnimind_requests_total" in metrics
 
 
 def test_ollama_embeddings_through_the_gateway(client: Any, gw: Any) -> None:
