@@ -69,7 +69,10 @@ class Walk:
                 if answer is not None or self.expired():
                     break
         if answer is None:
-            raise AllProvidersFailed(self.call.request.model, self.attempts, self.retry_after)
+            windows = [e.context_window for e in entries if e.context_window is not None]
+            raise AllProvidersFailed(
+                self.call.request.model, self.attempts, self.retry_after, max(windows, default=None)
+            )
         answer.attempts = self.attempts
         self.committed = answer
         return answer
@@ -127,15 +130,16 @@ class Walk:
                 self._failed(entry, error, _ms(started))
                 if not error.reason.falls_back:
                     raise UpstreamRejected(
-                        error.status or 400, error.message, param=error.param, code=error.code
-                    ) from None
+                        error.status or 400, error.message, param=error.param, code=error.code,
+                        attempts=self.attempts,
+                    ) from None  # fmt: skip
                 if not error.reason.retry_same:
                     return None
                 continue
             if answer.stream is None:
                 held.health.success(entry.model, answer.latency_ms)
-            else:
-                held.health.success(entry.model, None, answer.latency_ms)
+            else:  # the verdict comes when the stream ends (`_stream_closed`)
+                held.health.started(entry.model, answer.latency_ms)
             return answer
         return None
 
@@ -170,7 +174,10 @@ class Walk:
                     held.gate.release()
                     held.release()
 
-                stream = OwnedStream(first, chunks, release, self.deadline, self._stream_closed)
+                def closed(stream: OwnedStream) -> None:
+                    self._stream_closed(stream, held, entry, started)
+
+                stream = OwnedStream(first, chunks, release, self.deadline, closed)
                 committed = True
                 latency = _ms(started)
                 return Answer(entry.provider, entry.model, latency, [], stream=stream, entry=entry)
@@ -185,19 +192,24 @@ class Walk:
                 held.gate.release()
                 held.release()
 
-    def _stream_closed(self, stream: OwnedStream) -> None:
-        """A committed stream ended: its health verdict and its bookkeeping."""
-        answer = self.committed
-        if answer is None or answer.stream is not stream or answer.entry is None:
-            return  # a hedge's loser, closed before anything was served from it
-        entry = answer.entry
-        held = self.engine.pool.held.get(entry.provider)
+    def _stream_closed(self, stream: OwnedStream, held: Held, entry: Entry, started: float) -> None:
+        """A stream ended: the health verdict on its entry, and (if served) the bookkeeping.
+
+        Ended well: a success with the whole duration. Failed mid-way: a `stream_error`
+        against the deployment. Closed early (the client left, the deadline, a hedge lost):
+        no verdict, only the half-open probe slot it may hold is freed.
+        """
         error = stream.error
-        if held is not None and error is not None and error.reason is not Reason.DEADLINE:
+        if error is not None and error.reason is not Reason.DEADLINE:
             failure = UpstreamError(Reason.STREAM_ERROR, self.engine.redact(error.message))
             held.health.failure(entry.model, failure)
-        elif held is not None and stream.outcome == "ok":
-            held.health.finished(entry.model, (time.perf_counter() - self.ledger.started) * 1000)
+        elif stream.outcome == "ok":
+            held.health.success(entry.model, _ms(started))
+        else:
+            held.health.abandon(entry.model)
+        answer = self.committed
+        if answer is None or answer.stream is not stream:
+            return  # a hedge's loser, closed before anything was served from it
         stream.cost_usd = self.ledger.settle(
             self.attempts, outcome=stream.outcome, usage=stream.usage, entry=entry,
             error=f"{error.reason}: {error.message}"[:300] if error else "",
