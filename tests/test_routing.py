@@ -301,7 +301,11 @@ def test_first_token_timeout_longer_than_timeout_governs_the_first_chunk(
     text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     assert text == "echo: hello there"
     assert time.monotonic() - started > 1.4
-    assert provider_state(http, "coldstart")["errors"] == 0
+    state = provider_state(http, "coldstart")
+    assert state["errors"] == 0
+    deployment = state["deployments"]["slow-first-1500"]
+    assert deployment["ttft_ms"]["p50"] >= 1400  # two windows: first token, whole stream
+    assert deployment["latency_ms"]["p50"] >= deployment["ttft_ms"]["p50"]
 
 
 def test_failure_after_the_first_chunk_counts_against_the_deployment(http: httpx.Client) -> None:
@@ -378,7 +382,7 @@ def test_all_failed_message_carries_the_upstreams_own_words(
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_rejected_request_still_records_its_attempt(
-    client: openai.OpenAI, audit: Path, fake: FakeOpenAI, stream: bool
+    client: openai.OpenAI, http: httpx.Client, audit: Path, fake: FakeOpenAI, stream: bool
 ) -> None:
     backup_calls = len(fake.calls("backup"))
     with pytest.raises(openai.BadRequestError) as err:
@@ -392,6 +396,8 @@ def test_rejected_request_still_records_its_attempt(
     assert [(a["provider"], a["reason"], a["status"]) for a in line["attempts"]] == [
         ("rejecting", "client_error", 400)
     ]
+    labels = {"alias": "rejecting", "provider": "rejecting", "reason": "client_error"}
+    assert (metric(http, "omnimind_fallbacks_total", **labels) or 0) >= 1
 
 
 def test_python_api_attempts_status_and_latency(fake_url: str, tmp_path: Path) -> None:

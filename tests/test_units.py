@@ -13,11 +13,12 @@ import pytest
 
 import proxy.reasons
 from proxy.accounting import MAX_TOKENS, clamp
-from proxy.config import BreakerSpec, build, parse
+from proxy.config import BreakerSpec, Entry, build, parse
 from proxy.errors import EXCERPT, AllProvidersFailed, Attempt, UpstreamError, excerpt
 from proxy.health import Health, ProviderHealth, Ticket
 from proxy.limits import Gate
 from proxy.policy import MAX_RETRY_AFTER, retry_after, status_reason
+from proxy.providers.http import timeouts
 from proxy.providers.sse import MAX_EVENT, iter_sse
 from proxy.reasons import Reason, Scope
 from proxy.tokens import estimate_prompt
@@ -473,3 +474,12 @@ def test_context_window_from_the_provider_unless_the_entry_says() -> None:
     }
     entries = build(parse(dump(config))).models["m"]
     assert [e.context_window for e in entries] == [4096, 2048, None]
+
+
+def test_socket_timeouts_never_cut_a_first_chunk_short() -> None:
+    cold = Entry("p", "m", timeout=1, connect_timeout=2, first_token_timeout=30)
+    assert timeouts(cold, stream=True).sock_read == 30  # a cold model may take long at first
+    assert timeouts(cold, stream=False).sock_read is None  # the chain bounds a whole answer
+    warm = Entry("p", "m", timeout=60, connect_timeout=2, first_token_timeout=5)
+    assert timeouts(warm, stream=True).sock_read == 60
+    assert timeouts(warm, stream=True).sock_connect == 2
