@@ -231,6 +231,8 @@ class ProviderHealth:
         deployment = self.deployment(model)
         if error.reason in (Reason.CONNECT_ERROR, Reason.CONNECT_TIMEOUT):
             self.reachable = False
+        elif error.status is not None:  # it answered, if only with an error status
+            self.reachable = True
         if error.reason.scope is Scope.PROVIDER:
             self.host.failure(error, ticket.provider_epoch if ticket else None)
             deployment.abandon()

@@ -193,6 +193,9 @@ def test_reachable_as_last_seen() -> None:
     assert provider.reachable is False and not provider.available()
     provider.success("m", 3.0)
     assert provider.reachable is True and provider.available()
+    provider.failure("m", _error(Reason.CONNECT_ERROR))
+    provider.failure("m", _error(Reason.SERVER_ERROR, status=500))  # it answers again
+    assert provider.reachable is True
 
 
 # ---- the reason vocabulary ---------------------------------------------------------------
