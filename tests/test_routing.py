@@ -45,6 +45,7 @@ from .servers import UvicornServer, refused_port
 
 LONG_PROMPT: list[Any] = [{"role": "user", "content": "x" * 600}]  # about 200 tokens
 EJECT_TWICE: dict[str, float] = {"failures": 2, "cooldown": 30}
+CANARY = "sk-routing-canary-5f4e3d2c"
 
 
 def _config(url: str, audit: Path) -> Config:
@@ -69,10 +70,11 @@ def _config(url: str, audit: Path) -> Config:
             "ctx": fake("ctx"),
             "small": fake("small"),
             "large": fake("large"),
-            "narrow": fake("narrow", max_concurrency=1, timeout=2.5),
+            "narrow": fake("narrow", max_concurrency=1, timeout=2.5),  # answers take 2 s
             "coldstart": fake("coldstart", timeout=1, first_token_timeout=3),
             "midway": fake("midway", breaker=EJECT_TWICE),
             "excerpt": fake("excerpt"),
+            "leaky": fake("leaky", api_key=CANARY),
             "rejecting": fake("rejecting"),
             "burst": fake(
                 "burst",
@@ -100,10 +102,11 @@ def _config(url: str, audit: Path) -> Config:
                 entry("large", "echo", context_window=120),
                 entry("large", "echo", context_window=90),
             ],
-            "narrow": [entry("narrow", "slow-1500")],
+            "narrow": [entry("narrow", "slow-2000")],
             "coldstart": [entry("coldstart", "slow-first-1500")],
             "midway": [entry("midway", "error-mid"), backup],
             "excerpt": [entry("excerpt", "llamacpp-500")],
+            "leaky": [entry("leaky", "status-401")],  # the fake echoes the key it got
             "rejecting": [entry("rejecting", "status-400"), backup],
             "burst": [entry("burst", "hang"), backup],
         },
@@ -266,7 +269,7 @@ def test_nothing_fits_is_a_400_naming_the_largest_window(
 async def test_waiting_for_a_slot_is_not_an_attempt_timeout(
     gw: UvicornServer, http: httpx.Client, audit: Path
 ) -> None:
-    """max_concurrency 1, timeout 2.5 s, answers taking 1.5 s: the second waits 1.5 s first."""
+    """max_concurrency 1, timeout 2.5 s, answers taking 2 s: the second waits for the first."""
     async with openai.AsyncOpenAI(
         base_url=f"{gw.url}/v1", api_key="unused", max_retries=0, timeout=30
     ) as aclient:
@@ -277,7 +280,11 @@ async def test_waiting_for_a_slot_is_not_an_attempt_timeout(
             )
 
         first = asyncio.ensure_future(ask())
-        await asyncio.sleep(0.3)  # the first holds the slot
+
+        def holding() -> bool:
+            return bool(provider_state(http, "narrow")["in_flight"] == 1)
+
+        assert await asyncio.to_thread(wait_for, holding)  # the first holds the slot
         started = time.monotonic()
         second = await ask()
         waited = time.monotonic() - started
@@ -287,7 +294,7 @@ async def test_waiting_for_a_slot_is_not_an_attempt_timeout(
     assert waited > 2.5  # longer than the attempt timeout, yet no timeout
     state = provider_state(http, "narrow")
     assert state["errors"] == 0 and state["consecutive_failures"] == 0
-    assert state["deployments"]["slow-1500"]["errors"] == 0
+    assert state["deployments"]["slow-2000"]["errors"] == 0
     line = audit_line(audit, second.headers["x-request-id"])
     assert line["queue_ms"] > 800 and line["attempts"] == []
 
@@ -378,6 +385,14 @@ def test_all_failed_message_carries_the_upstreams_own_words(
     said = message.split(" - ", 1)[1]
     assert said.startswith('Failed to parse messages: Unsupported content part type: "input_audio"')
     assert len(said) <= EXCERPT and said.endswith("...")
+
+
+def test_upstream_words_are_redacted(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.APIStatusError) as err:
+        client.chat.completions.create(model="leaky", messages=USER)
+    said = _said(err.value)
+    assert "leaky (status-401): upstream_auth 401 - fake upstream says 401" in said
+    assert CANARY not in said and CANARY not in err.value.response.text
 
 
 @pytest.mark.parametrize("stream", [False, True])
