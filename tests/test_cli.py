@@ -44,7 +44,7 @@ BROKEN = {
     ),
     "unknown type": (
         "providers:\n  a: {type: grpc, base_url: 'http://x'}\nmodels: {}\n",
-        "at providers.a.type: Invalid value 'grpc'",
+        "at providers.a.type: Invalid value 'grpc' (valid types: huggingface, ollama, openai)",
     ),
     "bad yaml": ("providers: [\n", "invalid YAML"),
     "batch beyond concurrency": (
@@ -115,27 +115,45 @@ def test_models_command() -> None:
     }
 
 
-def test_check_probes_providers(tmp_path: Path, fake_url: str) -> None:
+def test_check_gives_one_line_per_entry(tmp_path: Path, fake_url: str) -> None:
     path = tmp_path / "models.yaml"
+    down = f"http://127.0.0.1:{refused_port()}"
     path.write_text(
         f"""
 providers:
   up: {{type: openai, base_url: "{fake_url}/up/v1"}}
-  down: {{type: openai, base_url: "http://127.0.0.1:{refused_port()}/v1"}}
+  down: {{type: ollama, base_url: "{down}"}}
   keyless: {{type: openai, base_url: "{fake_url}/k/v1", api_key: "${{CLI_TEST_MISSING}}"}}
+  optional: {{type: openai, base_url: "{fake_url}/o/v1", api_key: "${{CLI_TEST_OPTIONAL:-}}"}}
 models:
   good: [{{provider: down, model: x}}, {{provider: up, model: echo}}]
   missing-model: [{{provider: up, model: not-there}}]
+  no-keys: [{{provider: keyless, model: echo}}, {{provider: optional, model: echo}}]
 """,
         encoding="utf-8",
     )
     result = _cli("check", "--config", str(path))
-    out = result.stdout
-    assert result.returncode == 1, out  # one alias has no usable entry
-    assert "environment variables not set: CLI_TEST_MISSING" in out
-    assert "ok: reachable" in out and "FAIL: unreachable" in out
-    assert "FAIL: model not found at the provider" in out
-    assert "1/2 aliases" in out
+    lines = result.stdout.splitlines()
+    assert result.returncode == 1, result.stdout  # two aliases have no usable entry
+    assert lines[0] == f"config {path}: valid"
+    entries = [line.split() for line in lines[1:-1]]
+    assert [(e[0], e[1], e[2]) for e in entries] == [
+        ("FAIL", "good", "down/x"),
+        ("OK", "good", "up/echo"),
+        ("FAIL", "missing-model", "up/not-there"),
+        ("SKIP", "no-keys", "keyless/echo"),
+        ("SKIP", "no-keys", "optional/echo"),
+    ]
+    reasons = [line.split(None, 3)[3] for line in lines[1:-1]]
+    assert reasons == [
+        f"not running at {down}",
+        "reachable",
+        "model not-there not found at the provider",
+        "CLI_TEST_MISSING is not set",
+        "CLI_TEST_OPTIONAL is not set",  # ${VAR:-} resolves empty: named all the same
+    ]
+    assert lines[-1] == "1/3 aliases have at least one OK entry"
+    assert max(map(len, lines)) < 100 and not result.stderr
     path.write_text(path.read_text().split("  missing-model")[0], encoding="utf-8")
     assert _cli("check", "--config", str(path)).returncode == 0
 
