@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -259,6 +260,22 @@ def test_shutdown_ends_open_streams_with_an_error_event(tmp_path: Path, fake_url
     last = served.events[-1]
     assert not last.startswith("cut:"), served.events[-3:]
     schemas.error(json.loads(last))
+
+
+# ---- /metrics --------------------------------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason='lead (app.py): media_type="text/plain; version=0.0.4"; Litestar adds the charset',
+)
+def test_metrics_content_type_names_its_charset_once(start_gateway: Any, fake_url: str) -> None:
+    gateway = start_gateway(
+        f'providers:\n  up: {{type: openai, base_url: "{fake_url}/up/v1"}}\n'
+        "models:\n  m: [{provider: up, model: echo}]\n"
+    )
+    resp = httpx.get(f"{gateway.url}/metrics")
+    assert resp.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
 
 
 # ---- the README's commands --------------------------------------------------------------
