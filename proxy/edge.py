@@ -1,0 +1,278 @@
+"""Pure checks at the edge, called by the request pipeline before anything else runs.
+
+- `check_body`: the body is valid UTF-8 and its JSON nests at most `max_depth` levels
+  (msgspec checks neither until too late: a raw field is forwarded as it came).
+- `request_id`: a client's `x-request-id` is kept only when short and plain.
+- `BrowserGuard`: without gateway keys a web page must not drive the gateway (POSTs
+  need `application/json`, a foreign `Origin` is refused, `Host` must name this
+  server: DNS rebinding); `server.cors_origins` lets listed origins in, preflights
+  included.
+- `ClientAddress`: `X-Forwarded-For` is believed only from `server.trusted_proxies`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from .config import ConfigError, ServerSpec
+from .errors import GatewayError, InvalidRequest
+
+Headers = Iterable[tuple[bytes, bytes]]
+
+# ---- body ----------------------------------------------------------------------------
+
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def check_body(body: bytes, max_depth: int = 64) -> None:
+    """Raise InvalidRequest (400) unless `body` is UTF-8 nesting at most `max_depth` levels.
+
+    Fast where it matters: an ASCII check or one UTF-8 decode (C speed), then the depth
+    scan only when the body has more than `max_depth` opening brackets at all.
+    """
+    if not body.isascii():
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidRequest(
+                f"Request body is not valid UTF-8 (byte {exc.start}).", code="invalid_encoding"
+            ) from None
+    if body.count(b"[") + body.count(b"{") <= max_depth:
+        return
+    if json_depth_exceeds(body, max_depth):
+        raise InvalidRequest(
+            f"Request body is not valid JSON or nests deeper than {max_depth} levels.",
+            code="invalid_json",
+        )
+
+
+def json_depth_exceeds(body: bytes, max_depth: int) -> bool:
+    """True if the JSON text nests deeper than `max_depth` (or its brackets do not pair).
+
+    Strings are cut out with one regex, everything but brackets with one translate; then
+    each pass removes every innermost `[]`/`{}` pair, so the nesting is gone within
+    `max_depth` passes unless it is deeper.
+    """
+    brackets = _STRING.sub(b"", body).translate(None, _NOT_BRACKETS)
+    for _ in range(max_depth):
+        if not brackets:
+            return False
+        shorter = brackets.replace(b"[]", b"").replace(b"{}", b"")
+        if len(shorter) == len(brackets):
+            return True  # unpaired brackets: not JSON
+        brackets = shorter
+    return bool(brackets)
+
+
+# ---- request id ----------------------------------------------------------------------
+
+_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
+
+
+def request_id(given: bytes | str | None) -> str:
+    """The client's `x-request-id` if it is 1-128 chars of [A-Za-z0-9._:-], else a new one."""
+    if given:
+        raw = given.encode("latin-1", "replace") if isinstance(given, str) else given
+        if _REQUEST_ID.fullmatch(raw):
+            return raw.decode("ascii")
+    return os.urandom(16).hex()
+
+
+# ---- browsers ------------------------------------------------------------------------
+
+
+class Forbidden(GatewayError):
+    status = 403
+    type = "invalid_request_error"
+    code = "forbidden"
+
+
+class MisdirectedRequest(GatewayError):
+    status = 421
+    type = "invalid_request_error"
+    code = "misdirected_request"
+
+
+class UnsupportedMediaType(GatewayError):
+    status = 415
+    type = "invalid_request_error"
+    code = "unsupported_media_type"
+
+
+_LOCAL_NAMES = frozenset({"localhost", "127.0.0.1", "[::1]", "::1"})
+_ALLOW_METHODS = b"GET, POST, OPTIONS"
+_EXPOSE = b"x-request-id, x-omnimind-provider, x-omnimind-model, x-omnimind-latency-ms, " + (
+    b"x-omnimind-attempts, x-omnimind-fallbacks, x-omnimind-cost-usd, retry-after"
+)
+_TOKEN_LIST = re.compile(rb"[A-Za-z0-9!#$%&'*+.^_`|~-]+(?:\s*,\s*[A-Za-z0-9!#$%&'*+.^_`|~-]+)*")
+
+
+def _host_name(host: str) -> str:
+    """`host[:port]` -> host, lower-cased (IPv6 keeps its brackets)."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[: host.find("]") + 1]
+    return host.rpartition(":")[0] if host.count(":") == 1 else host
+
+
+def _same_origin(origin: str, host: str) -> bool:
+    """Whether `origin` (scheme://host[:port]) is this `Host` (host[:port]), port included."""
+    scheme, sep, authority = origin.lower().partition("://")
+    default = {"http": ":80", "https": ":443"}.get(scheme)
+    if not sep or default is None:
+        return False
+    host = host.strip().lower()
+    return authority.removesuffix(default) == host.removesuffix(default)
+
+
+@dataclass(frozen=True, slots=True)
+class BrowserGuard:
+    """Per-request browser checks; `keyless` is true when the gateway has no api_keys."""
+
+    keyless: bool
+    cors_origins: frozenset[str] = frozenset()
+    allowed_hosts: frozenset[str] = frozenset()
+
+    @classmethod
+    def from_server(cls, server: ServerSpec, keyless: bool) -> BrowserGuard:
+        origins = frozenset(o.rstrip("/").lower() for o in server.cors_origins)
+        hosts = frozenset(_host_name(h) for h in server.allowed_hosts)
+        return cls(keyless, origins, hosts)
+
+    def allows_origin(self, origin: str) -> bool:
+        return "*" in self.cors_origins or origin.rstrip("/").lower() in self.cors_origins
+
+    def check(self, method: str, headers: Headers, bound: str | None) -> None:
+        """Raise 421/403/415 for a request a web page may have made; `bound` is the
+        server's own address (ASGI `scope["server"][0]`)."""
+        if not self.keyless:
+            return
+        host = origin = content_type = b""
+        for name, value in headers:
+            if name == b"host":
+                host = value
+            elif name == b"origin":
+                origin = value
+            elif name == b"content-type":
+                content_type = value
+        host_name = _host_name(host.decode("latin-1"))
+        if host and not self._own_host(host_name, bound):
+            raise MisdirectedRequest(
+                f"Host '{host_name[:100]}' is not this gateway's; without api_keys only "
+                "localhost, the bound address and server.allowed_hosts are served."
+            )
+        if origin and origin != b"null":
+            text = origin.decode("latin-1")
+            if not self.allows_origin(text) and not _same_origin(text, host.decode("latin-1")):
+                raise Forbidden(
+                    f"Origin '{text[:100]}' is not allowed; list it in server.cors_origins."
+                )
+        elif origin == b"null" and "null" not in self.cors_origins:
+            raise Forbidden("Requests from an opaque origin are not allowed.")
+        if method == "POST":
+            media = content_type.partition(b";")[0].strip().lower()
+            if media != b"application/json":
+                raise UnsupportedMediaType(
+                    "POST bodies must be sent with 'Content-Type: application/json'."
+                )
+
+    def _own_host(self, host: str, bound: str | None) -> bool:
+        if host in _LOCAL_NAMES or host in self.allowed_hosts:
+            return True
+        if bound and bound not in ("0.0.0.0", "::"):
+            return host.strip("[]") == bound.lower()
+        return False
+
+    def cors_headers(self, headers: Headers) -> list[tuple[bytes, bytes]]:
+        """Headers to add to an actual (not preflight) response for an allowed origin."""
+        if not self.cors_origins:
+            return []
+        for name, value in headers:
+            if name == b"origin":
+                if self.allows_origin(value.decode("latin-1")):
+                    return [
+                        (b"access-control-allow-origin", value),
+                        (b"access-control-expose-headers", _EXPOSE),
+                        (b"vary", b"origin"),
+                    ]
+                break
+        return []
+
+    def preflight(self, headers: Headers) -> tuple[int, list[tuple[bytes, bytes]]]:
+        """The answer to `OPTIONS /v1/...`: 204 with CORS headers for a listed origin,
+        403 for any other cross-origin preflight, 204 with `allow` for a plain OPTIONS."""
+        origin = requested = b""
+        for name, value in headers:
+            if name == b"origin":
+                origin = value
+            elif name == b"access-control-request-headers":
+                requested = value
+        if not origin:
+            return 204, [(b"allow", _ALLOW_METHODS)]
+        if not self.allows_origin(origin.decode("latin-1")):
+            return 403, [(b"vary", b"origin")]
+        answer = [
+            (b"access-control-allow-origin", origin),
+            (b"access-control-allow-methods", _ALLOW_METHODS),
+            (b"access-control-max-age", b"600"),
+            (b"vary", b"origin"),
+        ]
+        if requested and len(requested) <= 1024 and _TOKEN_LIST.fullmatch(requested.strip()):
+            answer.append((b"access-control-allow-headers", requested.strip()))
+        return 204, answer
+
+
+# ---- client address ------------------------------------------------------------------
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(cidrs: Iterable[str], where: str = "server.trusted_proxies") -> list[Network]:
+    networks = []
+    for i, cidr in enumerate(cidrs):
+        try:
+            networks.append(ipaddress.ip_network(cidr.strip(), strict=False))
+        except ValueError as exc:
+            raise ConfigError(f"at {where}[{i}]: {exc}") from None
+    return networks
+
+
+@dataclass(frozen=True, slots=True)
+class ClientAddress:
+    """The client's address for rate limits and logs: the peer, or with trusted proxies the
+    right-most `X-Forwarded-For` entry that is not itself a trusted proxy."""
+
+    trusted: tuple[Network, ...] = ()
+
+    @classmethod
+    def from_server(cls, server: ServerSpec) -> ClientAddress:
+        return cls(tuple(parse_networks(server.trusted_proxies)))
+
+    def _is_trusted(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in net for net in self.trusted)
+
+    def of(self, peer: str, headers: Headers) -> str:
+        if not self.trusted or not self._is_trusted(peer):
+            return peer
+        forwarded = [v for n, v in headers if n == b"x-forwarded-for"]
+        hops = b",".join(forwarded).decode("latin-1").split(",") if forwarded else []
+        client = peer
+        for hop in reversed(hops):
+            hop = hop.strip()
+            try:
+                ipaddress.ip_address(hop)
+            except ValueError:
+                break  # garbage: stop at the last hop we could trust
+            client = hop
+            if not self._is_trusted(hop):
+                break
+        return client

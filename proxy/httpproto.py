@@ -1,0 +1,162 @@
+"""Bounds on what a client may make the server hold, for uvicorn's httptools protocol.
+
+httptools has no header limit: uvicorn buffers a 100 MB header and accepts 100k headers.
+`bounded_protocol(limits)` is a `HttpToolsProtocol` subclass that answers 431 once a
+request's head (request line + headers) passes `max_header_bytes` or has more than
+`max_headers` headers, closes a connection whose request head does not arrive within
+`header_timeout` (silent or slowloris connections) or whose body does not arrive within
+`body_timeout` after its head. Idle keep-alive connections are closed by uvicorn's
+`timeout_keep_alive`, and `limit_concurrency` answers 503 past `max_connections`
+connections or requests, before file descriptors run short.
+
+`uvicorn_options(server_spec)` gives the `uvicorn.run`/`uvicorn.Config` keywords.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from .config import ServerSpec
+
+log = logging.getLogger("omnimind.httpproto")
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_header_bytes: int = 65536
+    max_headers: int = 100
+    header_timeout: float = 10.0
+    body_timeout: float = 60.0
+
+    @classmethod
+    def from_server(cls, server: ServerSpec) -> Limits:
+        return cls(
+            server.max_header_bytes, server.max_headers, server.header_timeout, server.body_timeout
+        )
+
+
+def _status(code: int, reason: str, message: str) -> bytes:
+    body = b'{"error":{"message":"%b","type":"invalid_request_error","param":null,"code":"%b"}}' % (
+        message.encode(),
+        reason.lower().replace(" ", "_").encode(),
+    )
+    return (
+        b"HTTP/1.1 %d %b\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+        b"connection: close\r\n\r\n%b" % (code, reason.encode(), len(body), body)
+    )
+
+
+_TOO_LARGE = _status(431, "Request Header Fields Too Large", "Request headers are too large.")
+_TIMEOUT = _status(408, "Request Timeout", "The request did not arrive in time.")
+
+
+class _HeadTooLarge(Exception):
+    pass
+
+
+class BoundedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with bounds on a request's head and on slow clients."""
+
+    limits = Limits()
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._in_head = True  # between requests or inside a request's head
+        self._head_bytes = 0
+        self._header_count = 0
+        self._too_large = False
+        self._deadline: asyncio.TimerHandle | None = None
+
+    # -- timers: one deadline at a time, for the head or for the body ---------------------
+
+    def _arm(self, seconds: float) -> None:
+        self._disarm()
+        self._deadline = self.loop.call_later(seconds, self._expired)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _expired(self) -> None:
+        self._deadline = None
+        if self.transport.is_closing():
+            return
+        if self._in_head and self._head_bytes:  # part of a head came: say why we hang up
+            self.transport.write(_TIMEOUT)
+        # Silent, slow head, or a body that does not come (the app sees a disconnect).
+        self.transport.close()
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm(self.limits.header_timeout)  # a silent connection is closed too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    # -- the head's size and count --------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        if self._in_head:
+            self._head_bytes += len(data)
+            if self._deadline is None:  # a keep-alive connection's next request begins
+                self._arm(self.limits.header_timeout)
+        super().data_received(data)
+        if (
+            self._in_head
+            and self._head_bytes > self.limits.max_header_bytes
+            and not self.transport.is_closing()
+        ):
+            self._reject_head()
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_count += 1
+        if self._header_count > self.limits.max_headers:
+            self._too_large = True
+            raise _HeadTooLarge  # httptools stops parsing; uvicorn answers via send_400_response
+        super().on_header(name, value)
+
+    def send_400_response(self, msg: str) -> None:
+        if self._too_large:
+            self._reject_head()
+        else:
+            super().send_400_response(msg)
+
+    def _reject_head(self) -> None:
+        self._disarm()
+        self._in_head = False
+        self.transport.write(_TOO_LARGE)
+        self.transport.close()
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._arm(self.limits.body_timeout)
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._disarm()
+        self._in_head = True
+        self._head_bytes = 0
+        self._header_count = 0
+        super().on_message_complete()
+
+
+def bounded_protocol(limits: Limits) -> type[BoundedHttpToolsProtocol]:
+    """A protocol class carrying `limits` (uvicorn instantiates the class it is given)."""
+    return type("BoundedHttpToolsProtocol", (BoundedHttpToolsProtocol,), {"limits": limits})
+
+
+def uvicorn_options(server: ServerSpec) -> dict[str, Any]:
+    """Keywords for `uvicorn.run`/`uvicorn.Config`: the bounded protocol, keep-alive
+    timeout and the connection cap (answered 503 past it)."""
+    return {
+        "http": bounded_protocol(Limits.from_server(server)),
+        "timeout_keep_alive": server.keep_alive_timeout,
+        "limit_concurrency": server.max_connections,
+    }
