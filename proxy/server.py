@@ -12,8 +12,8 @@ from typing import Any
 
 import uvicorn
 
-from . import logs
-from .config import Config
+from . import httpproto, logs
+from .config import Config, ServerSpec
 
 log = logging.getLogger("omnimind.server")
 _LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
@@ -64,19 +64,46 @@ def _why(host: str, port: int, exc: OSError) -> str:
     return f"cannot listen on {host}:{port}: {exc.strerror or exc}"
 
 
+class WorkerProtocol:
+    """The bounded HTTP protocol for `serve --workers N`.
+
+    uvicorn pickles its config into each worker process, and the protocol class that
+    httpproto makes at run time (it carries the limits) does not pickle: this does, and
+    builds that class once in each worker from the server settings.
+    """
+
+    __slots__ = ("server", "_protocol")
+
+    def __init__(self, server: ServerSpec) -> None:
+        self.server = server
+        self._protocol: Any = None
+
+    def __reduce__(self) -> tuple[type[WorkerProtocol], tuple[ServerSpec]]:
+        return (WorkerProtocol, (self.server,))
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self._protocol is None:
+            self._protocol = httpproto.uvicorn_options(self.server)["http"]
+        return self._protocol(*args, **kwargs)
+
+
 def uvicorn_options(
     config: Config, opts: ServeOptions, log_config: dict[str, Any]
 ) -> dict[str, Any]:
-    return {
+    options = {
         "host": opts.host,
         "port": opts.port,
         "loop": "uvloop",
-        "http": "httptools",
         "log_level": opts.log_level,
         "log_config": log_config,  # proxy/logs.py: the same lines in every worker
         "access_log": False,  # the audit log has one line per request
         "timeout_graceful_shutdown": opts.shutdown_grace,
+        # httptools with bounded heads and slow-client timeouts, keep-alive, connection cap
+        **httpproto.uvicorn_options(config.server),
     }
+    if opts.workers > 1:
+        options["http"] = WorkerProtocol(config.server)
+    return options
 
 
 def serve(config: Config, opts: ServeOptions) -> None:

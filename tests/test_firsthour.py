@@ -123,9 +123,18 @@ def test_busy_port_is_one_line_naming_it_and_the_fix(tmp_path: Path, fake_url: s
 # ---- log lines --------------------------------------------------------------------------
 
 
+def _big_head(url: str) -> int:
+    """The status of a request with more headers than server.max_headers (100)."""
+    headers = {f"x-pad-{i}": "a" for i in range(150)}
+    return httpx.get(f"{url}/health", headers=headers, timeout=10).status_code
+
+
 def test_json_logs_are_one_object_per_line(tmp_path: Path, fake_url: str) -> None:
-    with _serve(_config(tmp_path, fake_url), "--log-format", "json") as served:
+    """...in every worker process too; and the workers speak the bounded HTTP protocol."""
+    config = _config(tmp_path, fake_url)
+    with _serve(config, "--log-format", "json", "--workers", "2") as served:
         assert _chat(served.url, "echo").status_code == 200  # `down` fails first: a warning
+        assert _big_head(served.url) == 431
     lines = served.stderr.strip().splitlines()
     records = [json.loads(line) for line in lines]  # every line, uvicorn's too
     assert all({"time", "level", "logger", "message"} <= r.keys() for r in records)
@@ -141,6 +150,7 @@ def test_json_logs_are_one_object_per_line(tmp_path: Path, fake_url: str) -> Non
 def test_text_logs_are_one_format_for_ours_and_uvicorns(tmp_path: Path, fake_url: str) -> None:
     with _serve(_config(tmp_path, fake_url)) as served:
         assert _chat(served.url, "echo").status_code == 200
+        assert _big_head(served.url) == 431  # proxy/httpproto.py's bounds are in force
     lines = served.stderr.strip().splitlines()
     assert lines and all(TEXT_LINE.match(line) for line in lines), served.stderr
     assert any(" INFO uvicorn: " in line for line in lines)
