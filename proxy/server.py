@@ -95,7 +95,9 @@ def uvicorn_options(
         "port": opts.port,
         "loop": "uvloop",
         "log_level": opts.log_level,
-        "log_config": log_config,  # proxy/logs.py: the same lines in every worker
+        # proxy/logs.py's setup, applied by uvicorn in each worker process; this process has it
+        # already (applying it again would drop filters added since, e.g. redaction's)
+        "log_config": log_config if opts.workers > 1 else None,
         "access_log": False,  # the audit log has one line per request
         "timeout_graceful_shutdown": opts.shutdown_grace,
         # httptools with bounded heads and slow-client timeouts, keep-alive, connection cap
