@@ -1,10 +1,10 @@
 """`omnimind-proxy check`: is this config usable? Validate, resolve env, probe each provider.
 
-Each provider type has one probe (by spec type, like the adapters); a probe says whether
-the provider answers and which models it has (None when it cannot list them), or raises.
-`describe()` turns what it raised into a short reason a person can act on. The report is
-one line per alias entry: OK, SKIP (not configured to run: a key unset, torch missing)
-or FAIL (configured but not usable), and why.
+Each provider module has one probe (providers.probe): it says whether the provider answers
+and which models it has (None when it cannot list them), or raises. `describe()` turns
+what it raised into a short reason a person can act on. The report is one line per alias
+entry: OK, SKIP (not configured to run here: a key unset, torch missing) or FAIL
+(configured but not usable: not running, key refused, model or weights missing), and why.
 """
 
 from __future__ import annotations
@@ -13,98 +13,40 @@ import asyncio
 import importlib.util
 import os
 import re
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import msgspec
 import yaml
 
-from .config import Config, Entry, HuggingFaceSpec, OllamaSpec, OpenAISpec, ProviderConfig
+from . import providers
+from .config import Config, Entry, ProviderConfig
+from .errors import UpstreamError
+from .providers import Probe
 
 OK, SKIP, FAIL = "OK", "SKIP", "FAIL"
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_HTTP_STATUS = re.compile(r"\bHTTP (\d{3})\b")
 _LOCAL_HINT = "torch not installed (pip install 'omnimind-gateway[local]')"
 
 
-@dataclass(slots=True)
-class Probe:
-    ok: bool
-    detail: str
-    models: set[str] | None = None  # None: cannot tell which models it has
-    status: str = ""  # OK / SKIP / FAIL; empty: OK when ok, else FAIL
-
-
-class ProbeHTTPError(Exception):
-    def __init__(self, status: int, url: str) -> None:
-        super().__init__(f"HTTP {status} from {url}")
-        self.status, self.url = status, url
-
-
-class _Listing(msgspec.Struct):
-    """GET /models (OpenAI: `data`) or /api/tags (Ollama: `models`): the ids or names."""
-
-    data: list[dict[str, Any]] = []
-    models: list[dict[str, Any]] = []
-
-
-_listing = msgspec.json.Decoder(_Listing)
-
-
-async def _get_json(url: str, headers: dict[str, str], connect_s: float) -> _Listing:
-    client_timeout = aiohttp.ClientTimeout(total=connect_s + 5, sock_connect=connect_s)
-    async with (
-        aiohttp.ClientSession(timeout=client_timeout) as session,
-        session.get(url, headers=headers, allow_redirects=False) as resp,
-    ):
-        if resp.status != 200:
-            raise ProbeHTTPError(resp.status, url)
-        return _listing.decode(await resp.read())
-
-
-async def _probe_openai(pc: ProviderConfig) -> Probe:
-    spec = pc.spec
-    assert isinstance(spec, OpenAISpec)
-    headers = dict(pc.headers)
-    if pc.api_key:
-        headers["Authorization"] = f"Bearer {pc.api_key.reveal()}"
-    body = await _get_json(f"{spec.base_url}/models", headers, spec.connect_timeout)
-    return Probe(True, "reachable", {str(m.get("id")) for m in body.data})
-
-
-async def _probe_ollama(pc: ProviderConfig) -> Probe:
-    spec = pc.spec
-    assert isinstance(spec, OllamaSpec)
-    body = await _get_json(f"{spec.base_url}/api/tags", dict(pc.headers), spec.connect_timeout)
-    names = {str(m.get("name")) for m in body.models}
-    # "qwen2:7b-instruct" may be asked for as "qwen2:7b-instruct" or "qwen2" (= ":latest")
-    names |= {n.removesuffix(":latest") for n in names}
-    return Probe(True, "reachable", names)
-
-
-async def _probe_huggingface(pc: ProviderConfig) -> Probe:
-    if importlib.util.find_spec("torch") is None:
-        return Probe(False, _LOCAL_HINT, status=SKIP)
-    return Probe(True, "local", None)  # checked per entry: see _local_weights
-
-
-_PROBES: dict[type, Callable[[ProviderConfig], Awaitable[Probe]]] = {
-    OpenAISpec: _probe_openai,
-    OllamaSpec: _probe_ollama,
-    HuggingFaceSpec: _probe_huggingface,
-}
+def _http_status(exc: BaseException) -> int | None:
+    if isinstance(exc, UpstreamError) and exc.status:
+        return exc.status
+    found = _HTTP_STATUS.search(str(exc)) if isinstance(exc, UpstreamError) else None
+    return int(found.group(1)) if found else None
 
 
 def describe(exc: BaseException, base_url: str, connect_s: float) -> str:
     """What a probe's failure means, in a few words (not the connector's exception text)."""
-    if isinstance(exc, ProbeHTTPError):
-        if exc.status in (401, 403):
-            return f"HTTP {exc.status}: the api_key was refused at {base_url}"
-        if exc.status == 404:
-            return f"HTTP 404 at {exc.url} (is base_url right?)"
-        return f"HTTP {exc.status} from {exc.url}"
+    status = _http_status(exc)
+    if status in (401, 403):
+        return f"HTTP {status}: the api_key was refused at {base_url}"
+    if status == 404:
+        return f"HTTP 404 at {base_url} (is base_url right?)"
+    if status is not None:
+        return f"HTTP {status} from {base_url}"
     if isinstance(exc, aiohttp.ClientConnectorDNSError):
         return f"cannot resolve the host of {base_url}"
     if isinstance(exc, aiohttp.ClientConnectorCertificateError | aiohttp.ClientSSLError):
@@ -117,7 +59,7 @@ def describe(exc: BaseException, base_url: str, connect_s: float) -> str:
         return f"{base_url} did not answer with a model list"
     if isinstance(exc, aiohttp.ClientError):
         return f"connection to {base_url} failed ({type(exc).__name__})"
-    text = f"{type(exc).__name__}: {exc}"
+    text = exc.message if isinstance(exc, UpstreamError) else f"{type(exc).__name__}: {exc}"
     return text if len(text) <= 100 else text[:97] + "..."
 
 
@@ -146,17 +88,29 @@ def _unavailable(reason: str, unset: list[str]) -> str:
     return reason
 
 
-async def probe_all(config: Config) -> dict[str, Probe]:
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """A provider as `check` sees it: OK / SKIP / FAIL, why, and its models (None: unknown)."""
+
+    status: str
+    detail: str
+    models: set[str] | None = None
+
+
+async def probe_all(config: Config) -> dict[str, Outcome]:
     unset = unset_variables(config.path)
 
-    async def one(pc: ProviderConfig) -> Probe:
+    async def one(pc: ProviderConfig) -> Outcome:
         if pc.unavailable:
-            return Probe(False, _unavailable(pc.unavailable, unset.get(pc.name, [])), status=SKIP)
+            return Outcome(SKIP, _unavailable(pc.unavailable, unset.get(pc.name, [])))
+        if pc.type == "huggingface" and importlib.util.find_spec("torch") is None:
+            return Outcome(SKIP, _LOCAL_HINT)
         try:
-            return await _PROBES[type(pc.spec)](pc)
+            probe: Probe = await providers.probe(pc)
         except Exception as exc:  # noqa: BLE001 - any failure is the answer
             base_url = str(getattr(pc.spec, "base_url", pc.name))
-            return Probe(False, describe(exc, base_url, pc.spec.connect_timeout))
+            return Outcome(FAIL, describe(exc, base_url, pc.spec.connect_timeout))
+        return Outcome(OK if probe.ok else FAIL, probe.detail, probe.models)
 
     names = list(config.providers)
     results = await asyncio.gather(*(one(config.providers[n]) for n in names))
@@ -177,16 +131,16 @@ def _local_weights(model: str, gguf_file: str | None) -> tuple[bool, str]:
     return (True, "files present") if target.exists() else (False, f"missing {target}")
 
 
-def verdict(config: Config, entry: Entry, probe: Probe) -> tuple[str, str]:
+def verdict(config: Config, entry: Entry, seen: Outcome) -> tuple[str, str]:
     """(OK / SKIP / FAIL, reason) for one alias entry."""
-    if not probe.ok:
-        return probe.status or FAIL, probe.detail
-    if isinstance(config.providers[entry.provider].spec, HuggingFaceSpec):
+    if seen.status != OK:
+        return seen.status, seen.detail
+    if config.providers[entry.provider].type == "huggingface":
         ok, detail = _local_weights(entry.model, entry.gguf_file)
         return (OK if ok else FAIL), detail
-    if probe.models is not None and entry.model not in probe.models:
+    if seen.models is not None and entry.model not in seen.models:
         return FAIL, f"model {entry.model} not found at the provider"
-    return OK, probe.detail
+    return OK, seen.detail
 
 
 def run_check(config: Config) -> int:

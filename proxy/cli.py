@@ -3,29 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import re
 import sys
-import typing
 
-from . import config as config_module
 from .config import ConfigError, default_path, load
 
 _CONFIG_HELP = "models.yaml to use (default: $OMNIMIND_CONFIG, else ./models.yaml)"
-_BAD_TYPE = re.compile(r"at providers\.[^:]+\.type: Invalid value '[^']*'$")
-
-
-def provider_types() -> list[str]:
-    """The `type:` values a provider may have (the tags of the provider union)."""
-    specs = typing.get_args(config_module.ProviderSpec) or (config_module.ProviderSpec,)
-    return sorted(str(s.__struct_config__.tag) for s in specs)
-
-
-def explain(error: ConfigError) -> str:
-    """A config error as shown to a person: an unknown provider type lists the valid ones."""
-    message = str(error)
-    if _BAD_TYPE.search(message):
-        message += f" (valid types: {', '.join(provider_types())})"
-    return message
 
 
 def _grace(text: str) -> float:
@@ -66,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load(path)
     except ConfigError as exc:
-        print(f"omnimind-proxy: config error: {explain(exc)}", file=sys.stderr)
+        print(f"omnimind-proxy: config error: {exc}", file=sys.stderr)
         return 2
 
     if args.command == "models":

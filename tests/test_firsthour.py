@@ -257,8 +257,8 @@ def test_shutdown_lets_requests_in_flight_finish_within_the_grace(
 
 @pytest.mark.xfail(
     strict=True,
-    reason="lead: the stream relay ends a stream cancelled at the grace's end with an error "
-    "event (catch CancelledError, send it, return) instead of raising into uvicorn",
+    reason="lead (pipeline._relay): after the shutting_down error frame, return (uncancel) "
+    "instead of re-raising CancelledError, which uvicorn logs as a traceback",
 )
 def test_shutdown_ends_open_streams_with_an_error_event(tmp_path: Path, fake_url: str) -> None:
     with _serve(_config(tmp_path, fake_url), "--shutdown-grace", "1") as served:
@@ -275,10 +275,6 @@ def test_shutdown_ends_open_streams_with_an_error_event(tmp_path: Path, fake_url
 # ---- /metrics --------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason='lead (app.py): media_type="text/plain; version=0.0.4"; Litestar adds the charset',
-)
 def test_metrics_content_type_names_its_charset_once(start_gateway: Any, fake_url: str) -> None:
     gateway = start_gateway(
         f'providers:\n  up: {{type: openai, base_url: "{fake_url}/up/v1"}}\n'
