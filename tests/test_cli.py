@@ -11,10 +11,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import aiohttp
 import httpx
+import msgspec
 import pytest
 
+from proxy.check import describe
 from proxy.config import ConfigError, Secret, load, parse
+from proxy.errors import UpstreamError
 
 from .servers import free_socket, refused_port
 
@@ -260,3 +264,27 @@ models:
         providers = httpx.get(f"{url}/v1/providers").json()["data"]
         hf = next(p for p in providers if p["id"] == "huggingface")
         assert hf["available"] is False and "omnimind-gateway[local]" in hf["unavailable_reason"]
+
+
+def _connector_error(kind: type[aiohttp.ClientConnectorError]) -> Exception:
+    key = aiohttp.client_reqrep.ConnectionKey("h", 1, False, False, None, None, None)
+    return kind(key, OSError(111, "Connect call failed"))
+
+
+@pytest.mark.parametrize(
+    ("exc", "reason"),
+    [
+        (UpstreamError("bad_response", "HTTP 401 from http://h/v1/models"),
+         "HTTP 401: the api_key was refused at http://h/v1"),
+        (UpstreamError("bad_response", "HTTP 404 from http://h/v1/models"),
+         "HTTP 404 at http://h/v1 (is base_url right?)"),
+        (UpstreamError("bad_response", "HTTP 500 from http://h/v1/models"),
+         "HTTP 500 from http://h/v1"),
+        (_connector_error(aiohttp.ClientConnectorError), "not running at http://h/v1"),
+        (_connector_error(aiohttp.ClientConnectorDNSError), "cannot resolve the host of http://h/v1"),
+        (TimeoutError(), "no answer from http://h/v1 within 5 s"),
+        (msgspec.DecodeError("x"), "http://h/v1 did not answer with a model list"),
+    ],
+)  # fmt: skip
+def test_check_describes_a_failed_probe_in_a_few_words(exc: Exception, reason: str) -> None:
+    assert describe(exc, "http://h/v1", 5.0) == reason
