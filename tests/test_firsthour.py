@@ -255,11 +255,6 @@ def test_shutdown_lets_requests_in_flight_finish_within_the_grace(
     assert "Traceback" not in served.stderr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="lead (pipeline._relay): after the shutting_down error frame, return (uncancel) "
-    "instead of re-raising CancelledError, which uvicorn logs as a traceback",
-)
 def test_shutdown_ends_open_streams_with_an_error_event(tmp_path: Path, fake_url: str) -> None:
     with _serve(_config(tmp_path, fake_url), "--shutdown-grace", "1") as served:
         reader = _stream_in_thread(served)  # 100 chunks 100 ms apart: outlives the grace
