@@ -8,6 +8,7 @@
   server: DNS rebinding); `server.cors_origins` lets listed origins in, preflights
   included.
 - `ClientAddress`: `X-Forwarded-For` is believed only from `server.trusted_proxies`.
+- `read_capped`: an upstream's (decompressed) body, read up to a byte cap.
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 from .config import ConfigError, ServerSpec
-from .errors import GatewayError, InvalidRequest
+from .errors import GatewayError, InvalidRequest, UpstreamError
 
 Headers = Iterable[tuple[bytes, bytes]]
 
@@ -276,3 +278,26 @@ class ClientAddress:
             if not self._is_trusted(hop):
                 break
         return client
+
+
+# ---- upstream bodies -----------------------------------------------------------------
+
+UPSTREAM_BODY_LIMIT = 32 * 1024 * 1024
+
+
+class _Chunked(Protocol):
+    def iter_chunked(self, n: int) -> AsyncIterator[bytes]: ...
+
+
+async def read_capped(content: _Chunked, limit: int = UPSTREAM_BODY_LIMIT) -> bytes:
+    """An upstream body (`aiohttp.ClientResponse.content`: already decompressed, block by
+    block) read up to `limit` bytes; past it UpstreamError `bad_response`, so neither a
+    huge body nor a gzip bomb is ever held in memory whole."""
+    parts: list[bytes] = []
+    size = 0
+    async for block in content.iter_chunked(256 * 1024):
+        size += len(block)
+        if size > limit:
+            raise UpstreamError("bad_response", f"upstream body is larger than {limit} bytes")
+        parts.append(block)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
