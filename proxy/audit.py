@@ -151,7 +151,10 @@ class AuditLog:
             self._thread = None
         file, self._file = self._file, None
         if file is not None and self.target not in ("stdout", "stderr"):
-            file.close()
+            try:
+                file.close()
+            except OSError as exc:  # a reader that went away: nothing left to tell it
+                log.warning("audit log close failed: %s", exc)
 
 
 def audit_json(rec: Any, log_content: bool, redactor: Redactor) -> bytes:
