@@ -268,3 +268,35 @@ def test_client_address_trusts_forwarded_for_only_from_trusted_proxies() -> None
     assert proxied.of("10.0.0.5", _h(x_forwarded_for="garbage")) == "10.0.0.5"
     with pytest.raises(ConfigError):
         ClientAddress.from_server(msgspec.convert({"trusted_proxies": ["nope"]}, ServerSpec))
+
+
+def _depth(value: object) -> int:
+    if isinstance(value, dict):
+        return 1 + max((_depth(v) for v in value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max((_depth(v) for v in value), default=0)
+    return 0
+
+
+def test_depth_scan_agrees_with_a_parser_on_random_json() -> None:
+    import random
+
+    rng = random.Random(7)
+    alphabet = ['"', "\\", "[", "]", "{", "}", "a", " ", "\n", "é", "\\n", '\\"']
+
+    def text() -> str:
+        return "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 6)))
+
+    def value(level: int) -> object:
+        roll = rng.random()
+        if level > 10 or roll < 0.3:
+            return text() if roll < 0.2 else rng.randint(0, 9)
+        if roll < 0.65:
+            return [value(level + 1) for _ in range(rng.randint(0, 3))]
+        return {text(): value(level + 1) for _ in range(rng.randint(0, 3))}
+
+    for _ in range(2000):
+        doc = value(0)
+        body = json.dumps(doc, ensure_ascii=rng.random() < 0.5).encode()
+        for limit in (1, 3, 6):
+            assert json_depth_exceeds(body, limit) == (_depth(doc) > limit), (body, limit)
