@@ -241,12 +241,12 @@ def main(argv: list[str]) -> None:
         seconds = float(argv[1]) if len(argv) > 1 else 1.0
         rounds = int(argv[2]) if len(argv) > 2 else 11
         rates = load(seconds, rounds)
-        plain, bounded = rates["plain"], rates["bounded"]
+        base, hard = rates["plain"], rates["bounded"]
         print(f"c=32 keep-alive GETs, {rounds} x {seconds:g} s in turns: req/s plain "
-              f"{plain['rps']:.0f}, bounded {bounded['rps']:.0f} (ratio "
-              f"{bounded['rps'] / plain['rps']:.3f}); server CPU per request plain "
-              f"{plain['cpu_us']:.1f} us, bounded {bounded['cpu_us']:.1f} us (ratio "
-              f"{bounded['cpu_us'] / plain['cpu_us']:.3f})")  # fmt: skip
+              f"{base['rps']:.0f}, bounded {hard['rps']:.0f} (ratio "
+              f"{hard['rps'] / base['rps']:.3f}); server CPU per request plain "
+              f"{base['cpu_us']:.1f} us, bounded {hard['cpu_us']:.1f} us (ratio "
+              f"{hard['cpu_us'] / base['cpu_us']:.3f})")  # fmt: skip
 
 
 if __name__ == "__main__":
