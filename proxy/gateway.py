@@ -18,7 +18,7 @@ import gc
 import logging
 import signal
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,9 +26,9 @@ from typing import Any
 from . import redact
 from .audit import AuditLog
 from .auth import Guard
-from .chain import Engine
 from .config import Config, ConfigError, load
-from .edge import BrowserGuard, ClientAddress
+from .edge import BrowserGuard, ClientAddress, check_body
+from .engine import Engine
 from .observe import Observer
 from .redact import Redactor
 
@@ -90,7 +90,8 @@ class Gateway:
             self.edge.redactor,
         )
         self.log_filter = redact.LogFilter(self.edge.redactor)
-        self.engine = Engine(config, self.observer)
+        self.redact = self.edge.redactor.text  # the one redaction of outgoing text
+        self.engine = Engine(config, self.observer, redact=self.redact)
         self.guard = Guard(config)
         self.created = int(time.time())
         self._background: set[asyncio.Task[Any]] = set()
@@ -105,6 +106,39 @@ class Gateway:
     def redactor(self) -> Redactor:
         return self.edge.redactor
 
+    async def authorize(self, headers: Mapping[str, str], client: str) -> str:
+        """The caller's gateway key id ("" without keys); raises 401 / 429."""
+        if self.guard.open:
+            return ""
+        return self.guard.check(headers, client)
+
+    def edge_check(self, scope: Mapping[str, Any], headers: Mapping[str, str]) -> None:
+        """Checks on where a request comes from, before its key is looked at: without
+        api_keys a web page must not drive the gateway (403 / 415 / 421)."""
+        server = scope.get("server")
+        self.edge.browser.check(scope["method"], headers, server[0] if server else None)
+
+    def client_address(self, scope: Mapping[str, Any], headers: Mapping[str, str]) -> str:
+        """The peer, or behind `server.trusted_proxies` the X-Forwarded-For client."""
+        client = scope.get("client")
+        return self.edge.client_address.of(str(client[0]) if client else "", headers)
+
+    def check_body(self, body: bytes) -> None:
+        """400 unless the body is UTF-8 JSON nesting at most `server.max_json_depth`."""
+        check_body(body, self.edge.max_json_depth)
+
+    def preflight(self, headers: Mapping[str, str]) -> tuple[int, dict[str, str]]:
+        """The answer to `OPTIONS /v1/...` (CORS preflight): status and headers."""
+        return self.edge.browser.preflight(headers)
+
+    def cors_headers(self, headers: Mapping[str, str]) -> dict[str, str]:
+        """Headers for an answer to a listed browser origin ({} for anyone else)."""
+        return self.edge.browser.cors_headers(headers)
+
+    def ready(self) -> dict[str, bool]:
+        """Each preloaded local provider: loaded yet?"""
+        return self.engine.readiness()
+
     async def reload(self) -> bool:
         """Load the config file again and swap it in; False (old config kept) if it is bad."""
         old = self.engine
@@ -114,7 +148,7 @@ class Gateway:
             edge = EdgeRules.from_config(config)
             if self._audit and config.server.audit_log != self.observer.audit.target:
                 audit = open_audit(config)
-            new = Engine(config, self.observer, reuse=old)
+            new = Engine(config, self.observer, reuse=old, redact=edge.redactor.text)
         except (ConfigError, OSError, ValueError) as exc:  # ValueError: not UTF-8
             if audit is not None:
                 audit.close()
@@ -125,6 +159,7 @@ class Gateway:
         self.observer.aliases = set(config.models)
         self.observer.log_content = config.server.log_content
         self.observer.redactor = self.log_filter.redactor = edge.redactor
+        self.redact = edge.redactor.text
         if audit is not None:
             self.observer.replace_audit(audit)
         self.engine, self.guard, self.edge = new, guard, edge
@@ -132,14 +167,15 @@ class Gateway:
             "config reloaded from %s: aliases %s; providers kept %s",
             config.path, ", ".join(config.models), ", ".join(sorted(new.reused)) or "none",
         )  # fmt: skip
+        new.start_probes()
         self._spawn(self._retire(old, keep=new.reused))
         return True
 
     async def _retire(self, old: Engine, keep: set[str]) -> None:
         deadline = time.monotonic() + old.config.server.request_timeout
         while old.active > 0 and time.monotonic() < deadline:  # noqa: ASYNC110 - a counter
-            await asyncio.sleep(0.05)
-        await old.aclose(keep=keep)
+            await asyncio.sleep(0.05)  # probes stop then; providers close when unleased
+        await old.aclose()
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.ensure_future(coro)
@@ -154,6 +190,7 @@ class Gateway:
             gc.collect()
             gc.freeze()
         redact.install(self.log_filter)
+        self.engine.start_probes()
         if self._watched is not None:
             self._spawn(self._watch(self._watched))
         with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):

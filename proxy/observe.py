@@ -7,7 +7,7 @@
   Message content only with `server.log_content: true`; secrets never (the redactor).
 
 Each sink is isolated: one failing (logged once, counted) never drops the others.
-Upstream-reported token counts are clamped (`clamp_tokens`) before any sink sees them.
+Token counts are clamped (`clamp_tokens`) before any sink sees them.
 """
 
 from __future__ import annotations
@@ -24,14 +24,15 @@ from .redact import Redactor
 
 log = logging.getLogger("omnimind.observe")
 
-MAX_TOKENS = 10_000_000  # more in one request is an upstream's bug or lie, not usage
+MAX_TOKENS = 100_000_000  # as accounting.py: an upstream's usage beyond this is not believed
 
 
 def clamp_tokens(count: object) -> int | None:
-    """An upstream's token count, or None when it is not a plausible one."""
+    """A token count within 0..MAX_TOKENS (None if it is not a number at all); accounting
+    clamps usage already, this keeps every sink safe whoever fills a record."""
     if isinstance(count, bool) or not isinstance(count, int):
         return None
-    return count if 0 <= count <= MAX_TOKENS else None
+    return max(0, min(count, MAX_TOKENS))
 
 
 @dataclass(slots=True)
@@ -46,6 +47,7 @@ class RequestRecord:
     attempts: list[Attempt] = field(default_factory=list)
     latency_ms: float = 0.0  # non-stream: whole answer; stream: first chunk
     duration_ms: float = 0.0
+    queue_ms: float = 0.0  # waiting for providers' concurrency slots
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     cost_usd: float | None = None
@@ -139,16 +141,3 @@ class Observer:
         except Exception:  # noqa: BLE001 - the metrics sink itself may be the broken one
             pass
 
-
-def cost_usd(
-    prompt: int | None, completion: int | None, price_in: float | None, price_out: float | None
-) -> float | None:
-    """Cost from per-million-token prices; None when a needed price or count is missing
-    (or a count is not a plausible one: negative, or absurdly large)."""
-    if price_in is None and price_out is None:
-        return None
-    prompt, completion = clamp_tokens(prompt), clamp_tokens(completion)
-    if prompt is None or completion is None:
-        return None
-    total = (prompt * (price_in or 0.0) + completion * (price_out or 0.0)) / 1_000_000
-    return round(total, 8)
