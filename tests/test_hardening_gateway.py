@@ -27,7 +27,8 @@ from .test_hardening_support import (
     write_config,
 )
 
-needs_core = pytest.mark.xfail(strict=False, reason="needs core")
+# Needs the pipeline to call `gateway.check_body(body)` and answer CORS (see the report).
+needs_pipeline = pytest.mark.xfail(strict=False, reason="needs core: pipeline call sites")
 MESSAGES: Any = [{"role": "user", "content": "hi"}]
 AUTH = {"authorization": f"Bearer {GATEWAY_CANARY}"}
 
@@ -72,15 +73,17 @@ def test_huge_and_numerous_headers_get_431(gw: GatewayServer, http: httpx.Client
     assert http.get("/health").status_code == 200
 
 
-@needs_core
 @pytest.mark.parametrize(
     "body",
     [
         b'{"model":"m-echo","messages":[{"role":"user","content":"\xff\xfe"}]}',
-        b'{"model":"m-echo","messages":[{"role":"user","content":"hi"}],"x":'
-        + b"[" * 5000
-        + b"]" * 5000
-        + b"}",
+        pytest.param(
+            b'{"model":"m-echo","messages":[{"role":"user","content":"hi"}],"x":'
+            + b"[" * 5000
+            + b"]" * 5000
+            + b"}",
+            marks=needs_pipeline,
+        ),
     ],
     ids=["invalid-utf8", "deep-json"],
 )
@@ -98,15 +101,18 @@ def test_bad_bodies_are_400_at_the_edge(
     assert _providers(http)["mal"]["state"] == "closed"
 
 
-@needs_core
 def test_request_ids_are_plain_and_the_upstream_gets_the_gateways_own(
     http: httpx.Client,
     mal: tuple[FakeMalicious, str],  # noqa: F811
 ) -> None:
     body = b'{"model":"m-echo","messages":[{"role":"user","content":"hi"}]}'
-    assert _post(http, body, x_request_id="abc-123").headers["x-request-id"] == "abc-123"
+    assert _post(http, body, **{"x-request-id": "abc-123"}).headers["x-request-id"] == "abc-123"
     for bad in ["x" * 129, "a b", "not/ok", "\u00e9t\u00e9"]:
-        resp = _post(http, body, **{"x-request-id": bad.encode().decode("latin-1")})
+        resp = http.post(
+            "/v1/chat/completions",
+            content=body,
+            headers={"content-type": b"application/json", "x-request-id": bad.encode()},
+        )
         assert resp.status_code == 200
         assert resp.headers["x-request-id"] != bad and len(resp.headers["x-request-id"]) <= 128
     _post(http, body, **{"x-request-id": "client-chosen"})
@@ -129,7 +135,7 @@ def keyless(
     server.close()
 
 
-@needs_core
+@needs_pipeline
 def test_keyless_gateway_is_not_drivable_by_a_web_page(keyless: GatewayServer) -> None:
     body = b'{"model":"m-echo","messages":[{"role":"user","content":"hi"}]}'
     with httpx.Client(base_url=keyless.url, timeout=30) as c:
@@ -169,7 +175,6 @@ def test_keyless_gateway_is_not_drivable_by_a_web_page(keyless: GatewayServer) -
 # ---- lifecycle -------------------------------------------------------------------------
 
 
-@needs_core
 def test_stream_client_leaving_before_the_first_chunk_frees_everything(
     gw: GatewayServer,
     http: httpx.Client,
@@ -188,7 +193,6 @@ def test_stream_client_leaving_before_the_first_chunk_frees_everything(
     assert settle(open_fds, fds, slack=4, within=3.0) <= fds + 4
 
 
-@needs_core
 def test_a_burst_of_concurrent_failures_is_one_ejection(
     mal: tuple[FakeMalicious, str],  # noqa: F811
     tmp_path: Path,
@@ -210,8 +214,9 @@ def test_a_burst_of_concurrent_failures_is_one_ejection(
         with concurrent.futures.ThreadPoolExecutor(16) as pool:
             list(pool.map(lambda _: _try(client, "slow"), range(16)))
         state = httpx.get(f"{server.url}/v1/providers").json()["data"][0]
-        assert state["circuit_open_remaining_s"] <= 2.5, state
-        assert state["ejections"] == 1, state
+        deployment = state["deployments"]["partial"]  # a timeout is the model's, not the host's
+        assert deployment["ejections"] == 1, state
+        assert deployment["circuit_open_remaining_s"] <= 2.5, state
     finally:
         server.close()
 
@@ -224,7 +229,6 @@ def _try(client: openai.OpenAI, model: str) -> int:
     return 200
 
 
-@needs_core
 def test_a_model_name_that_is_not_latin1_cannot_break_a_response(
     mal: tuple[FakeMalicious, str],  # noqa: F811
     tmp_path: Path,
@@ -273,7 +277,7 @@ def test_a_stuck_audit_reader_never_blocks_the_gateway(
             body = b'{"model":"m","messages":[{"role":"user","content":"hi"}]}'
             with httpx.Client(base_url=server.url, timeout=5) as c:
                 for _ in range(400):  # ~300 bytes a line: far more than the pipe holds
-                    assert _post(c, body, x_request_id="r" * 100).status_code == 200
+                    assert _post(c, body, **{"x-request-id": "r" * 100}).status_code == 200
                 started = time.monotonic()
                 assert c.get("/health").status_code == 200
                 assert time.monotonic() - started < 1

@@ -30,7 +30,6 @@ from .test_hardening_support import (
     write_config,
 )
 
-needs_core = pytest.mark.xfail(strict=False, reason="needs core")
 MESSAGES: Any = [{"role": "user", "content": "hi"}]
 
 
@@ -94,7 +93,6 @@ SURFACE_MODELS = [
 ]  # fmt: skip
 
 
-@needs_core
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 @pytest.mark.parametrize("model", SURFACE_MODELS)
 def test_no_secret_reaches_the_client(client: openai.OpenAI, model: str, stream: bool) -> None:
@@ -102,7 +100,6 @@ def test_no_secret_reaches_the_client(client: openai.OpenAI, model: str, stream:
     assert not leaked(everything), (status, everything[:2000])
 
 
-@needs_core
 def test_no_secret_in_providers_status(client: openai.OpenAI, gw: GatewayServer) -> None:
     for model in SURFACE_MODELS:
         _ask(client, model, False)
@@ -133,7 +130,6 @@ def test_no_secret_in_audit_metrics_or_server_log(
         assert "\n" not in record.getMessage(), record.getMessage()
 
 
-@needs_core
 @pytest.mark.parametrize("code", [301, 302, 303, 307, 308])
 def test_redirects_are_never_followed(
     client: openai.OpenAI,
@@ -147,14 +143,12 @@ def test_redirects_are_never_followed(
     assert raw.parse().choices[0].message.content == "echo"  # the chain moved on
     assert raw.headers["x-omnimind-fallbacks"] == "mal:redirect"
     assert len(sink[0].hits) == hits, sink[0].hits[-1]
-    with client.chat.completions.with_streaming_response.create(
-        model=f"m-redirect-{code}", messages=MESSAGES, stream=True
-    ) as resp:
-        resp.read()
+    for stream in (False, True):  # a lone entry: the redirect is the error, never followed
+        status, text = _ask(client, f"m-redirect-{code}", stream)
+        assert status == 502 and "redirect" in text
     assert len(sink[0].hits) == hits
 
 
-@needs_core
 @pytest.mark.parametrize("model", ["m-gzip-bomb", "m-huge"])
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 def test_upstream_bodies_are_bounded(
@@ -187,11 +181,11 @@ def test_absurd_usage_is_clamped_and_every_sink_still_records(
     assert float(raw.headers.get("x-omnimind-cost-usd", 0)) >= 0
     gw.gateway.observer.audit.flush()
     lines = audit_lines(audit_path)[seen:]
-    assert len(lines) == 1 and lines[0].get("prompt_tokens") is None
+    assert len(lines) == 1 and 0 <= lines[0].get("prompt_tokens", 0) <= 100_000_000
     assert stats.requests_total == before + 1
     metrics = httpx.get(f"{gw.url}/metrics").text
     tokens = [ln for ln in metrics.splitlines() if ln.startswith("omnimind_tokens_total{")]
-    assert all(0 <= float(ln.rsplit(" ", 1)[1]) < 1e7 for ln in tokens), tokens
+    assert all(0 <= float(ln.rsplit(" ", 1)[1]) <= 1e9 for ln in tokens), tokens
 
 
 def test_client_strings_are_cut_in_the_audit_log(
