@@ -30,7 +30,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from proxy.config import ServerSpec
-from proxy.edge import check_body, request_id
+from proxy.edge import check_body
 from proxy.httpproto import uvicorn_options
 from proxy.redact import Redactor
 
@@ -135,7 +135,6 @@ def micro(n: int = 20000) -> list[tuple[str, float, float]]:
     ).encode()
     redactor = Redactor([f"sk-or-v1-{i:060d}" for i in range(8)])
     message = "Upstream returned 400: model 'x' does not exist or you lack access to it. " * 3
-    uuid = b"3f2b8a1c-1d2e-4f5a-9b8c-7d6e5f4a3b2c"
     cases: list[tuple[str, Callable[[], object], int]] = [
         (f"edge.check_body, chat body {len(_BODY)} B", lambda: check_body(_BODY), n),
         (
@@ -149,7 +148,6 @@ def micro(n: int = 20000) -> list[tuple[str, float, float]]:
             n // 10,
         ),
         (f"Redactor.text, 8 secrets, {len(message)} chars", lambda: redactor.text(message), n),
-        ("edge.request_id, a client's uuid", lambda: request_id(uuid), n),
     ]
     for name, fn, count in cases:
         rows.append((f"{name} (us)", 0.0, min(timed(fn, count) for _ in range(5))))
