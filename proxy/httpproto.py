@@ -7,7 +7,8 @@ request's head (request line + headers) passes `max_header_bytes` or has more th
 `header_timeout` (silent or slowloris connections) or whose body does not arrive within
 `body_timeout` after its head. Idle keep-alive connections are closed by uvicorn's
 `timeout_keep_alive`, and `limit_concurrency` answers 503 past `max_connections`
-connections or requests, before file descriptors run short.
+connections or requests, before file descriptors run short. uvicorn's proxy headers are
+off (`server.trusted_proxies` decides whom to believe).
 
 `uvicorn_options(server_spec)` gives the `uvicorn.run`/`uvicorn.Config` keywords.
 """
@@ -157,9 +158,12 @@ def bounded_protocol(limits: Limits) -> type[BoundedHttpToolsProtocol]:
 
 def uvicorn_options(server: ServerSpec) -> dict[str, Any]:
     """Keywords for `uvicorn.run`/`uvicorn.Config`: the bounded protocol, keep-alive
-    timeout and the connection cap (answered 503 past it)."""
+    timeout and the connection cap (answered 503 past it). uvicorn's own proxy-headers
+    middleware is off: it believes X-Forwarded-For from 127.0.0.1 by default, so any local
+    client could pick its address; `server.trusted_proxies` decides that (edge.py)."""
     return {
         "http": bounded_protocol(Limits.from_server(server)),
+        "proxy_headers": False,
         "timeout_keep_alive": server.keep_alive_timeout,
         "limit_concurrency": server.max_connections,
     }

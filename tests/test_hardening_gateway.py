@@ -357,3 +357,31 @@ def textwrap_config(mal_url: str, alias: str, audit: str) -> str:
     import textwrap
 
     return textwrap.dedent(_reload_config(mal_url, alias, audit))
+
+
+@pytest.mark.parametrize("trusted", [False, True], ids=["untrusted", "trusted-proxy"])
+def test_forwarded_for_is_believed_only_from_trusted_proxies(
+    mal: tuple[FakeMalicious, str],  # noqa: F811
+    tmp_path: Path,
+    trusted: bool,
+) -> None:
+    proxies = "[127.0.0.1/32]" if trusted else "[]"
+    text = f"""
+    server: {{audit_log: off, rate_limit_rpm: 2, trusted_proxies: {proxies}}}
+    providers:
+      mal: {{type: openai, base_url: "{mal[1]}/v1"}}
+    models:
+      m: [{{provider: mal, model: echo}}]
+    """
+    server = GatewayServer(write_config(tmp_path / "models.yaml", text))
+    body = b'{"model":"m","messages":[{"role":"user","content":"hi"}]}'
+    try:
+        with httpx.Client(base_url=server.url, timeout=10) as c:
+            statuses = [
+                _post(c, body, **{"x-forwarded-for": f"203.0.113.{i}"}).status_code
+                for i in range(4)
+            ]
+    finally:
+        server.close()
+    # rotating the header buys a fresh bucket only when the peer is a trusted proxy
+    assert statuses == ([200] * 4 if trusted else [200, 200, 429, 429])
