@@ -140,4 +140,3 @@ class Observer:
             self.metrics.sink_failures.labels(sink).inc()
         except Exception:  # noqa: BLE001 - the metrics sink itself may be the broken one
             pass
-
