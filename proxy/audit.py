@@ -38,6 +38,7 @@ class AuditLine(msgspec.Struct, omit_defaults=True):
     outcome: str
     attempts: list[dict[str, Any]]
     duration_ms: float
+    queue_ms: float = 0.0
     provider: str | None = None
     model: str | None = None
     latency_ms: float | None = None
@@ -168,6 +169,7 @@ def audit_json(rec: Any, log_content: bool, redactor: Redactor) -> bytes:
         outcome=rec.outcome,
         attempts=attempt_fields(rec.attempts),
         duration_ms=round(rec.duration_ms, 1),
+        queue_ms=round(rec.queue_ms, 1),
         provider=rec.provider or None,
         model=cut(rec.model) if rec.model else None,
         latency_ms=round(rec.latency_ms, 1) if rec.provider else None,

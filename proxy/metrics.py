@@ -95,11 +95,12 @@ class Metrics:
             if rec.cost_usd:
                 self._child(self.cost, provider, rec.model).inc(rec.cost_usd)
 
-    def exposition(self, health: dict[str, dict[str, Any]]) -> bytes:
+    def exposition(self, health: dict[str, Any]) -> bytes:
+        """`health`: provider id -> its status (`available`, `state`)."""
         self.audit_dropped.set(self.dropped_lines())
         for name, h in health.items():
-            self.available.labels(name).set(1 if h["available"] else 0)
-            self.circuit.labels(name).set(_STATES.get(h["state"], 0))
+            self.available.labels(name).set(1 if h.available else 0)
+            self.circuit.labels(name).set(_STATES.get(h.state, 0))
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             registry = CollectorRegistry()
             prom_multiprocess.MultiProcessCollector(registry)
