@@ -31,7 +31,7 @@ from uvicorn.server import ServerState
 
 from proxy.config import ServerSpec
 from proxy.edge import check_body
-from proxy.httpproto import uvicorn_options
+from proxy.httpproto import Limits, bounded_protocol, uvicorn_options
 from proxy.redact import Redactor
 
 from .load import chat_body
@@ -112,7 +112,7 @@ def _best(fn: Callable[[], float], rounds: int = 5) -> float:
 def micro(n: int = 20000) -> list[tuple[str, float, float]]:
     import uvloop
 
-    bounded = uvicorn_options(ServerSpec())["http"]
+    bounded = bounded_protocol(Limits())
     rows: list[tuple[str, float, float]] = []
     loop = uvloop.new_event_loop()
     try:
@@ -157,7 +157,7 @@ def micro(n: int = 20000) -> list[tuple[str, float, float]]:
 def _serve(port: int, kind: str) -> None:
     options: dict[str, Any] = {"http": "httptools"}
     if kind == "bounded":
-        options = uvicorn_options(ServerSpec())
+        options = {**uvicorn_options(ServerSpec()), "http": bounded_protocol(Limits())}
     uvicorn.run(tiny_app, host="127.0.0.1", port=port, loop="uvloop", log_level="error",
                 access_log=False, **options)  # fmt: skip
 

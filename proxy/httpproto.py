@@ -10,7 +10,8 @@ request's head (request line + headers) passes `max_header_bytes` or has more th
 connections or requests, before file descriptors run short. uvicorn's proxy headers are
 off (`server.trusted_proxies` decides whom to believe).
 
-`uvicorn_options(server_spec)` gives the `uvicorn.run`/`uvicorn.Config` keywords.
+`uvicorn_options(server_spec)` gives the `uvicorn.run`/`uvicorn.Config` keywords; the
+protocol reads its limits from the served gateway's config, connection by connection.
 """
 
 from __future__ import annotations
@@ -71,10 +72,11 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     (no timer is armed or cancelled per request).
     """
 
-    limits = Limits()
+    limits: Limits | None = None  # None: the served gateway's `server` settings
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self._limits = self.limits or _limits_of(self.app)
         self._phase = _HEAD
         self._since = 0.0
         self._head_bytes = 0
@@ -89,9 +91,11 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             return
         now = self.loop.time()
         if self._phase == _APP:  # the app's own time is the request deadline's business
-            wait = self.limits.header_timeout
+            wait = self._limits.header_timeout
         else:
-            limit = self.limits.header_timeout if self._phase == _HEAD else self.limits.body_timeout
+            limit = (
+                self._limits.header_timeout if self._phase == _HEAD else self._limits.body_timeout
+            )
             wait = self._since + limit - now
             if wait <= 0:
                 if self._phase == _HEAD and self._head_bytes:  # say why we hang up
@@ -104,7 +108,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._since = self.loop.time()  # a silent connection is closed too
-        self._watch = self.loop.call_later(self.limits.header_timeout, self._check)
+        self._watch = self.loop.call_later(self._limits.header_timeout, self._check)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._watch is not None:
@@ -122,7 +126,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         super().data_received(data)
         if (
             self._phase == _HEAD
-            and self._head_bytes > self.limits.max_header_bytes
+            and self._head_bytes > self._limits.max_header_bytes
             and not self.transport.is_closing()
         ):
             self._reject_head()
@@ -139,7 +143,12 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self.transport.close()
 
     def on_headers_complete(self) -> None:
-        if len(self.headers) > self.limits.max_headers:
+        limits = self._limits
+        if len(self.headers) > limits.max_headers or (
+            # a head that came whole in one read: its bytes counted may include body bytes
+            self._head_bytes > limits.max_header_bytes
+            and _head_size(self.url, self.headers) > limits.max_header_bytes
+        ):
             self._too_large = True
             raise _HeadTooLarge  # httptools stops; uvicorn answers via send_400_response
         self._phase, self._since = _BODY, self.loop.time()
@@ -151,8 +160,19 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         super().on_message_complete()
 
 
+def _head_size(url: bytes, headers: list[tuple[bytes, bytes]]) -> int:
+    return len(url) + 16 + sum(len(name) + len(value) + 4 for name, value in headers)
+
+
+def _limits_of(app: object) -> Limits:
+    """The limits in the served gateway's config (read per connection: reloads apply)."""
+    server = getattr(getattr(getattr(app, "gateway", None), "config", None), "server", None)
+    return Limits.from_server(server) if isinstance(server, ServerSpec) else Limits()
+
+
 def bounded_protocol(limits: Limits) -> type[BoundedHttpToolsProtocol]:
-    """A protocol class carrying `limits` (uvicorn instantiates the class it is given)."""
+    """A protocol class carrying fixed `limits` (for apps that are not the gateway; such a
+    class cannot cross to `--workers` processes, the module's own class can)."""
     return type("BoundedHttpToolsProtocol", (BoundedHttpToolsProtocol,), {"limits": limits})
 
 
@@ -162,7 +182,7 @@ def uvicorn_options(server: ServerSpec) -> dict[str, Any]:
     middleware is off: it believes X-Forwarded-For from 127.0.0.1 by default, so any local
     client could pick its address; `server.trusted_proxies` decides that (edge.py)."""
     return {
-        "http": bounded_protocol(Limits.from_server(server)),
+        "http": BoundedHttpToolsProtocol,  # a module attribute: picklable for --workers
         "proxy_headers": False,
         "timeout_keep_alive": server.keep_alive_timeout,
         "limit_concurrency": server.max_connections,

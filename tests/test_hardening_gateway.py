@@ -385,3 +385,24 @@ def test_forwarded_for_is_believed_only_from_trusted_proxies(
         server.close()
     # rotating the header buys a fresh bucket only when the peer is a trusted proxy
     assert statuses == ([200] * 4 if trusted else [200, 200, 429, 429])
+
+
+def test_header_limits_come_from_the_config(
+    mal: tuple[FakeMalicious, str],  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    text = f"""
+    server: {{audit_log: off, max_headers: 20, max_header_bytes: 4096}}
+    providers:
+      mal: {{type: openai, base_url: "{mal[1]}/v1"}}
+    models:
+      m: [{{provider: mal, model: echo}}]
+    """
+    server = GatewayServer(write_config(tmp_path / "models.yaml", text))
+    try:
+        with httpx.Client(base_url=server.url, timeout=10) as c:
+            assert c.get("/health", headers={f"x-{i}": "v" for i in range(10)}).status_code == 200
+            assert c.get("/health", headers={f"x-{i}": "v" for i in range(25)}).status_code == 431
+            assert c.get("/health", headers={"x-big": "a" * 5000}).status_code == 431
+    finally:
+        server.close()

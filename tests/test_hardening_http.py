@@ -13,7 +13,7 @@ import pytest
 import uvicorn
 
 from proxy.config import ServerSpec
-from proxy.httpproto import uvicorn_options
+from proxy.httpproto import Limits, bounded_protocol, uvicorn_options
 
 from .servers import LoopThread, free_socket, open_fds, settle
 
@@ -42,9 +42,9 @@ class BoundedServer:
         spec = msgspec.convert(server, ServerSpec)
         self._sock = free_socket()
         self.port = int(self._sock.getsockname()[1])
-        config = uvicorn.Config(
-            _app, log_level="error", lifespan="off", loop="none", **uvicorn_options(spec)
-        )
+        options = uvicorn_options(spec)  # a bare app: the limits go in the class
+        options["http"] = bounded_protocol(Limits.from_server(spec))
+        config = uvicorn.Config(_app, log_level="error", lifespan="off", loop="none", **options)
         self.server = uvicorn.Server(config)
         self.thread = LoopThread(uvloop_=True)
         self._serving = asyncio.run_coroutine_threadsafe(

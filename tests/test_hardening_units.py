@@ -290,3 +290,13 @@ def test_depth_scan_agrees_with_a_parser_on_random_json() -> None:
         body = json.dumps(doc, ensure_ascii=rng.random() < 0.5).encode()
         for limit in (1, 3, 6):
             assert json_depth_exceeds(body, limit) == (_depth(doc) > limit), (body, limit)
+
+
+def test_the_served_protocol_class_crosses_to_worker_processes() -> None:
+    import pickle
+
+    from proxy.httpproto import BoundedHttpToolsProtocol, uvicorn_options
+
+    options = uvicorn_options(ServerSpec())
+    assert pickle.loads(pickle.dumps(options["http"])) is BoundedHttpToolsProtocol
+    assert options["proxy_headers"] is False
