@@ -7,7 +7,8 @@ never stall the gateway: once the buffer is full, lines are dropped and counted
 (`dropped`, exported as `omnimind_audit_dropped_lines`).
 
 Strings a client controls (alias, error text, ids) are cut to `MAX_FIELD` characters, and
-every line is passed through the redactor: no configured secret is ever written.
+every string that did not come from the config (alias, error text, message content) is
+passed through the redactor: no configured secret is ever written.
 """
 
 from __future__ import annotations
@@ -163,7 +164,7 @@ def audit_json(rec: Any, log_content: bool, redactor: Redactor) -> bytes:
     line = AuditLine(
         ts=round(time.time(), 3),
         request_id=cut(rec.request_id, 128),
-        alias=cut(rec.alias),
+        alias=redactor.text(cut(rec.alias)),
         stream=rec.stream,
         status=rec.status,
         outcome=rec.outcome,
@@ -177,7 +178,7 @@ def audit_json(rec: Any, log_content: bool, redactor: Redactor) -> bytes:
         completion_tokens=rec.completion_tokens,
         cost_usd=rec.cost_usd,
         key_id=rec.key_id or None,
-        error=cut(rec.error) if rec.error else None,
-        messages=rec.messages if log_content else None,
+        error=redactor.text(cut(rec.error)) if rec.error else None,
+        messages=redactor.obj(rec.messages) if log_content else None,
     )
-    return redactor.bytes(_encode(line))
+    return _encode(line)
