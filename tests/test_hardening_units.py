@@ -300,3 +300,24 @@ def test_the_served_protocol_class_crosses_to_worker_processes() -> None:
     options = uvicorn_options(ServerSpec())
     assert pickle.loads(pickle.dumps(options["http"])) is BoundedHttpToolsProtocol
     assert options["proxy_headers"] is False
+
+
+def test_a_failing_sink_never_drops_the_others(tmp_path: Path) -> None:
+    from proxy.audit import AuditLog
+    from proxy.observe import Observer, RequestRecord
+
+    class Broken:
+        def record(self, *args: object) -> None:
+            raise RuntimeError("metrics sink down")
+
+    audit = AuditLog(str(tmp_path / "a.jsonl"))
+    observer = Observer({"m"}, audit=audit)
+    observer.metrics = Broken()  # type: ignore[assignment]
+    for tokens in (5, -5, 10**20, "many"):
+        rec = RequestRecord("r1", "m", False, provider="p", model="x")
+        rec.prompt_tokens = tokens  # type: ignore[assignment]
+        observer.finished(rec)
+    audit.close()
+    lines = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]
+    assert observer.stats.requests_total == 4 and len(lines) == 4
+    assert [line.get("prompt_tokens") for line in lines] == [5, 0, 100_000_000, None]
