@@ -406,3 +406,41 @@ def test_header_limits_come_from_the_config(
             assert c.get("/health", headers={"x-big": "a" * 5000}).status_code == 431
     finally:
         server.close()
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b'"\\ud800 lone surrogate"', b'{"nested": ["not", "text"]}', b'"\xff\xfe"'],
+    ids=["lone-surrogate", "wrong-type", "invalid-utf8"],
+)
+def test_a_client_cannot_trip_a_providers_breaker(tmp_path: Path, content: bytes) -> None:
+    from .fake_ollama import FakeOllama
+    from .servers import AiohttpServer
+
+    fake = FakeOllama()
+    upstream = AiohttpServer(fake.app())
+    text = f"""
+    server: {{audit_log: off}}
+    providers:
+      oll:
+        type: ollama
+        base_url: {upstream.url}
+        breaker: {{failures: 2, cooldown: 60}}
+    models:
+      m: [{{provider: oll, model: echo}}]
+    """
+    server = GatewayServer(write_config(tmp_path / "models.yaml", text))
+    body = b'{"model":"m","messages":[{"role":"user","content":' + content + b"}]}"
+    try:
+        with httpx.Client(base_url=server.url, timeout=10) as c:
+            for stream in (b"false", b"true", b"false", b"true", b"false"):
+                resp = _post(c, body[:-1] + b',"stream":' + stream + b"}")
+                assert resp.status_code in (200, 400), resp.text  # never a provider failure
+            state = c.get("/v1/providers").json()["data"][0]
+            assert state["state"] == "closed", state
+            assert all(d["state"] == "closed" for d in state["deployments"].values()), state
+            ok = b'{"model":"m","messages":[{"role":"user","content":"hi"}]}'
+            assert _post(c, ok).status_code == 200
+    finally:
+        server.close()
+        upstream.close()
