@@ -23,6 +23,7 @@ from .test_hardening_support import (
     canary_env,  # noqa: F401 - a fixture
     mal,  # noqa: F401 - a fixture
     malicious_config,
+    one_alias_config,
     sink,  # noqa: F401 - a fixture
     write_config,
 )
@@ -265,13 +266,7 @@ def test_a_stuck_audit_reader_never_blocks_the_gateway(
     read_end, write_end = os.pipe()  # nobody reads: the pipe fills after ~64 KB
     try:
         target = f"/proc/self/fd/{write_end}"
-        text = f"""
-        server: {{audit_log: "{target}", audit_buffer: 50}}
-        providers:
-          mal: {{type: openai, base_url: "{mal[1]}/v1"}}
-        models:
-          m: [{{provider: mal, model: echo}}]
-        """
+        text = one_alias_config(mal[1], f'audit_log: "{target}", audit_buffer: 50')
         server = GatewayServer(write_config(tmp_path / "models.yaml", text))
         try:
             body = b'{"model":"m","messages":[{"role":"user","content":"hi"}]}'
@@ -299,13 +294,7 @@ def test_a_stuck_audit_reader_never_blocks_the_gateway(
 
 
 def _reload_config(mal_url: str, alias: str, audit: str) -> str:
-    return f"""
-    server: {{audit_log: "{audit}"}}
-    providers:
-      mal: {{type: openai, base_url: "{mal_url}/v1"}}
-    models:
-      {alias}: [{{provider: mal, model: echo}}]
-    """
+    return one_alias_config(mal_url, f'audit_log: "{audit}"', alias)
 
 
 def _aliases(server: GatewayServer) -> set[str]:
@@ -333,10 +322,10 @@ def test_reload_survives_bad_files_and_keeps_auditing(
         path.write_bytes(b"models:\n  caf\xe9: []\n")  # not UTF-8: an invalid edit
         time.sleep(0.6)
         assert _aliases(server) == {"first"}
-        path.write_text(textwrap_config(mal[1], "second", str(audit)), encoding="utf-8")
+        path.write_text(_reload_config(mal[1], "second", str(audit)), encoding="utf-8")
         assert _wait_for(server, "second"), "the watcher died on the non-UTF-8 file"
         # an audit_log that cannot be opened: refused, the old config (and audit) stay
-        bad = textwrap_config(mal[1], "third", str(tmp_path / "no" / "such" / "dir.jsonl"))
+        bad = _reload_config(mal[1], "third", str(tmp_path / "no" / "such" / "dir.jsonl"))
         path.write_text(bad, encoding="utf-8")
         assert not _wait_for(server, "third", within=1.0)
         body = body.replace(b"first", b"second")
@@ -347,16 +336,10 @@ def test_reload_survives_bad_files_and_keeps_auditing(
         # a models.yaml in a sub-folder is not this config
         nested = tmp_path / "sub"
         nested.mkdir()
-        (nested / "models.yaml").write_text(textwrap_config(mal[1], "nested", str(audit)))
+        (nested / "models.yaml").write_text(_reload_config(mal[1], "nested", str(audit)))
         assert not _wait_for(server, "nested", within=1.0)
     finally:
         server.close()
-
-
-def textwrap_config(mal_url: str, alias: str, audit: str) -> str:
-    import textwrap
-
-    return textwrap.dedent(_reload_config(mal_url, alias, audit))
 
 
 @pytest.mark.parametrize("trusted", [False, True], ids=["untrusted", "trusted-proxy"])
@@ -366,13 +349,9 @@ def test_forwarded_for_is_believed_only_from_trusted_proxies(
     trusted: bool,
 ) -> None:
     proxies = "[127.0.0.1/32]" if trusted else "[]"
-    text = f"""
-    server: {{audit_log: off, rate_limit_rpm: 2, trusted_proxies: {proxies}}}
-    providers:
-      mal: {{type: openai, base_url: "{mal[1]}/v1"}}
-    models:
-      m: [{{provider: mal, model: echo}}]
-    """
+    text = one_alias_config(
+        mal[1], f"audit_log: off, rate_limit_rpm: 2, trusted_proxies: {proxies}"
+    )
     server = GatewayServer(write_config(tmp_path / "models.yaml", text))
     body = b'{"model":"m","messages":[{"role":"user","content":"hi"}]}'
     try:
@@ -391,13 +370,7 @@ def test_header_limits_come_from_the_config(
     mal: tuple[FakeMalicious, str],  # noqa: F811
     tmp_path: Path,
 ) -> None:
-    text = f"""
-    server: {{audit_log: off, max_headers: 20, max_header_bytes: 4096}}
-    providers:
-      mal: {{type: openai, base_url: "{mal[1]}/v1"}}
-    models:
-      m: [{{provider: mal, model: echo}}]
-    """
+    text = one_alias_config(mal[1], "audit_log: off, max_headers: 20, max_header_bytes: 4096")
     server = GatewayServer(write_config(tmp_path / "models.yaml", text))
     try:
         with httpx.Client(base_url=server.url, timeout=10) as c:

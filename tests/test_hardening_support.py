@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import textwrap
 import time
 from collections.abc import Iterator
@@ -48,19 +49,15 @@ def leaked(text: str | bytes) -> list[str]:
     return [c for c in CANARIES if c in text]
 
 
-class GatewayServer:
-    """The gateway from a models.yaml file, on uvicorn with `uvicorn_options` applied."""
+class OptionsServer:
+    """An ASGI app on a real uvicorn (uvloop, loopback) with the given uvicorn options."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        config = load(path)
-        self.app = create_app(config)
+    def __init__(self, app: Any, **options: Any) -> None:
+        self.app = app
         self._sock = free_socket()
         self.port = int(self._sock.getsockname()[1])
-        options = uvicorn_options(config.server)
-        self.server = uvicorn.Server(
-            uvicorn.Config(self.app, log_level="warning", lifespan="on", loop="none", **options)
-        )
+        options.setdefault("log_level", "warning")
+        self.server = uvicorn.Server(uvicorn.Config(app, loop="none", **options))
         self.thread = LoopThread(uvloop_=True)
         self._serving = asyncio.run_coroutine_threadsafe(
             self.server.serve(sockets=[self._sock]), self.thread.loop
@@ -68,16 +65,18 @@ class GatewayServer:
         deadline = time.monotonic() + 30
         while not self.server.started:
             if self._serving.done() or time.monotonic() > deadline:
-                raise RuntimeError("gateway did not start")
+                raise RuntimeError("server did not start")
             time.sleep(0.01)
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    @property
-    def gateway(self) -> Any:
-        return self.app.gateway
+    def connect(self) -> socket.socket:
+        return socket.create_connection(("127.0.0.1", self.port), timeout=10)
+
+    def connections(self) -> int:
+        return len(self.server.server_state.connections)
 
     def close(self) -> None:
         self.server.should_exit = True
@@ -86,9 +85,34 @@ class GatewayServer:
         self._sock.close()
 
 
+class GatewayServer(OptionsServer):
+    """The gateway from a models.yaml file, with `uvicorn_options` applied (as `serve`)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        config = load(path)
+        super().__init__(create_app(config), lifespan="on", **uvicorn_options(config.server))
+
+    @property
+    def gateway(self) -> Any:
+        return self.app.gateway
+
+
 def write_config(path: Path, text: str) -> Path:
     path.write_text(textwrap.dedent(text), encoding="utf-8")
     return path
+
+
+def one_alias_config(mal_url: str, server: str, alias: str = "m", model: str = "echo") -> str:
+    """One openai provider `mal` at the malicious upstream, one alias; `server` is the
+    inside of the server mapping."""
+    return f"""
+server: {{{server}}}
+providers:
+  mal: {{type: openai, base_url: "{mal_url}/v1"}}
+models:
+  {alias}: [{{provider: mal, model: {model}}}]
+"""
 
 
 def malicious_config(mal_url: str, audit: Path | str = "off", server: str = "") -> str:
