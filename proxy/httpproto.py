@@ -7,9 +7,11 @@ request's head (request line + headers) passes `max_header_bytes` or has more th
 `header_timeout` (silent or slowloris connections) or whose body does not arrive within
 `body_timeout` after its head. Idle keep-alive connections are closed by uvicorn's
 `timeout_keep_alive`, and `limit_concurrency` answers 503 past `max_connections`
-connections or requests, before file descriptors run short.
+connections or requests, before file descriptors run short. uvicorn's proxy headers are
+off (`server.trusted_proxies` decides whom to believe).
 
-`uvicorn_options(server_spec)` gives the `uvicorn.run`/`uvicorn.Config` keywords.
+`uvicorn_options(server_spec)` gives the `uvicorn.run`/`uvicorn.Config` keywords; the
+protocol reads its limits from the served gateway's config, connection by connection.
 """
 
 from __future__ import annotations
@@ -59,68 +61,75 @@ class _HeadTooLarge(Exception):
     pass
 
 
-class BoundedHttpToolsProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with bounds on a request's head and on slow clients."""
+_HEAD, _BODY, _APP = 0, 1, 2  # waiting for / reading a head; reading a body; app's turn
 
-    limits = Limits()
+
+class BoundedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with bounds on a request's head and on slow clients.
+
+    Cheap per request: a phase and its start time are noted at each step; one timer per
+    connection, fired at most once per `header_timeout`, compares them with the limits
+    (no timer is armed or cancelled per request).
+    """
+
+    limits: Limits | None = None  # None: the served gateway's `server` settings
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._in_head = True  # between requests or inside a request's head
+        self._limits = self.limits or _limits_of(self.app)
+        self._phase = _HEAD
+        self._since = 0.0
         self._head_bytes = 0
-        self._header_count = 0
         self._too_large = False
-        self._deadline: asyncio.TimerHandle | None = None
+        self._watch: asyncio.TimerHandle | None = None
 
-    # -- timers: one deadline at a time, for the head or for the body ---------------------
+    # -- one watchdog per connection -------------------------------------------------------
 
-    def _arm(self, seconds: float) -> None:
-        self._disarm()
-        self._deadline = self.loop.call_later(seconds, self._expired)
-
-    def _disarm(self) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
-            self._deadline = None
-
-    def _expired(self) -> None:
-        self._deadline = None
+    def _check(self) -> None:
+        self._watch = None
         if self.transport.is_closing():
             return
-        if self._in_head and self._head_bytes:  # part of a head came: say why we hang up
-            self.transport.write(_TIMEOUT)
-        # Silent, slow head, or a body that does not come (the app sees a disconnect).
-        self.transport.close()
+        now = self.loop.time()
+        if self._phase == _APP:  # the app's own time is the request deadline's business
+            wait = self._limits.header_timeout
+        else:
+            limit = (
+                self._limits.header_timeout if self._phase == _HEAD else self._limits.body_timeout
+            )
+            wait = self._since + limit - now
+            if wait <= 0:
+                if self._phase == _HEAD and self._head_bytes:  # say why we hang up
+                    self.transport.write(_TIMEOUT)
+                # Silent, slow head, or a body that does not come (the app sees a disconnect).
+                self.transport.close()
+                return
+        self._watch = self.loop.call_later(max(wait, 0.05), self._check)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._arm(self.limits.header_timeout)  # a silent connection is closed too
+        self._since = self.loop.time()  # a silent connection is closed too
+        self._watch = self.loop.call_later(self._limits.header_timeout, self._check)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm()
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
         super().connection_lost(exc)
 
     # -- the head's size and count --------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
-        if self._in_head:
+        if self._phase != _BODY:
+            if self._phase == _APP:  # the next request's first bytes
+                self._phase, self._since = _HEAD, self.loop.time()
             self._head_bytes += len(data)
-            if self._deadline is None:  # a keep-alive connection's next request begins
-                self._arm(self.limits.header_timeout)
         super().data_received(data)
         if (
-            self._in_head
-            and self._head_bytes > self.limits.max_header_bytes
+            self._phase == _HEAD
+            and self._head_bytes > self._limits.max_header_bytes
             and not self.transport.is_closing()
         ):
             self._reject_head()
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._header_count += 1
-        if self._header_count > self.limits.max_headers:
-            self._too_large = True
-            raise _HeadTooLarge  # httptools stops parsing; uvicorn answers via send_400_response
-        super().on_header(name, value)
 
     def send_400_response(self, msg: str) -> None:
         if self._too_large:
@@ -129,34 +138,52 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             super().send_400_response(msg)
 
     def _reject_head(self) -> None:
-        self._disarm()
-        self._in_head = False
+        self._phase = _APP
         self.transport.write(_TOO_LARGE)
         self.transport.close()
 
     def on_headers_complete(self) -> None:
-        self._in_head = False
-        self._arm(self.limits.body_timeout)
+        limits = self._limits
+        if len(self.headers) > limits.max_headers or (
+            # a head that came whole in one read: its bytes counted may include body bytes
+            self._head_bytes > limits.max_header_bytes
+            and _head_size(self.url, self.headers) > limits.max_header_bytes
+        ):
+            self._too_large = True
+            raise _HeadTooLarge  # httptools stops; uvicorn answers via send_400_response
+        self._phase, self._since = _BODY, self.loop.time()
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
-        self._disarm()
-        self._in_head = True
+        self._phase = _APP
         self._head_bytes = 0
-        self._header_count = 0
         super().on_message_complete()
 
 
+def _head_size(url: bytes, headers: list[tuple[bytes, bytes]]) -> int:
+    return len(url) + 16 + sum(len(name) + len(value) + 4 for name, value in headers)
+
+
+def _limits_of(app: object) -> Limits:
+    """The limits in the served gateway's config (read per connection: reloads apply)."""
+    server = getattr(getattr(getattr(app, "gateway", None), "config", None), "server", None)
+    return Limits.from_server(server) if isinstance(server, ServerSpec) else Limits()
+
+
 def bounded_protocol(limits: Limits) -> type[BoundedHttpToolsProtocol]:
-    """A protocol class carrying `limits` (uvicorn instantiates the class it is given)."""
+    """A protocol class carrying fixed `limits` (for apps that are not the gateway; such a
+    class cannot cross to `--workers` processes, the module's own class can)."""
     return type("BoundedHttpToolsProtocol", (BoundedHttpToolsProtocol,), {"limits": limits})
 
 
 def uvicorn_options(server: ServerSpec) -> dict[str, Any]:
     """Keywords for `uvicorn.run`/`uvicorn.Config`: the bounded protocol, keep-alive
-    timeout and the connection cap (answered 503 past it)."""
+    timeout and the connection cap (answered 503 past it). uvicorn's own proxy-headers
+    middleware is off: it believes X-Forwarded-For from 127.0.0.1 by default, so any local
+    client could pick its address; `server.trusted_proxies` decides that (edge.py)."""
     return {
-        "http": bounded_protocol(Limits.from_server(server)),
+        "http": BoundedHttpToolsProtocol,  # a module attribute: picklable for --workers
+        "proxy_headers": False,
         "timeout_keep_alive": server.keep_alive_timeout,
         "limit_concurrency": server.max_connections,
     }

@@ -38,14 +38,9 @@ def escape_controls(text: str) -> str:
 
 
 def secret_values(config: Config) -> list[str]:
-    """Every credential the config holds, as configured (expanded from the environment)."""
-    values: list[str] = []
-    for provider in config.providers.values():
-        if provider.api_key:
-            values.append(provider.api_key.reveal())
-        values.extend(provider.headers.values())
-    values.extend(key.secret.reveal() for key in config.api_keys)
-    return [v for v in values if v]
+    """Every credential the config holds, as configured (expanded from the environment):
+    providers' api_keys and header values, and the gateway's own keys."""
+    return config.secrets()
 
 
 def _forms(secret: str) -> set[str]:

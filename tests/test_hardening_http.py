@@ -10,12 +10,12 @@ from typing import Any
 
 import msgspec
 import pytest
-import uvicorn
 
 from proxy.config import ServerSpec
-from proxy.httpproto import uvicorn_options
+from proxy.httpproto import Limits, bounded_protocol, uvicorn_options
 
-from .servers import LoopThread, free_socket, open_fds, settle
+from .servers import open_fds, settle
+from .test_hardening_support import OptionsServer
 
 
 async def _app(scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -37,34 +37,12 @@ async def _app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": answer})
 
 
-class BoundedServer:
+class BoundedServer(OptionsServer):
     def __init__(self, **server: Any) -> None:
         spec = msgspec.convert(server, ServerSpec)
-        self._sock = free_socket()
-        self.port = int(self._sock.getsockname()[1])
-        config = uvicorn.Config(
-            _app, log_level="error", lifespan="off", loop="none", **uvicorn_options(spec)
-        )
-        self.server = uvicorn.Server(config)
-        self.thread = LoopThread(uvloop_=True)
-        self._serving = asyncio.run_coroutine_threadsafe(
-            self.server.serve(sockets=[self._sock]), self.thread.loop
-        )
-        while not self.server.started:
-            assert not self._serving.done()
-            time.sleep(0.01)
-
-    def connect(self) -> socket.socket:
-        return socket.create_connection(("127.0.0.1", self.port), timeout=10)
-
-    def connections(self) -> int:
-        return len(self.server.server_state.connections)
-
-    def close(self) -> None:
-        self.server.should_exit = True
-        self._serving.result(15)
-        self.thread.stop()
-        self._sock.close()
+        options = uvicorn_options(spec)  # a bare app: the limits go in the class
+        options["http"] = bounded_protocol(Limits.from_server(spec))
+        super().__init__(_app, log_level="error", lifespan="off", **options)
 
 
 @pytest.fixture(scope="module")

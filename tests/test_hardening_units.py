@@ -18,7 +18,6 @@ from proxy.edge import (
     ClientAddress,
     check_body,
     json_depth_exceeds,
-    request_id,
 )
 from proxy.errors import GatewayError, InvalidRequest
 from proxy.redact import MASK, LogFilter, Redactor, escape_controls, install, uninstall
@@ -177,19 +176,11 @@ def test_check_body_cost() -> None:
     assert per_mb < 0.05  # well under 50 ms per MB even on a busy machine
 
 
-def test_request_id_rules() -> None:
-    assert request_id("abc-123_x.y:z") == "abc-123_x.y:z"
-    assert request_id(b"ok") == "ok"
-    for bad in ["", None, "a" * 129, "has space", "new\nline", "é", "a/b"]:
-        rid = request_id(bad)
-        assert rid != bad and len(rid) == 32
+def _h(**headers: str) -> dict[str, str]:
+    return {k.replace("_", "-"): v for k, v in headers.items()}
 
 
-def _h(**headers: str) -> list[tuple[bytes, bytes]]:
-    return [(k.replace("_", "-").encode(), v.encode()) for k, v in headers.items()]
-
-
-def _status(guard: BrowserGuard, method: str, headers: list[tuple[bytes, bytes]]) -> int:
+def _status(guard: BrowserGuard, method: str, headers: dict[str, str]) -> int:
     try:
         guard.check(method, headers, "127.0.0.1")
     except GatewayError as exc:
@@ -220,8 +211,8 @@ def test_browser_guard_in_keyless_mode() -> None:
     assert _status(g, "POST", same) == 200
     listed = _h(host="127.0.0.1:8000", origin="http://app.example", **json_ct)
     assert _status(g, "POST", listed) == 200
-    assert g.cors_headers(listed)[0] == (b"access-control-allow-origin", b"http://app.example")
-    assert g.cors_headers(evil) == []
+    assert g.cors_headers(listed)["access-control-allow-origin"] == "http://app.example"
+    assert g.cors_headers(evil) == {}
     # with gateway keys the key is the protection: no browser rules
     keyed = BrowserGuard.from_server(server, keyless=False)
     assert _status(keyed, "POST", _h(host="evil.example", content_type="text/plain")) == 200
@@ -245,14 +236,13 @@ def test_cors_preflight() -> None:
         )
     )
     assert status == 204
-    d = dict(headers)
-    assert d[b"access-control-allow-origin"] == b"https://app.example"
-    assert b"POST" in d[b"access-control-allow-methods"]
-    assert d[b"access-control-allow-headers"] == b"authorization, content-type"
+    assert headers["access-control-allow-origin"] == "https://app.example"
+    assert "POST" in headers["access-control-allow-methods"]
+    assert headers["access-control-allow-headers"] == "authorization, content-type"
     status, headers = g.preflight(_h(origin="https://evil.example"))
-    assert status == 403 and b"access-control-allow-origin" not in dict(headers)
+    assert status == 403 and "access-control-allow-origin" not in headers
     bad_headers = _h(origin="https://app.example", access_control_request_headers="a\r\nb: c")
-    assert b"access-control-allow-headers" not in dict(g.preflight(bad_headers)[1])
+    assert "access-control-allow-headers" not in g.preflight(bad_headers)[1]
 
 
 def test_client_address_trusts_forwarded_for_only_from_trusted_proxies() -> None:
@@ -268,3 +258,66 @@ def test_client_address_trusts_forwarded_for_only_from_trusted_proxies() -> None
     assert proxied.of("10.0.0.5", _h(x_forwarded_for="garbage")) == "10.0.0.5"
     with pytest.raises(ConfigError):
         ClientAddress.from_server(msgspec.convert({"trusted_proxies": ["nope"]}, ServerSpec))
+
+
+def _depth(value: object) -> int:
+    if isinstance(value, dict):
+        return 1 + max((_depth(v) for v in value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max((_depth(v) for v in value), default=0)
+    return 0
+
+
+def test_depth_scan_agrees_with_a_parser_on_random_json() -> None:
+    import random
+
+    rng = random.Random(7)
+    alphabet = ['"', "\\", "[", "]", "{", "}", "a", " ", "\n", "é", "\\n", '\\"']
+
+    def text() -> str:
+        return "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 6)))
+
+    def value(level: int) -> object:
+        roll = rng.random()
+        if level > 10 or roll < 0.3:
+            return text() if roll < 0.2 else rng.randint(0, 9)
+        if roll < 0.65:
+            return [value(level + 1) for _ in range(rng.randint(0, 3))]
+        return {text(): value(level + 1) for _ in range(rng.randint(0, 3))}
+
+    for _ in range(2000):
+        doc = value(0)
+        body = json.dumps(doc, ensure_ascii=rng.random() < 0.5).encode()
+        for limit in (1, 3, 6):
+            assert json_depth_exceeds(body, limit) == (_depth(doc) > limit), (body, limit)
+
+
+def test_the_served_protocol_class_crosses_to_worker_processes() -> None:
+    import pickle
+
+    from proxy.httpproto import BoundedHttpToolsProtocol, uvicorn_options
+
+    options = uvicorn_options(ServerSpec())
+    assert pickle.loads(pickle.dumps(options["http"])) is BoundedHttpToolsProtocol
+    assert options["proxy_headers"] is False
+
+
+def test_a_failing_sink_never_drops_the_others(tmp_path: Path) -> None:
+    from proxy.audit import AuditLog
+    from proxy.observe import Observer, RequestRecord
+
+    class Broken:
+        def record(self, *args: object) -> None:
+            raise RuntimeError("metrics sink down")
+
+    audit = AuditLog(str(tmp_path / "a.jsonl"))
+    observer = Observer({"m"}, audit=audit)
+    observer.metrics = Broken()  # type: ignore[assignment]
+    for tokens in (5, -5, 10**20, "many"):
+        rec = RequestRecord("r1", "m", False, provider="p", model="x")
+        rec.prompt_tokens = tokens  # type: ignore[assignment]
+        observer.finished(rec)
+    audit.close()
+    lines = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]
+    assert observer.stats.requests_total == 4 and len(lines) == 4
+    assert [line.get("prompt_tokens") for line in lines] == [5, 0, 100_000_000, None]
