@@ -29,6 +29,7 @@ from .auth import Guard
 from .config import Config, ConfigError, load
 from .edge import BrowserGuard, ClientAddress, check_body
 from .engine import Engine
+from .logs import ProviderStates
 from .observe import Observer
 from .redact import Redactor
 
@@ -91,7 +92,8 @@ class Gateway:
         )
         self.log_filter = redact.LogFilter(self.edge.redactor)
         self.redact = self.edge.redactor.text  # the one redaction of outgoing text
-        self.engine = Engine(config, self.observer, redact=self.redact)
+        self.states = ProviderStates()
+        self.engine = Engine(config, self.observer, redact=self.redact, states=self.states)
         self.guard = Guard(config)
         self.created = int(time.time())
         self._background: set[asyncio.Task[Any]] = set()
@@ -148,7 +150,9 @@ class Gateway:
             edge = EdgeRules.from_config(config)
             if self._audit and config.server.audit_log != self.observer.audit.target:
                 audit = open_audit(config)
-            new = Engine(config, self.observer, reuse=old, redact=edge.redactor.text)
+            new = Engine(
+                config, self.observer, reuse=old, redact=edge.redactor.text, states=self.states
+            )
         except (ConfigError, OSError, ValueError) as exc:  # ValueError: not UTF-8
             if audit is not None:
                 audit.close()
