@@ -125,7 +125,7 @@ def test_request_golden() -> None:
         "tool_choice": "required",
         "parallel_tool_calls": False,
         "user": "u-1",
-    }  # fmt: skip
+    }
 
 
 @pytest.mark.parametrize(
@@ -254,7 +254,7 @@ def chunk(
     }
     if usage:
         obj["usage"] = usage
-    return json.dumps(obj).encode()  # fmt: skip
+    return json.dumps(obj).encode()
 
 
 def parse_frames(frames: list[bytes]) -> list[dict[str, Any]]:
@@ -311,11 +311,19 @@ def test_stream_golden_text_then_tool() -> None:
     frames += translator.finish()
     events = parse_frames(frames)
     assert [e["type"] for e in events] == [
-        "message_start", "ping",
-        "content_block_start", "content_block_delta", "content_block_delta", "content_block_stop",
-        "content_block_start", "content_block_delta", "content_block_delta", "content_block_stop",
-        "message_delta", "message_stop",
-    ]  # fmt: skip
+        "message_start",
+        "ping",
+        "content_block_start",
+        "content_block_delta",
+        "content_block_delta",
+        "content_block_stop",
+        "content_block_start",
+        "content_block_delta",
+        "content_block_delta",
+        "content_block_stop",
+        "message_delta",
+        "message_stop",
+    ]
     assert events[0]["message"]["id"] == "msg_s1" and events[0]["message"]["model"] == "up"
     assert events[6]["content_block"] == {
         "type": "tool_use",
@@ -356,12 +364,18 @@ def test_stream_length_finish() -> None:
 @pytest.mark.parametrize(
     ("status", "kind"),
     [
-        (400, "invalid_request_error"), (401, "authentication_error"), (403, "permission_error"),
-        (404, "not_found_error"), (413, "request_too_large"), (429, "rate_limit_error"),
-        (500, "api_error"), (502, "api_error"), (529, "overloaded_error"),
+        (400, "invalid_request_error"),
+        (401, "authentication_error"),
+        (403, "permission_error"),
+        (404, "not_found_error"),
+        (413, "request_too_large"),
+        (429, "rate_limit_error"),
+        (500, "api_error"),
+        (502, "api_error"),
+        (529, "overloaded_error"),
         (422, "invalid_request_error"),
     ],
-)  # fmt: skip
+)
 def test_error_bodies(status: int, kind: str) -> None:
     assert json.loads(anthropic_error_body(status, "nope")) == {
         "type": "error",

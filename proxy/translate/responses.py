@@ -25,6 +25,7 @@ from __future__ import annotations
 import time
 
 import msgspec
+from msgspec import UNSET
 
 from ..errors import InvalidRequest
 from . import responses_wire as rw
@@ -237,15 +238,15 @@ def skeleton(req: rw.ResponsesRequest, response_id: str | None = None) -> rw.Res
         text=text,
         tool_choice=choice,
         tools=tools,
-        user=req.user,
+        user=req.user or UNSET,
         metadata=dict(req.metadata or {}),
         store=req.store is not False,
     )
 
 
-def usage(view: UsageView | None) -> rw.ResponseUsage | None:
+def usage(view: UsageView | None) -> rw.ResponseUsage | msgspec.UnsetType:
     if view is None:
-        return None
+        return UNSET
     prompt, completion = view.prompt_tokens or 0, view.completion_tokens or 0
     return rw.ResponseUsage(
         input_tokens=prompt,

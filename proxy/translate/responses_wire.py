@@ -105,6 +105,7 @@ OutputItem = MessageItem | FunctionCallItem
 
 class InputTokensDetails(msgspec.Struct):
     cached_tokens: int = 0
+    cache_write_tokens: int = 0
 
 
 class OutputTokensDetails(msgspec.Struct):
@@ -169,8 +170,8 @@ class Response(msgspec.Struct, kw_only=True):
     tools: list[FunctionTool] = []
     top_p: float | None = None
     truncation: str = "disabled"
-    usage: ResponseUsage | None = None
-    user: str | None = None
+    usage: ResponseUsage | UnsetType = UNSET
+    user: str | UnsetType = UNSET
     metadata: dict[str, str] = {}
 
 
