@@ -1,0 +1,199 @@
+"""`POST /v1/messages` end to end: the official `anthropic` client against a real gateway,
+over the OpenAI-compatible fake and over the Anthropic fake (via the `anthropic` provider),
+each also behind a dead first entry."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import anthropic
+import httpx
+import pytest
+
+from .conftest import GatewayFactory
+from .fake_anthropic import FakeAnthropic
+from .fake_openai import FakeOpenAI
+from .servers import AiohttpServer, UvicornServer, refused_port
+
+GATEWAY_KEY = "gw-anthropic-key"
+UPSTREAM_KEY = "sk-ant-upstream"
+WEATHER: Any = {
+    "name": "get_weather",
+    "description": "Weather in a city",
+    "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}},
+}
+ALIASES = ["over-openai", "over-claude", "dead-then-openai", "dead-then-claude"]
+
+
+@pytest.fixture(scope="module")
+def claude_fake() -> Iterator[tuple[FakeAnthropic, str]]:
+    fake = FakeAnthropic(api_key=UPSTREAM_KEY)
+    server = AiohttpServer(fake.app())
+    yield fake, server.url
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def gw(
+    start_gateway: GatewayFactory, fake_url: str, claude_fake: tuple[FakeAnthropic, str]
+) -> UvicornServer:
+    dead = f"http://127.0.0.1:{refused_port()}/v1"
+    return start_gateway(f"""
+        server: {{audit_log: off, api_keys: ["{GATEWAY_KEY}"]}}
+        providers:
+          oa: {{type: openai, base_url: "{fake_url}/msgs/v1"}}
+          claude: {{type: anthropic, base_url: "{claude_fake[1]}", api_key: {UPSTREAM_KEY}}}
+          dead: {{type: openai, base_url: "{dead}"}}
+        models:
+          over-openai: [{{provider: oa, model: echo}}]
+          over-claude: [{{provider: claude, model: echo}}]
+          dead-then-openai: [{{provider: dead, model: echo}}, {{provider: oa, model: echo}}]
+          dead-then-claude: [{{provider: dead, model: echo}}, {{provider: claude, model: echo}}]
+          tools-openai: [{{provider: oa, model: tools}}]
+          tools-anthropic: [{{provider: claude, model: tools}}]
+          fails-midway: [{{provider: oa, model: error-mid}}]
+          all-dead: [{{provider: dead, model: echo}}]
+        """)
+
+
+@pytest.fixture
+def client(gw: UvicornServer) -> Iterator[anthropic.Anthropic]:
+    with anthropic.Anthropic(base_url=gw.url, api_key=GATEWAY_KEY, max_retries=0) as c:
+        yield c
+
+
+@pytest.mark.parametrize("alias", ALIASES)
+def test_create(client: anthropic.Anthropic, alias: str) -> None:
+    message = client.messages.create(
+        model=alias,
+        max_tokens=100,
+        system="Be brief.",
+        messages=[{"role": "user", "content": "hello there"}],
+    )
+    assert message.content[0].type == "text" and message.content[0].text == "echo: hello there"
+    assert message.stop_reason == "end_turn" and message.usage.output_tokens > 0
+    assert message.usage.input_tokens > 0
+
+
+@pytest.mark.parametrize("alias", ALIASES)
+def test_stream(client: anthropic.Anthropic, alias: str) -> None:
+    with client.messages.stream(
+        model=alias, max_tokens=100, messages=[{"role": "user", "content": "one two three"}]
+    ) as stream:
+        texts = list(stream.text_stream)
+        final = stream.get_final_message()
+    assert "".join(texts) == "echo: one two three"
+    assert final.stop_reason == "end_turn"
+    assert final.usage.output_tokens > 0 and final.usage.input_tokens > 0
+
+
+@pytest.mark.parametrize("alias", ["tools-openai", "tools-anthropic"])
+def test_tool_round_trip(client: anthropic.Anthropic, alias: str) -> None:
+    ask: list[Any] = [{"role": "user", "content": "weather in Paris?"}]
+    with client.messages.stream(model=alias, max_tokens=100, tools=[WEATHER], messages=ask) as s:
+        first = s.get_final_message()
+    call = next(b for b in first.content if b.type == "tool_use")
+    assert call.name == "get_weather" and call.input == {"city": "Paris"}
+    assert first.stop_reason == "tool_use"
+    result = {"type": "tool_result", "tool_use_id": call.id, "content": "sunny"}
+    second = client.messages.create(
+        model=alias,
+        max_tokens=100,
+        tools=[WEATHER],
+        messages=[
+            *ask,
+            {"role": "assistant", "content": first.content},
+            {"role": "user", "content": [result]},
+        ],
+    )
+    if alias == "tools-anthropic":
+        assert second.content[0].type == "text"
+        assert second.content[0].text == f"tool {call.id} said: sunny"
+    else:  # the OpenAI fake calls its tool again; the round trip is in what it received
+        assert second.stop_reason == "tool_use"
+
+
+def test_tool_result_reaches_openai_upstream(client: anthropic.Anthropic, fake: FakeOpenAI) -> None:
+    messages: Any = [
+        {"role": "user", "content": "weather?"},
+        {
+            "role": "assistant",
+            "content": [
+                {
+                    "type": "tool_use",
+                    "id": "toolu_9",
+                    "name": "get_weather",
+                    "input": {"city": "Paris"},
+                }
+            ],
+        },
+        {
+            "role": "user",
+            "content": [{"type": "tool_result", "tool_use_id": "toolu_9", "content": "sunny"}],
+        },
+    ]
+    client.messages.create(model="tools-openai", max_tokens=50, tools=[WEATHER], messages=messages)
+    body = next(s.body for s in reversed(fake.seen) if s.tag == "msgs")
+    assert body["messages"][1]["tool_calls"][0]["id"] == "toolu_9"
+    assert body["messages"][2] == {"role": "tool", "content": "sunny", "tool_call_id": "toolu_9"}
+    assert body["max_tokens"] == 50 and body["tools"][0]["function"]["name"] == "get_weather"
+
+
+def test_anthropic_upstream_gets_its_own_headers_only(
+    gw: UvicornServer, claude_fake: tuple[FakeAnthropic, str]
+) -> None:
+    answer = httpx.post(
+        f"{gw.url}/v1/messages",
+        headers={"x-api-key": GATEWAY_KEY, "anthropic-version": "2023-06-01"},
+        json={
+            "model": "over-claude",
+            "max_tokens": 20,
+            "messages": [{"role": "user", "content": "hi"}],
+        },
+    )
+    assert answer.status_code == 200 and answer.json()["type"] == "message"
+    seen = claude_fake[0].seen[-1]
+    assert seen.headers["x-api-key"] == UPSTREAM_KEY and "authorization" not in seen.headers
+    assert GATEWAY_KEY not in str(seen.headers)
+
+
+def test_errors_are_anthropic_shaped(gw: UvicornServer, client: anthropic.Anthropic) -> None:
+    with pytest.raises(anthropic.NotFoundError) as missing:
+        client.messages.create(
+            model="no-such-alias", max_tokens=5, messages=[{"role": "user", "content": "x"}]
+        )
+    assert missing.value.body["error"]["type"] == "not_found_error"  # type: ignore[index]
+    with pytest.raises(anthropic.BadRequestError) as bad:
+        client.messages.create(model="over-openai", messages=[{"role": "user", "content": "x"}])  # type: ignore[call-arg]
+    assert bad.value.body["type"] == "error"  # type: ignore[index]
+    with anthropic.Anthropic(base_url=gw.url, api_key="wrong", max_retries=0) as wrong:
+        with pytest.raises(anthropic.AuthenticationError) as auth:
+            wrong.messages.create(
+                model="over-openai", max_tokens=5, messages=[{"role": "user", "content": "x"}]
+            )
+    assert auth.value.body["error"]["type"] == "authentication_error"  # type: ignore[index]
+    with pytest.raises(anthropic.APIStatusError) as dead:
+        client.messages.create(
+            model="all-dead", max_tokens=5, messages=[{"role": "user", "content": "x"}]
+        )
+    assert dead.value.status_code >= 500 and dead.value.body["type"] == "error"  # type: ignore[index]
+
+
+def test_failure_after_start_is_an_error_event(client: anthropic.Anthropic) -> None:
+    with pytest.raises(anthropic.APIStatusError):
+        with client.messages.stream(
+            model="fails-midway", max_tokens=50, messages=[{"role": "user", "content": "a b c"}]
+        ) as stream:
+            for _ in stream:
+                pass
+
+
+def test_count_tokens(client: anthropic.Anthropic) -> None:
+    counted = client.messages.count_tokens(
+        model="over-openai",
+        system="Be brief.",
+        tools=[WEATHER],
+        messages=[{"role": "user", "content": "hello there " * 50}],
+    )
+    assert 100 < counted.input_tokens < 1000
