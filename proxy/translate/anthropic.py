@@ -305,3 +305,11 @@ def text_of(content: str | list[aw.Block]) -> str:
         if isinstance(b.content, str | list):
             out.append(text_of(b.content))
     return "\n".join(out)
+
+
+def counted_text(req: aw.CountTokensRequest | aw.MessagesRequest) -> str:
+    """Everything of a request the model reads: system, messages, tool definitions."""
+    parts = [system_text(req.system)]
+    parts += [text_of(m.content) for m in req.messages]
+    parts += [aw.encode(t).decode() for t in req.tools or []]
+    return "\n".join(parts)
