@@ -24,6 +24,7 @@ from .auth import Guard
 from .config import Config, ConfigError, load
 from .engine import Engine
 from .observe import AuditLog, Observer
+from .translate.responses_store import ResponseStore
 
 log = logging.getLogger("omnimind.gateway")
 
@@ -42,6 +43,7 @@ class Gateway:
         self.engine = Engine(config, self.observer, redact=self.redact)
         self.guard = Guard(config)
         self.created = int(time.time())
+        self.responses = ResponseStore()  # for the Responses API's previous_response_id
         self._background: set[asyncio.Task[Any]] = set()
         path = Path(config.path)
         self._watched = path.resolve() if path.is_file() else None

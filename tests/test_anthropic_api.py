@@ -164,9 +164,14 @@ def test_errors_are_anthropic_shaped(gw: UvicornServer, client: anthropic.Anthro
             model="no-such-alias", max_tokens=5, messages=[{"role": "user", "content": "x"}]
         )
     assert missing.value.body["error"]["type"] == "not_found_error"  # type: ignore[index]
-    with pytest.raises(anthropic.BadRequestError) as bad:
-        client.messages.create(model="over-openai", messages=[{"role": "user", "content": "x"}])  # type: ignore[call-arg]
-    assert bad.value.body["type"] == "error"  # type: ignore[index]
+    bad = httpx.post(
+        f"{gw.url}/v1/messages",
+        headers={"x-api-key": GATEWAY_KEY, "anthropic-version": "2023-06-01"},
+        json={"model": "over-openai", "messages": [{"role": "user", "content": "x"}]},
+    )
+    assert bad.status_code == 400 and bad.json()["type"] == "error"
+    assert bad.json()["error"]["type"] == "invalid_request_error"
+    assert "max_tokens" in bad.json()["error"]["message"]
     with anthropic.Anthropic(base_url=gw.url, api_key="wrong", max_retries=0) as wrong:
         with pytest.raises(anthropic.AuthenticationError) as auth:
             wrong.messages.create(

@@ -11,8 +11,9 @@ from aiohttp import web
 
 from proxy.config import Entry, ProviderConfig, Secret
 from proxy.errors import UpstreamError
-from proxy.providers.anthropic import AnthropicProvider, AnthropicSpec, list_models
-from proxy.providers.base import Call
+from proxy.providers.anthropic import Adapter, Spec, probe
+from proxy.providers.base import Call, Op
+from proxy.reasons import Reason
 from proxy.wire import ChatRequest
 
 from . import schemas
@@ -35,7 +36,7 @@ def fake_server() -> Iterator[tuple[FakeAnthropic, str]]:
 
 
 def config(url: str, key: str = KEY) -> ProviderConfig:
-    spec = AnthropicSpec(base_url=url, max_tokens=321, headers={"x-extra": "1"})
+    spec = Spec(base_url=url, max_tokens=321, headers={"x-extra": "1"})
     return ProviderConfig("claude", spec, Secret(key), {"x-extra": "1"})
 
 
@@ -46,7 +47,7 @@ def call(model: str, **body: Any) -> Call:
     return Call(ChatRequest(raw), entry, "req-1")
 
 
-async def collect(provider: AnthropicProvider, c: Call) -> list[dict[str, Any]]:
+async def collect(provider: Adapter, c: Call) -> list[dict[str, Any]]:
     out = []
     async for payload in provider.stream(c):
         obj = json.loads(payload)
@@ -61,7 +62,7 @@ def text_of(chunks: list[dict[str, Any]]) -> str:
 
 async def test_complete(fake_server: tuple[FakeAnthropic, str]) -> None:
     fake, url = fake_server
-    provider = AnthropicProvider(config(url))
+    provider = Adapter(config(url))
     try:
         answer = await provider.complete(call("claude-echo"))
     finally:
@@ -78,7 +79,7 @@ async def test_complete(fake_server: tuple[FakeAnthropic, str]) -> None:
 
 
 async def test_stream_with_usage_and_stop_sequence(fake_server: tuple[FakeAnthropic, str]) -> None:
-    provider = AnthropicProvider(config(fake_server[1]))
+    provider = Adapter(config(fake_server[1]))
     try:
         chunks = await collect(
             provider,
@@ -99,7 +100,7 @@ async def test_stream_with_usage_and_stop_sequence(fake_server: tuple[FakeAnthro
 
 
 async def test_tool_round_trip(fake_server: tuple[FakeAnthropic, str]) -> None:
-    provider = AnthropicProvider(config(fake_server[1]))
+    provider = Adapter(config(fake_server[1]))
     try:
         chunks = await collect(provider, call("tools", stream=True, tools=[WEATHER]))
         calls = [
@@ -152,7 +153,7 @@ async def test_tool_round_trip(fake_server: tuple[FakeAnthropic, str]) -> None:
 async def test_status_errors(
     fake_server: tuple[FakeAnthropic, str], model: str, reason: str, status: int
 ) -> None:
-    provider = AnthropicProvider(config(fake_server[1]))
+    provider = Adapter(config(fake_server[1]))
     try:
         with pytest.raises(UpstreamError) as err:
             await provider.complete(call(model))
@@ -171,7 +172,7 @@ async def test_status_errors(
 async def test_wrong_key_is_upstream_auth_and_never_leaks(
     fake_server: tuple[FakeAnthropic, str],
 ) -> None:
-    provider = AnthropicProvider(config(fake_server[1], key="sk-ant-wrong"))
+    provider = Adapter(config(fake_server[1], key="sk-ant-wrong"))
     try:
         with pytest.raises(UpstreamError) as err:
             await provider.complete(call("claude-echo"))
@@ -183,7 +184,7 @@ async def test_wrong_key_is_upstream_auth_and_never_leaks(
 async def test_error_event_and_truncation_mid_stream(
     fake_server: tuple[FakeAnthropic, str],
 ) -> None:
-    provider = AnthropicProvider(config(fake_server[1]))
+    provider = Adapter(config(fake_server[1]))
     body = {"stream": True, "messages": [{"role": "user", "content": "a b c d"}]}
     try:
         for model, reason in (("error-mid", "server_error"), ("truncated", "bad_response")):
@@ -197,7 +198,7 @@ async def test_error_event_and_truncation_mid_stream(
 
 
 async def test_bad_client_request_is_client_error(fake_server: tuple[FakeAnthropic, str]) -> None:
-    provider = AnthropicProvider(config(fake_server[1]))
+    provider = Adapter(config(fake_server[1]))
     bad = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{not json"}}
     try:
         with pytest.raises(UpstreamError) as err:
@@ -220,7 +221,7 @@ async def test_redirects_are_never_followed(fake_server: tuple[FakeAnthropic, st
     app.router.add_post("/v1/messages", moved)
     redirector = AiohttpServer(app)
     before = len(fake_server[0].seen)
-    provider = AnthropicProvider(config(redirector.url))
+    provider = Adapter(config(redirector.url))
     try:
         with pytest.raises(UpstreamError) as err:
             await provider.complete(call("claude-echo"))
@@ -230,7 +231,23 @@ async def test_redirects_are_never_followed(fake_server: tuple[FakeAnthropic, st
     assert err.value.status == 307 and len(fake_server[0].seen) == before
 
 
-async def test_list_models(fake_server: tuple[FakeAnthropic, str]) -> None:
-    assert "claude-echo" in await list_models(config(fake_server[1]))
-    with pytest.raises(RuntimeError):
-        await list_models(config(fake_server[1], key="wrong"))
+async def test_probe(fake_server: tuple[FakeAnthropic, str]) -> None:
+    seen = await probe(config(fake_server[1]))
+    assert seen.ok and seen.models is not None and "claude-echo" in seen.models
+    wrong = await probe(config(fake_server[1], key="sk-ant-wrong"))
+    assert not wrong.ok and "401" in wrong.detail and "sk-ant-wrong" not in wrong.detail
+
+
+async def test_entry_max_tokens_and_other_ops(fake_server: tuple[FakeAnthropic, str]) -> None:
+    provider = Adapter(config(fake_server[1]))
+    c = call("claude-echo")
+    c.entry = Entry("claude", "claude-echo", 10, 2, 5, max_tokens=55)
+    try:
+        await provider.complete(c)
+        assert fake_server[0].seen[-1].body["max_tokens"] == 55
+        c.op = Op.EMBEDDING
+        with pytest.raises(UpstreamError) as err:
+            await provider.complete(c)
+    finally:
+        await provider.aclose()
+    assert err.value.reason is Reason.UNSUPPORTED

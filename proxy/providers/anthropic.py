@@ -2,9 +2,9 @@
 
 The client's chat request is translated to a Messages request (`translate/to_anthropic.py`:
 system prompts, tools and tool results, images, stop sequences; `max_tokens` from the
-request, else this provider's `max_tokens`, since Anthropic requires one), and the answer
-back to a `chat.completion` or `chat.completion.chunk`s with usage
-(`translate/from_anthropic.py`).
+request, else the entry's `max_tokens`, else this provider's, since Anthropic requires
+one), and the answer back to a `chat.completion` or `chat.completion.chunk`s with usage
+(`translate/from_anthropic.py`). Only chat is served (other ops are `unsupported`).
 
 Only the provider's configured headers, `x-api-key` and `anthropic-version` go upstream,
 never the client's; redirects are never followed. Errors: 529 `overloaded_error` and
@@ -17,25 +17,27 @@ back like a status, after it the stream fails.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
-from typing import Annotated, Any
+from typing import Annotated
 
 import aiohttp
 import msgspec
 
-from ..config import ProviderConfig, _Provider
+from ..config import BaseProviderSpec, ProviderConfig
 from ..errors import InvalidRequest, UpstreamError
-from ..policy import CLIENT_ERROR, retry_after, status_reason
+from ..policy import client_error, status_error
+from ..reasons import Reason
 from ..translate import anthropic_wire as aw
 from ..translate.from_anthropic import ChunkMaker, decode_message, to_completion
 from ..translate.to_anthropic import ChatIn, to_anthropic
-from .base import Call, Completion
+from .base import Call, Completion, Op, Probe
+from .http import read_capped, session
 from .sse import iter_sse
 
 ANTHROPIC_URL = "https://api.anthropic.com"
 _error = msgspec.json.Decoder(aw.ErrorBody)
 
 
-class AnthropicSpec(_Provider, tag="anthropic"):
+class Spec(BaseProviderSpec, tag="anthropic"):
     """Anthropic's Messages API; entries name Claude models (`claude-sonnet-4-5`, ...)."""
 
     base_url: str = ANTHROPIC_URL
@@ -43,102 +45,97 @@ class AnthropicSpec(_Provider, tag="anthropic"):
     headers: dict[str, str] = {}
     anthropic_version: str = "2023-06-01"
     max_tokens: Annotated[int, msgspec.Meta(ge=1)] = 4096  # when the request sets none
+    max_response_bytes: int = 64 * 1024 * 1024  # a non-stream answer, decompressed
 
 
-def upstream_headers(pc: ProviderConfig) -> dict[str, str]:
-    spec = pc.spec
-    assert isinstance(spec, AnthropicSpec)
+AnthropicSpec = Spec
+
+
+def upstream_headers(config: ProviderConfig) -> dict[str, str]:
+    """The provider's own headers, its key and API version: never anything of the client's."""
+    spec = config.spec
+    assert isinstance(spec, Spec)
     headers = {"content-type": "application/json", "accept": "application/json"}
-    headers.update(pc.headers)
+    headers.update(config.headers)
     headers["anthropic-version"] = spec.anthropic_version
-    if pc.api_key:
-        headers["x-api-key"] = pc.api_key.reveal()
+    if config.api_key:
+        headers["x-api-key"] = config.api_key.reveal()
     return headers
 
 
-class AnthropicProvider:
+class Adapter:
     def __init__(self, config: ProviderConfig) -> None:
         spec = config.spec
-        assert isinstance(spec, AnthropicSpec)
+        assert isinstance(spec, Spec)
         self.name = config.name
         self._spec = spec
-        self._url = f"{spec.base_url.rstrip('/')}/v1/messages"
-        self._secret = config.api_key.reveal() if config.api_key else ""
+        self._url = f"{spec.base_url}/v1/messages"
         self._headers = upstream_headers(config)
         self._session: aiohttp.ClientSession | None = None
 
-    def _client(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True)
-            self._session = aiohttp.ClientSession(
-                connector=connector, skip_auto_headers=("User-Agent",)
-            )
-        return self._session
-
     def _body(self, call: Call, stream: bool) -> bytes:
+        if call.op is not Op.CHAT:
+            raise UpstreamError(
+                Reason.UNSUPPORTED, f"the Anthropic provider does not serve {call.op}"
+            )
         try:
             chat: ChatIn = call.request.decode(ChatIn)
-            request = to_anthropic(chat, call.entry.model, self._spec.max_tokens, stream)
+            budget = call.entry.max_tokens or self._spec.max_tokens
+            request = to_anthropic(chat, call.entry.model, budget, stream)
         except InvalidRequest as exc:  # the request is wrong for every provider
-            raise UpstreamError(CLIENT_ERROR, exc.message, 400, param=exc.param) from None
+            raise client_error(exc.message, exc.param) from None
         return aw.encode(request)
 
-    def _post(self, call: Call, stream: bool) -> Any:
+    def _post(self, call: Call, stream: bool) -> aiohttp.client._RequestContextManager:
         entry = call.entry
         timeout = aiohttp.ClientTimeout(
             total=None,
             sock_connect=entry.connect_timeout,
             sock_read=entry.timeout if stream else None,  # streams: the gap between events
         )
-        headers = self._headers
-        if call.request_id:
-            headers = {**headers, "x-request-id": call.request_id}
-        return self._client().post(
+        if self._session is None:
+            self._session = session()
+        return self._session.post(
             self._url,
             data=self._body(call, stream),
-            headers=headers,
+            headers=self._headers,
             timeout=timeout,
             allow_redirects=False,
         )
 
     async def complete(self, call: Call) -> Completion:
         async with self._post(call, stream=False) as resp:
-            body = await resp.read()
+            body = await read_capped(resp, self._spec.max_response_bytes)
             if resp.status != 200:
-                raise self._status_error(resp.status, body, resp.headers)
+                raise _status_error(resp.status, body, resp.headers)
         answer = to_completion(decode_message(body), call.entry.model)
         return Completion(aw.encode(answer), answer.usage)
 
     async def stream(self, call: Call) -> AsyncIterator[bytes]:
         async with self._post(call, stream=True) as resp:
             if resp.status != 200:
-                raise self._status_error(resp.status, await resp.read(), resp.headers)
+                body = await read_capped(resp, 1024 * 1024)
+                raise _status_error(resp.status, body, resp.headers)
             ctype = resp.headers.get("Content-Type", "")
             if not ctype.startswith("text/event-stream"):
-                raise UpstreamError("bad_response", f"expected an event stream, got '{ctype}'")
+                raise UpstreamError(Reason.BAD_RESPONSE, f"expected an event stream, got '{ctype}'")
             maker = ChunkMaker(call.entry.model, call.request.include_usage)
             async for data in iter_sse(resp.content):
                 for chunk in maker.feed(data):
                     yield chunk
                 if maker.done:
                     return
-        raise UpstreamError("bad_response", "Anthropic stream ended without message_stop")
-
-    def _status_error(self, status: int, body: bytes, headers: Mapping[str, str]) -> UpstreamError:
-        kind, message = error_fields(body)
-        if self._secret:
-            message = message.replace(self._secret, "********")
-        if 300 <= status < 400:
-            return UpstreamError("bad_response", f"redirect {status} not followed", status)
-        err = UpstreamError(status_reason(status), message, status, retry_after(headers))
-        if err.reason == CLIENT_ERROR:
-            err.code = kind
-        return err
+        raise UpstreamError(Reason.BAD_RESPONSE, "Anthropic stream ended without message_stop")
 
     async def aclose(self) -> None:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+def _status_error(status: int, body: bytes, headers: Mapping[str, str]) -> UpstreamError:
+    kind, message = error_fields(body)
+    return status_error(status, message, headers, None, kind)
 
 
 def error_fields(body: bytes) -> tuple[str | None, str]:
@@ -158,20 +155,26 @@ class _Models(msgspec.Struct):
     data: list[_Model] = []
 
 
-async def list_models(pc: ProviderConfig) -> set[str]:
-    """The model ids `GET /v1/models` lists (raises on any failure)."""
-    spec = pc.spec
-    assert isinstance(spec, AnthropicSpec)
+async def probe(config: ProviderConfig) -> Probe:
+    """`GET /v1/models`: reachable with this key, and the model ids it lists."""
+    spec = config.spec
+    assert isinstance(spec, Spec)
     timeout = aiohttp.ClientTimeout(
         total=spec.connect_timeout + 5, sock_connect=spec.connect_timeout
     )
-    headers = upstream_headers(pc)
-    url = f"{spec.base_url.rstrip('/')}/v1/models?limit=1000"
     async with (
-        aiohttp.ClientSession(timeout=timeout) as session,
-        session.get(url, headers=headers, allow_redirects=False) as resp,
+        aiohttp.ClientSession(timeout=timeout) as client,
+        client.get(
+            f"{spec.base_url}/v1/models?limit=1000",
+            headers=upstream_headers(config),
+            allow_redirects=False,
+        ) as resp,
     ):
+        body = await read_capped(resp, 8 * 1024 * 1024)
         if resp.status != 200:
-            raise RuntimeError(f"HTTP {resp.status}")
-        listing = msgspec.json.decode(await resp.read(), type=_Models)
-    return {m.id for m in listing.data}
+            return Probe(False, f"HTTP {resp.status}: {error_fields(body)[1][:200]}")
+    try:
+        listing = msgspec.json.decode(body, type=_Models)
+    except msgspec.DecodeError:
+        return Probe(False, "GET /v1/models answered something that is not a model list")
+    return Probe(True, "reachable", {m.id for m in listing.data})

@@ -290,26 +290,3 @@ def message_id(chat_id: str) -> str:
     """`msg_<...>` from a completion's id (the same suffix), or a new one."""
     suffix = chat_id.removeprefix("chatcmpl-")
     return f"msg_{suffix}" if suffix else new_id("msg_")
-
-
-def text_of(content: str | list[aw.Block]) -> str:
-    """The text a counter sees in a message's content (tool inputs and results included)."""
-    if isinstance(content, str):
-        return content
-    out: list[str] = []
-    for b in content:
-        if isinstance(b.text, str):
-            out.append(b.text)
-        if b.input is not UNSET:
-            out.append(aw.encode(b.input).decode())
-        if isinstance(b.content, str | list):
-            out.append(text_of(b.content))
-    return "\n".join(out)
-
-
-def counted_text(req: aw.CountTokensRequest | aw.MessagesRequest) -> str:
-    """Everything of a request the model reads: system, messages, tool definitions."""
-    parts = [system_text(req.system)]
-    parts += [text_of(m.content) for m in req.messages]
-    parts += [aw.encode(t).decode() for t in req.tools or []]
-    return "\n".join(parts)

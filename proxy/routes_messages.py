@@ -1,0 +1,63 @@
+"""`POST /v1/messages` and `POST /v1/messages/count_tokens`: Anthropic's Messages API.
+
+A request is translated to a chat request for its alias (`translate/anthropic.py`) and
+served by the same engine as chat completions (chains, fallback, health, metrics, audit,
+cost); the answer comes back as Anthropic's `message`, or as its event stream
+(`translate/anthropic_stream.py`). Errors, before or after a stream started, are
+Anthropic-shaped: the route's dialect renders them (`render.AnthropicDialect`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import msgspec
+
+from .pipeline import Context, JsonReply, Reply, StreamReply
+from .providers import Op
+from .routes_chat import answer_headers, info
+from .streaming import OwnedStream
+from .tokens import estimate_prompt
+from .translate import anthropic_wire as aw
+from .translate.anthropic import decode_request, to_chat, to_message
+from .translate.anthropic_stream import AnthropicStream
+from .translate.chat import completion_decoder
+from .wire import ApiRequest, ChatRequest
+
+
+async def create(ctx: Context) -> Reply:
+    req: aw.MessagesRequest = decode_request(ctx.body)
+    chat = ChatRequest(aw.encode(to_chat(req)))
+    stops = req.stop_sequences if isinstance(req.stop_sequences, list) else None
+    engine = ctx.gateway.engine
+    if chat.stream:
+        answer = await engine.stream(chat, Op.CHAT, info(ctx))
+        stream = answer.stream
+        assert stream is not None
+        frames = _frames(stream, AnthropicStream(req.model, stops))
+        return StreamReply(frames, answer_headers(answer), ctx.error_frame, stream.aclose)
+    answer = await engine.complete(chat, Op.CHAT, info(ctx))
+    message = to_message(completion_decoder.decode(answer.body), stops)
+    return JsonReply(aw.encode(message), answer_headers(answer))
+
+
+async def _frames(stream: OwnedStream, translator: AnthropicStream) -> AsyncIterator[bytes]:
+    async for payload in stream:
+        for frame in translator.feed(payload):
+            yield frame
+    if stream.cost_usd is not None:  # a comment: clients skip it
+        yield b": x-omnimind-cost-usd: %.8f\n\n" % stream.cost_usd
+    for frame in translator.finish():
+        yield frame
+
+
+class _Count(msgspec.Struct):
+    input_tokens: int
+
+
+async def count_tokens(ctx: Context) -> Reply:
+    """An estimate from the counter the context-window rule uses (`tokens.py`): system,
+    messages and tool definitions."""
+    req: aw.CountTokensRequest = decode_request(ctx.body, aw.CountTokensRequest)
+    ctx.gateway.engine.chain(req.model)  # an unknown alias is a 404, as for /v1/messages
+    return JsonReply(aw.encode(_Count(max(1, estimate_prompt(ApiRequest(ctx.body))))))
