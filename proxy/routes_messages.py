@@ -19,14 +19,14 @@ from .routes_chat import answer_headers, info
 from .streaming import OwnedStream
 from .tokens import estimate_prompt
 from .translate import anthropic_wire as aw
-from .translate.anthropic import decode_request, to_chat, to_message
+from .translate.anthropic import decode_count, decode_request, to_chat, to_message
 from .translate.anthropic_stream import AnthropicStream
 from .translate.chat import completion_decoder
 from .wire import ApiRequest, ChatRequest
 
 
 async def create(ctx: Context) -> Reply:
-    req: aw.MessagesRequest = decode_request(ctx.body)
+    req = decode_request(ctx.body)
     chat = ChatRequest(aw.encode(to_chat(req)))
     stops = req.stop_sequences if isinstance(req.stop_sequences, list) else None
     engine = ctx.gateway.engine
@@ -58,6 +58,6 @@ class _Count(msgspec.Struct):
 async def count_tokens(ctx: Context) -> Reply:
     """An estimate from the counter the context-window rule uses (`tokens.py`): system,
     messages and tool definitions."""
-    req: aw.CountTokensRequest = decode_request(ctx.body, aw.CountTokensRequest)
+    req = decode_count(ctx.body)
     ctx.gateway.engine.chain(req.model)  # an unknown alias is a 404, as for /v1/messages
     return JsonReply(aw.encode(_Count(max(1, estimate_prompt(ApiRequest(ctx.body))))))

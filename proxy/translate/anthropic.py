@@ -38,6 +38,7 @@ from .chat import (
     Part,
     Tool,
     ToolCall,
+    decode_body,
     function_choice,
     image_part,
     new_id,
@@ -65,6 +66,7 @@ _STOP_REASONS = {
 }
 _CHOICES = {"auto": "auto", "any": "required", "none": "none"}
 _request_decoder = msgspec.json.Decoder(aw.MessagesRequest)
+_count_decoder = msgspec.json.Decoder(aw.CountTokensRequest)
 _args_decoder = msgspec.json.Decoder()
 
 
@@ -80,18 +82,12 @@ def anthropic_error_body(status: int, message: str) -> bytes:
     return aw.encode(aw.ErrorBody(aw.ErrorInfo(error_type(status), message)))
 
 
-def decode_request(body: bytes, type_: Any = aw.MessagesRequest) -> Any:
-    """A client's body as a typed request; a wrong shape is a 400 naming the field."""
-    try:
-        if type_ is aw.MessagesRequest:
-            return _request_decoder.decode(body)
-        return msgspec.json.decode(body, type=type_)
-    except msgspec.ValidationError as exc:
-        what, _, where = str(exc).rpartition(" - at ")
-        param = where.strip("`").removeprefix("$").lstrip(".") or None
-        raise InvalidRequest(f"{what or exc}" + (f" (at {param})" if param else "")) from None
-    except msgspec.DecodeError:
-        raise InvalidRequest("The request body is not valid JSON.") from None
+def decode_request(body: bytes) -> aw.MessagesRequest:
+    return decode_body(_request_decoder, body)
+
+
+def decode_count(body: bytes) -> aw.CountTokensRequest:
+    return decode_body(_count_decoder, body)
 
 
 def to_chat(req: aw.MessagesRequest, model: str | None = None) -> ChatRequest:

@@ -10,10 +10,14 @@ ignored.
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 from msgspec import UNSET, UnsetType
+
+from ..errors import InvalidRequest
+
+T = TypeVar("T")
 
 # ---- the chat request we build --------------------------------------------------------
 
@@ -157,8 +161,16 @@ completion_decoder = msgspec.json.Decoder(CompletionView)
 encode = msgspec.json.Encoder().encode
 
 
-def first_choice(view: CompletionView) -> ChoiceView:
-    return view.choices[0] if view.choices else ChoiceView()
+def decode_body(decoder: msgspec.json.Decoder[T], body: bytes) -> T:
+    """A client's body as a typed request; a wrong shape is a 400 naming the field."""
+    try:
+        return decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        what, _, where = str(exc).rpartition(" - at ")
+        param = where.strip("`").removeprefix("$").lstrip(".") or None
+        raise InvalidRequest(f"Invalid request: {what or exc}", param=param) from None
+    except msgspec.DecodeError:
+        raise InvalidRequest("The request body is not valid JSON.") from None
 
 
 def new_id(prefix: str) -> str:

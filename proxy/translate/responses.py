@@ -39,6 +39,7 @@ from .chat import (
     Tool,
     ToolCall,
     UsageView,
+    decode_body,
     function_choice,
     image_part,
     new_id,
@@ -52,14 +53,7 @@ _request_decoder = msgspec.json.Decoder(rw.ResponsesRequest)
 
 
 def decode_request(body: bytes) -> rw.ResponsesRequest:
-    try:
-        return _request_decoder.decode(body)
-    except msgspec.ValidationError as exc:
-        what, _, where = str(exc).rpartition(" - at ")
-        param = where.strip("`").removeprefix("$").lstrip(".") or None
-        raise InvalidRequest(f"Invalid request: {what or exc}", param=param) from None
-    except msgspec.DecodeError:
-        raise InvalidRequest("The request body is not valid JSON.") from None
+    return decode_body(_request_decoder, body)
 
 
 def check_supported(req: rw.ResponsesRequest) -> None:
