@@ -202,3 +202,17 @@ def test_count_tokens(client: anthropic.Anthropic) -> None:
         messages=[{"role": "user", "content": "hello there " * 50}],
     )
     assert 100 < counted.input_tokens < 1000
+
+
+def test_stop_sequence_survives_an_anthropic_upstream(client: anthropic.Anthropic) -> None:
+    ask: Any = [{"role": "user", "content": "hello there friend"}]
+    message = client.messages.create(
+        model="over-claude", max_tokens=50, stop_sequences=["friend"], messages=ask
+    )
+    assert (message.stop_reason, message.stop_sequence) == ("stop_sequence", "friend")
+    with client.messages.stream(
+        model="dead-then-claude", max_tokens=50, stop_sequences=["friend"], messages=ask
+    ) as stream:
+        final = stream.get_final_message()
+    assert (final.stop_reason, final.stop_sequence) == ("stop_sequence", "friend")
+    assert final.content[0].type == "text" and final.content[0].text == "echo: hello there "

@@ -313,3 +313,21 @@ def test_error_event_raises() -> None:
             b'{"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}'
         )
     assert err.value.reason == "server_error" and "Overloaded" in err.value.message
+
+
+def test_stop_sequence_is_named_like_vllm() -> None:
+    body = json.loads(message([{"type": "text", "text": "x"}], "stop_sequence"))
+    body["stop_sequence"] = "END"
+    out = completion_of(json.dumps(body).encode())
+    assert out["choices"][0]["finish_reason"] == "stop"
+    assert out["choices"][0]["stop_reason"] == "END"
+    assert (
+        "stop_reason"
+        not in completion_of(message([{"type": "text", "text": "x"}], "end_turn"))["choices"][0]
+    )
+    maker = ChunkMaker("m", include_usage=False)
+    delta = {"stop_reason": "stop_sequence", "stop_sequence": "END"}
+    [chunk] = maker.feed(json.dumps({"type": "message_delta", "delta": delta}).encode())
+    obj = json.loads(chunk)
+    schemas.chunk(obj)
+    assert obj["choices"][0]["stop_reason"] == "END"

@@ -10,7 +10,9 @@ completion tokens.
 `ChunkMaker` turns the event stream into `chat.completion.chunk` payloads: message_start ->
 the role chunk; text deltas -> content; a tool_use block -> a tool call (id, name) then
 its `input_json_delta`s as argument pieces; message_delta -> the finish chunk; message_stop
--> the usage chunk (when asked for) and the end. An `error` event raises: overloaded and
+-> the usage chunk (when asked for) and the end. A matched stop sequence is named in the
+choice's `stop_reason` (vLLM's field), so the inbound Anthropic route can say
+`stop_sequence` again. An `error` event raises: overloaded and
 api errors are `server_error` (the chain falls back while nothing was sent).
 """
 
@@ -45,6 +47,19 @@ _FINISH = {
     "refusal": "content_filter",
 }
 _message = msgspec.json.Decoder(aw.Message)
+
+
+class StopChoice(Choice):
+    """A choice that names the stop sequence that ended it, as vLLM does (`stop_reason`):
+    an Anthropic client served by an Anthropic upstream gets its `stop_sequence` back."""
+
+    stop_reason: str | msgspec.UnsetType = msgspec.UNSET
+
+
+class StopChunkChoice(ChunkChoice):
+    stop_reason: str | msgspec.UnsetType = msgspec.UNSET
+
+
 _event = msgspec.json.Decoder(aw.Event)
 _encode = msgspec.json.Encoder().encode
 
@@ -101,7 +116,14 @@ def to_completion(message: aw.Message, model: str) -> ChatCompletion:
         id=completion_id(),
         created=now(),
         model=message.model or model,
-        choices=[Choice(index=0, message=out, finish_reason=finish_reason(message.stop_reason))],
+        choices=[
+            StopChoice(
+                index=0,
+                message=out,
+                finish_reason=finish_reason(message.stop_reason),
+                stop_reason=message.stop_sequence or msgspec.UNSET,
+            )
+        ],
         usage=usage(message.usage.input_tokens, message.usage.output_tokens, read, write),
     )
 
@@ -125,8 +147,10 @@ class ChunkMaker:
         self._output = 0
         self.done = False
 
-    def _chunk(self, delta: Delta, finish: str | None = None) -> bytes:
-        choice = ChunkChoice(index=0, delta=delta, finish_reason=finish)
+    def _chunk(self, delta: Delta, finish: str | None = None, stop: str | None = None) -> bytes:
+        choice = StopChunkChoice(
+            index=0, delta=delta, finish_reason=finish, stop_reason=stop or msgspec.UNSET
+        )
         return _encode(
             Chunk(id=self._id, created=self._created, model=self._model, choices=[choice])
         )
@@ -189,4 +213,5 @@ class ChunkMaker:
             if event.usage.input_tokens is not None:
                 self._input = (event.usage.input_tokens, *self._input[1:])
         reason = event.delta.stop_reason if event.delta else None
-        return [self._chunk(Delta(), finish_reason(reason))]
+        sequence = event.delta.stop_sequence if event.delta else None
+        return [self._chunk(Delta(), finish_reason(reason), sequence)]
