@@ -216,3 +216,18 @@ def test_stop_sequence_survives_an_anthropic_upstream(client: anthropic.Anthropi
         final = stream.get_final_message()
     assert (final.stop_reason, final.stop_sequence) == ("stop_sequence", "friend")
     assert final.content[0].type == "text" and final.content[0].text == "echo: hello there "
+
+
+def test_gateway_headers_and_unknown_alias_count(gw: UvicornServer) -> None:
+    headers = {"x-api-key": GATEWAY_KEY, "anthropic-version": "2023-06-01"}
+    ask = {"max_tokens": 20, "messages": [{"role": "user", "content": "hi"}]}
+    answer = httpx.post(
+        f"{gw.url}/v1/messages", headers=headers, json={"model": "dead-then-claude", **ask}
+    )
+    assert answer.headers["x-omnimind-provider"] == "claude"
+    assert answer.headers["x-omnimind-fallbacks"] == "dead:connect_error"
+    assert answer.headers["x-omnimind-attempts"] == "2"
+    counted = httpx.post(
+        f"{gw.url}/v1/messages/count_tokens", headers=headers, json={"model": "nope", **ask}
+    )
+    assert counted.status_code == 404 and counted.json()["error"]["type"] == "not_found_error"

@@ -186,3 +186,14 @@ def test_errors_are_openai_shaped(gw: UvicornServer, client: openai.OpenAI) -> N
     )
     assert answer.status_code == 400
     schemas.error(answer.json())
+
+
+def test_gateway_headers(gw: UvicornServer) -> None:
+    answer = httpx.post(
+        f"{gw.url}/v1/responses",
+        headers={"authorization": f"Bearer {GATEWAY_KEY}"},
+        json={"model": "dead-then-claude", "input": "hi"},
+    )
+    assert answer.status_code == 200 and answer.json()["status"] == "completed"
+    assert answer.headers["x-omnimind-provider"] == "claude"
+    assert answer.headers["x-omnimind-fallbacks"] == "dead:connect_error"
