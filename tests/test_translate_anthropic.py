@@ -389,3 +389,19 @@ def test_error_frame() -> None:
         b'event: error\ndata: {"type":"error","error":{"type":"overloaded_error",'
         b'"message":"Overloaded"}}\n\n'
     )
+
+
+def test_edges_chat_completions_would_refuse() -> None:
+    body = {
+        "model": "m",
+        "max_tokens": 5,
+        "tool_choice": {"type": "any"},  # no tools: nothing to choose, not sent
+        "messages": [
+            {"role": "user", "content": "x"},
+            {"role": "assistant", "content": [{"type": "thinking", "thinking": "t"}]},
+            {"role": "user", "content": "y"},
+        ],
+    }
+    out = chat_of(body)
+    assert "tool_choice" not in out
+    assert out["messages"][1] == {"role": "assistant", "content": ""}

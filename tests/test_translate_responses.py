@@ -438,3 +438,9 @@ def test_store_is_bounded_and_scoped() -> None:
     for i in range(5):
         small.put(f"r{i}", "k", [ChatMessage(role="user", content="y" * 30)])
     assert small.size <= 100 and small.get("r4", "k") is not None and small.get("r0", "k") is None
+
+
+def test_tool_choice_without_tools_and_tools_without_parameters() -> None:
+    assert "tool_choice" not in chat_of({"model": "m", "input": "x", "tool_choice": "required"})
+    out = chat_of({"model": "m", "input": "x", "tools": [{"type": "function", "name": "now"}]})
+    assert out["tools"][0]["function"]["parameters"] == {"type": "object", "properties": {}}

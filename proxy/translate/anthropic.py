@@ -42,6 +42,7 @@ from .chat import (
     function_choice,
     image_part,
     new_id,
+    no_parameters,
     text_part,
 )
 
@@ -109,7 +110,7 @@ def to_chat(req: aw.MessagesRequest, model: str | None = None) -> ChatRequest:
         out.stop = list(req.stop_sequences)
     if req.tools:
         out.tools = [_tool(t) for t in req.tools]
-    if req.tool_choice:
+    if req.tool_choice and req.tools:  # without tools there is nothing to choose
         _tool_choice(req.tool_choice, out)
     if isinstance(req.metadata, aw.Metadata) and req.metadata.user_id:
         out.user = req.metadata.user_id
@@ -161,7 +162,8 @@ def _assistant(blocks: list[aw.Block]) -> ChatMessage:
             )
         elif b.type not in ("thinking", "redacted_thinking"):
             raise InvalidRequest(f"messages: an assistant cannot send a '{b.type}' block")
-    message = ChatMessage(role="assistant", content="".join(texts) if texts else None)
+    # null content only beside tool calls: chat completions wants one or the other
+    message = ChatMessage(role="assistant", content="".join(texts) if texts or not calls else None)
     if calls:
         message.tool_calls = calls
     return message
@@ -210,7 +212,7 @@ def _tool(t: aw.ToolSpec) -> Tool:
     function = FunctionDef(name=t.name)
     if isinstance(t.description, str):
         function.description = t.description
-    function.parameters = t.input_schema if isinstance(t.input_schema, dict) else {}
+    function.parameters = t.input_schema if isinstance(t.input_schema, dict) else no_parameters()
     return Tool(function=function)
 
 

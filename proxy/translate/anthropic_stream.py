@@ -101,8 +101,8 @@ class AnthropicStream:
             self._tools[index] = self._index
         if arguments:
             at = self._tools[index]
-            if at != self._index:  # an upstream interleaving calls: keep each to its block
-                return out
+            if at != self._index:  # Anthropic cannot reopen a closed block: no upstream
+                return out  # we know interleaves its calls' argument pieces
             out.append(aw.frame(aw.BlockDelta(at, aw.JsonDelta(arguments))))
         return out
 

@@ -101,6 +101,11 @@ def function_choice(name: str) -> dict[str, Any]:
     return {"type": "function", "function": {"name": name}}
 
 
+def no_parameters() -> dict[str, Any]:
+    """The JSON schema of a function that takes no arguments."""
+    return {"type": "object", "properties": {}}
+
+
 # ---- the answers we read ---------------------------------------------------------------
 
 

@@ -43,6 +43,7 @@ from .chat import (
     function_choice,
     image_part,
     new_id,
+    no_parameters,
     text_part,
 )
 
@@ -157,7 +158,9 @@ def to_chat(
         if req.parallel_tool_calls is not None:
             out.parallel_tool_calls = req.parallel_tool_calls
     if req.tool_choice is not None:
-        out.tool_choice = _tool_choice(req.tool_choice)
+        choice = _tool_choice(req.tool_choice)  # checked even when it has nothing to choose
+        if req.tools:
+            out.tool_choice = choice
     fmt = req.text.format if req.text else None
     if fmt is not None and fmt.type == "json_object":
         out.response_format = {"type": "json_object"}
@@ -179,7 +182,7 @@ def _tool(t: rw.ToolParam, i: int) -> Tool:
             f"Only function tools are supported by this gateway, not '{t.type}'.",
             param=f"tools[{i}]",
         )
-    function = FunctionDef(name=t.name, parameters=t.parameters or {})
+    function = FunctionDef(name=t.name, parameters=t.parameters or no_parameters())
     if t.description:
         function.description = t.description
     if t.strict is not None:
