@@ -44,7 +44,7 @@ def gw(
         providers:
           oa: {{type: openai, base_url: "{fake_url}/msgs/v1"}}
           claude: {{type: anthropic, base_url: "{claude_fake[1]}", api_key: {UPSTREAM_KEY}}}
-          dead: {{type: openai, base_url: "{dead}"}}
+          dead: {{type: openai, base_url: "{dead}", breaker: {{failures: 1000000}}}}
         models:
           over-openai: [{{provider: oa, model: echo}}]
           over-claude: [{{provider: claude, model: echo}}]

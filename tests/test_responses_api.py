@@ -44,7 +44,7 @@ def gw(start_gateway: GatewayFactory, fake_url: str, claude_url: str) -> Uvicorn
         providers:
           oa: {{type: openai, base_url: "{fake_url}/resp/v1"}}
           claude: {{type: anthropic, base_url: "{claude_url}"}}
-          dead: {{type: openai, base_url: "{dead}"}}
+          dead: {{type: openai, base_url: "{dead}", breaker: {{failures: 1000000}}}}
         models:
           over-openai: [{{provider: oa, model: echo}}]
           over-claude: [{{provider: claude, model: echo}}]
