@@ -231,3 +231,33 @@ def test_gateway_headers_and_unknown_alias_count(gw: UvicornServer) -> None:
         f"{gw.url}/v1/messages/count_tokens", headers=headers, json={"model": "nope", **ask}
     )
     assert counted.status_code == 404 and counted.json()["error"]["type"] == "not_found_error"
+
+
+def test_anthropic_upstream_is_relayed_as_is(
+    gw: UvicornServer, claude_fake: tuple[FakeAnthropic, str]
+) -> None:
+    headers = {"x-api-key": GATEWAY_KEY, "anthropic-version": "2023-06-01"}
+    body: dict[str, Any] = {
+        "model": "dead-then-claude",
+        "max_tokens": 20,
+        "top_k": 5,
+        "thinking": {"type": "disabled"},
+        "system": [{"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral"}}],
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "hi", "citations": None}]}
+        ],
+    }
+    answer = httpx.post(f"{gw.url}/v1/messages", headers=headers, json=body)
+    sent = claude_fake[0].seen[-1].body
+    assert sent == {**body, "model": "echo", "stream": False}  # the client's body, untouched
+    relayed = answer.json()
+    assert relayed["usage"]["cache_read_input_tokens"] == 0  # the upstream's own fields
+    assert relayed["id"].startswith("msg_") and relayed["content"][0]["text"] == "echo: hi"
+    with httpx.stream(
+        "POST", f"{gw.url}/v1/messages", headers=headers, json={**body, "stream": True}
+    ) as streamed:
+        lines = [line for line in streamed.iter_lines() if line.startswith("event: ")]
+    assert claude_fake[0].seen[-1].body["stream"] is True
+    # the fake's own order (its ping after the first block start), not the translator's
+    assert lines[:3] == ["event: message_start", "event: content_block_start", "event: ping"]
+    assert lines[-2:] == ["event: message_delta", "event: message_stop"]

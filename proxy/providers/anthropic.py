@@ -11,7 +11,9 @@ never the client's; redirects are never followed. Errors: 529 `overloaded_error`
 every 5xx -> `server_error` (falls back), 429 -> `rate_limited` with its `retry-after`,
 400/413/422 -> `client_error` (the request is wrong everywhere), 401/403 ->
 `upstream_auth`, 404 -> `model_missing`; an `error` event before the first chunk falls
-back like a status, after it the stream fails.
+back like a status, after it the stream fails. A request from an Anthropic client
+(`/v1/messages`) is sent as the client wrote it and its answer rides along with the chat
+one, so the route can relay it as is (`translate/anthropic_native.py`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from ..errors import InvalidRequest, UpstreamError
 from ..policy import client_error, status_error
 from ..reasons import Reason
 from ..translate import anthropic_wire as aw
+from ..translate.anthropic_native import NativeChat, attach
 from ..translate.from_anthropic import ChunkMaker, decode_message, to_completion
 from ..translate.to_anthropic import ChatIn, to_anthropic
 from .base import Call, Completion, Op, Probe
@@ -78,9 +81,11 @@ class Adapter:
             raise UpstreamError(
                 Reason.UNSUPPORTED, f"the Anthropic provider does not serve {call.op}"
             )
+        if isinstance(call.request, NativeChat):  # an Anthropic client: its own body, as is
+            return call.request.native_body(call.entry.model, stream)
+        budget = call.entry.max_tokens or self._spec.max_tokens
         try:
             chat: ChatIn = call.request.decode(ChatIn)
-            budget = call.entry.max_tokens or self._spec.max_tokens
             request = to_anthropic(chat, call.entry.model, budget, stream)
         except InvalidRequest as exc:  # the request is wrong for every provider
             raise client_error(exc.message, exc.param) from None
@@ -109,7 +114,10 @@ class Adapter:
             if resp.status != 200:
                 raise _status_error(resp.status, body, resp.headers)
         answer = to_completion(decode_message(body), call.entry.model)
-        return Completion(aw.encode(answer), answer.usage)
+        encoded = aw.encode(answer)
+        if isinstance(call.request, NativeChat):
+            encoded = attach(encoded, body)
+        return Completion(encoded, answer.usage)
 
     async def stream(self, call: Call) -> AsyncIterator[bytes]:
         async with self._post(call, stream=True) as resp:
@@ -120,8 +128,13 @@ class Adapter:
             if not ctype.startswith("text/event-stream"):
                 raise UpstreamError(Reason.BAD_RESPONSE, f"expected an event stream, got '{ctype}'")
             maker = ChunkMaker(call.entry.model, call.request.include_usage)
+            native = isinstance(call.request, NativeChat)
             async for data in iter_sse(resp.content):
-                for chunk in maker.feed(data):
+                chunks = maker.feed(data)
+                if native:  # each event rides along, on a chunk of its own if it made none
+                    last = chunks.pop() if chunks else maker.empty()
+                    chunks.append(attach(last, data.replace(b"\n", b" ")))
+                for chunk in chunks:
                     yield chunk
                 if maker.done:
                     return

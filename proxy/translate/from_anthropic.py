@@ -155,6 +155,10 @@ class ChunkMaker:
             Chunk(id=self._id, created=self._created, model=self._model, choices=[choice])
         )
 
+    def empty(self) -> bytes:
+        """A chunk without choices (it carries nothing of its own)."""
+        return _encode(Chunk(id=self._id, created=self._created, model=self._model, choices=[]))
+
     def feed(self, data: bytes) -> list[bytes]:
         try:
             event = _event.decode(data)
