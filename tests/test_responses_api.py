@@ -197,3 +197,15 @@ def test_gateway_headers(gw: UvicornServer) -> None:
     assert answer.status_code == 200 and answer.json()["status"] == "completed"
     assert answer.headers["x-omnimind-provider"] == "claude"
     assert answer.headers["x-omnimind-fallbacks"] == "dead:connect_error"
+
+
+def test_a_streamed_response_is_stored_too(client: openai.OpenAI, fake: FakeOpenAI) -> None:
+    with client.responses.stream(model="over-openai", input="streamed turn") as stream:
+        first = stream.get_final_response()
+    client.responses.create(model="over-openai", input="next", previous_response_id=first.id)
+    body = next(s.body for s in reversed(fake.seen) if s.tag == "resp")
+    assert [m["content"] for m in body["messages"]] == [
+        "streamed turn",
+        "echo: streamed turn",
+        "next",
+    ]
