@@ -4,11 +4,13 @@ each also behind a dead first entry."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
 import anthropic
 import httpx
+import pydantic
 import pytest
 
 from .conftest import GatewayFactory
@@ -261,3 +263,27 @@ def test_anthropic_upstream_is_relayed_as_is(
     # the fake's own order (its ping after the first block start), not the translator's
     assert lines[:3] == ["event: message_start", "event: content_block_start", "event: ping"]
     assert lines[-2:] == ["event: message_delta", "event: message_stop"]
+
+
+@pytest.mark.parametrize("alias", ["over-openai", "tools-openai"])
+def test_raw_wire_matches_the_sdk_types(gw: UvicornServer, alias: str) -> None:
+    """The SDK builds its objects without validating: validate the wire bytes here."""
+    headers = {"x-api-key": GATEWAY_KEY, "anthropic-version": "2023-06-01"}
+    body: dict[str, Any] = {
+        "model": alias,
+        "max_tokens": 20,
+        "tools": [WEATHER],
+        "messages": [{"role": "user", "content": "hi"}],
+    }
+    answer = httpx.post(f"{gw.url}/v1/messages", headers=headers, json=body)
+    anthropic.types.Message.model_validate(answer.json())
+    with httpx.stream(
+        "POST", f"{gw.url}/v1/messages", headers=headers, json={**body, "stream": True}
+    ) as resp:
+        lines = [line for line in resp.iter_lines() if line]
+    events = [json.loads(line[6:]) for line in lines if line.startswith("data: ")]
+    assert [line[7:] for line in lines if line.startswith("event: ")] == [e["type"] for e in events]
+    adapter = pydantic.TypeAdapter(anthropic.types.RawMessageStreamEvent)
+    for event in events:
+        if event["type"] != "ping":
+            adapter.validate_python(event)

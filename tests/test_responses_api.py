@@ -66,7 +66,7 @@ def client(gw: UvicornServer) -> Iterator[openai.OpenAI]:
 @pytest.mark.parametrize("alias", ALIASES)
 def test_create(client: openai.OpenAI, alias: str) -> None:
     response = client.responses.create(model=alias, input="hello there", instructions="Be brief.")
-    schemas.validate(response.model_dump(mode="json", exclude_unset=True), "Response")
+    schemas.response(response.model_dump(mode="json", exclude_unset=True))
     assert response.status == "completed" and response.output_text == "echo: hello there"
     assert response.usage is not None and response.usage.output_tokens > 0
 
@@ -75,7 +75,7 @@ def test_create(client: openai.OpenAI, alias: str) -> None:
 def test_stream(client: openai.OpenAI, alias: str) -> None:
     events = list(client.responses.create(model=alias, input="one two three", stream=True))
     for event in events:
-        schemas.validate(event.model_dump(mode="json", exclude_unset=True), "ResponseStreamEvent")
+        schemas.response_event(event.model_dump(mode="json", exclude_unset=True))
     kinds = [e.type for e in events]
     assert kinds[:2] == ["response.created", "response.in_progress"]
     assert kinds[-1] == "response.completed"
@@ -195,6 +195,7 @@ def test_gateway_headers(gw: UvicornServer) -> None:
         json={"model": "dead-then-claude", "input": "hi"},
     )
     assert answer.status_code == 200 and answer.json()["status"] == "completed"
+    schemas.response(answer.json())  # the wire bytes themselves, not the SDK's model of them
     assert answer.headers["x-omnimind-provider"] == "claude"
     assert answer.headers["x-omnimind-fallbacks"] == "dead:connect_error"
 
@@ -209,3 +210,17 @@ def test_a_streamed_response_is_stored_too(client: openai.OpenAI, fake: FakeOpen
         "echo: streamed turn",
         "next",
     ]
+
+
+@pytest.mark.parametrize("alias", ["over-openai", "tools-anthropic"])
+def test_raw_stream_events_match_the_schema(gw: UvicornServer, alias: str) -> None:
+    body = {"model": alias, "input": "weather?", "tools": [WEATHER], "stream": True}
+    headers = {"authorization": f"Bearer {GATEWAY_KEY}"}
+    with httpx.stream("POST", f"{gw.url}/v1/responses", headers=headers, json=body) as resp:
+        lines = [line for line in resp.iter_lines() if line]
+    events = [json.loads(line[6:]) for line in lines if line.startswith("data: ")]
+    names = [line[7:] for line in lines if line.startswith("event: ")]
+    assert names == [e["type"] for e in events]
+    for event in events:
+        schemas.response_event(event)
+    assert events[-1]["type"] == "response.completed"

@@ -64,7 +64,7 @@ def events_of(frames: list[bytes]) -> list[dict[str, Any]]:
         obj = json.loads(data.removeprefix("data: "))
         assert head == f"event: {obj['type']}"
         schemas.validate(obj, EVENT_SCHEMAS[obj["type"]])  # precise errors first
-        schemas.validate(obj, "ResponseStreamEvent")
+        schemas.response_event(obj)
         _events.validate_python(obj)
         out.append(obj)
     assert [e["sequence_number"] for e in out] == list(range(len(out)))
