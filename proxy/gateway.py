@@ -32,6 +32,7 @@ from .engine import Engine
 from .logs import ProviderStates
 from .observe import Observer
 from .redact import Redactor
+from .translate.responses_store import ResponseStore
 
 log = logging.getLogger("omnimind.gateway")
 
@@ -96,6 +97,7 @@ class Gateway:
         self.engine = Engine(config, self.observer, redact=self.redact, states=self.states)
         self.guard = Guard(config)
         self.created = int(time.time())
+        self.responses = ResponseStore()  # for the Responses API's previous_response_id
         self._background: set[asyncio.Task[Any]] = set()
         path = Path(config.path)
         self._watched = path.resolve() if path.is_file() else None
