@@ -127,6 +127,7 @@ class Walk:
             except Exception as exc:  # noqa: BLE001 - every failure is classified, none escapes
                 error = self._redacted(map_exception(exc))
                 held.health.failure(entry.model, error, ticket)
+                self._states(held, entry, str(error.reason))
                 self._failed(entry, error, _ms(started))
                 if not error.reason.falls_back:
                     raise UpstreamRejected(
@@ -140,6 +141,7 @@ class Walk:
                 held.health.success(entry.model, answer.latency_ms)
             else:  # the verdict comes when the stream ends (`_stream_closed`)
                 held.health.started(entry.model, answer.latency_ms)
+            self._states(held, entry)
             return answer
         return None
 
@@ -203,8 +205,10 @@ class Walk:
         if error is not None and error.reason is not Reason.DEADLINE:
             failure = UpstreamError(Reason.STREAM_ERROR, self.engine.redact(error.message))
             held.health.failure(entry.model, failure)
+            self._states(held, entry, str(failure.reason))
         elif stream.outcome == "ok":
             held.health.success(entry.model, _ms(started))
+            self._states(held, entry)
         else:
             held.health.abandon(entry.model)
         answer = self.committed
@@ -214,6 +218,12 @@ class Walk:
             self.attempts, outcome=stream.outcome, usage=stream.usage, entry=entry,
             error=f"{error.reason}: {error.message}"[:300] if error else "",
         )  # fmt: skip
+
+    def _states(self, held: Held, entry: Entry, why: str = "") -> None:
+        """Log a breaker that opened or closed (once per change, not per request)."""
+        states = self.engine.states
+        states.observe(entry.provider, held.health.host.state, why)
+        states.observe(entry.deployment, held.health.deployment(entry.model).state, why)
 
     def _redacted(self, error: UpstreamError) -> UpstreamError:
         redact = self.engine.redact
@@ -229,7 +239,7 @@ class Walk:
         self.attempts.append(
             Attempt(entry.provider, entry.model, error.reason, error.status, latency, error.message)
         )
-        log.warning(
+        log.info(
             "attempt failed: provider=%s model=%s reason=%s status=%s latency_ms=%.1f %s",
             entry.provider, entry.model, error.reason, error.status, latency, error.message,
             extra={"request_id": self.info.request_id},

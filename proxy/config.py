@@ -129,6 +129,18 @@ class ServerSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     api_keys: list[str | KeySpec] = []  # none: no key needed (fine on 127.0.0.1)
     rate_limit_rpm: PositiveInt | None = None  # per key (per client address without keys)
     metrics_auth: bool = False  # require a key for /metrics too
+    # Bounds and browser rules (proxy/edge.py, proxy/httpproto.py, proxy/audit.py)
+    cors_origins: list[str] = []  # browser origins allowed in (CORS); "*" for any
+    allowed_hosts: list[str] = []  # without api_keys: Host names served besides localhost
+    trusted_proxies: list[str] = []  # CIDRs whose X-Forwarded-For is believed
+    max_header_bytes: PositiveInt = 65536  # request line + headers; past it: 431
+    max_headers: PositiveInt = 100
+    header_timeout: PositiveFloat = 10.0  # a request's headers must arrive within it
+    body_timeout: PositiveFloat = 60.0  # ...and its body within this after the headers
+    keep_alive_timeout: PositiveFloat = 5.0  # idle keep-alive connections are closed
+    max_connections: PositiveInt = 2048  # more concurrent connections/requests: 503
+    max_json_depth: PositiveInt = 64  # deeper request JSON: 400
+    audit_buffer: PositiveInt = 10000  # audit lines waiting for the writer; more are dropped
 
 
 class ConfigSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -360,7 +372,8 @@ def _provider(name: str, spec: Any, missing: list[str], path: str) -> ProviderCo
         key = Secret(_expand(api_key, missing))
         changes["api_key"] = None
         if not key:
-            unavailable = "api_key is empty"
+            names = [m.group(1) for m in _VAR.finditer(api_key)]
+            unavailable = f"{' or '.join(names)} is not set" if names else "api_key is empty"
     problem = spec.problem()
     if problem is not None:
         raise ConfigError(f"{path}: at providers.{name}.{problem[0]}: {problem[1]}")

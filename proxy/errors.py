@@ -118,7 +118,7 @@ class UpstreamRejected(GatewayError):
     ) -> None:
         super().__init__(message, param=param, code=code)
         self.status = status
-        self.attempts: list[Attempt] = attempts if attempts is not None else []
+        self.attempts = attempts or []  # the rejecting attempt is the last
 
 
 class UpstreamError(Exception):

@@ -10,8 +10,8 @@ same aliases, and every test here runs against each:
     f-<fault>    the fault matrix: each fault once per mode, a fallback or an error event
 
 plus `aclose` on the engine's `OwnedStream`, called twice at every point of a stream.
-A new provider type adds one `Backend` in `_backend` and its name in `ADAPTERS` (the lead
-adds `anthropic` with its fake). The fault matrix replaces the ones that were in
+A new provider type adds one `Backend` in `_backend`, its name in `ADAPTERS` and its
+faults in `FAULTS`. The fault matrix replaces the ones that were in
 test_resilience.py (OpenAI) and test_ollama.py (Ollama).
 """
 
@@ -34,6 +34,7 @@ from proxy.wire import ChatRequest
 
 from . import schemas
 from .conftest import GatewayFactory
+from .fake_anthropic import FakeAnthropic
 from .fake_ollama import FakeOllama
 from .fake_openai import FakeOpenAI
 from .helpers import (
@@ -49,7 +50,7 @@ from .helpers import (
 )
 from .servers import AiohttpServer, UvicornServer, open_fds, refused_port, settle
 
-ADAPTERS = ("openai", "ollama", "huggingface")  # the lead adds "anthropic"
+ADAPTERS = ("openai", "ollama", "huggingface", "anthropic")  # a new provider type: add it here
 REQUEST_TIMEOUT = 4
 LONG_ANSWER = 4000  # max_tokens of a local generation that runs until it is stopped
 
@@ -113,7 +114,20 @@ OLLAMA_FAULTS: list[Fault] = [
 HF_FAULTS: list[Fault] = [
     ("/nonexistent/omnimind-weights", "unavailable", "fallback", BOTH),
 ]
-FAULTS = {"openai": OPENAI_FAULTS, "ollama": OLLAMA_FAULTS, "huggingface": HF_FAULTS}
+ANTHROPIC_FAULTS: list[Fault] = [
+    ("refused", "connect_error", "fallback", BOTH),
+    ("status-429", "rate_limited", "fallback", BOTH),
+    ("status-500", "server_error", "fallback", BOTH),
+    ("status-529", "server_error", "fallback", BOTH),  # overloaded_error
+    ("error-mid", None, "error-event", STREAM),
+    ("truncated", None, "error-event", STREAM),
+]
+FAULTS = {
+    "openai": OPENAI_FAULTS,
+    "ollama": OLLAMA_FAULTS,
+    "huggingface": HF_FAULTS,
+    "anthropic": ANTHROPIC_FAULTS,
+}
 SLOW: set[str] = set()  # adapters whose contract is too slow for the default run
 
 
@@ -141,6 +155,14 @@ def _cases() -> list[Any]:
 @pytest.fixture(scope="module")
 def ollama_emulator() -> Iterator[tuple[FakeOllama, str]]:
     fake = FakeOllama()
+    server = AiohttpServer(fake.app())
+    yield fake, server.url
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def anthropic_fake() -> Iterator[tuple[FakeAnthropic, str]]:
+    fake = FakeAnthropic()
     server = AiohttpServer(fake.app())
     yield fake, server.url
     server.close()
@@ -182,6 +204,15 @@ def _backend(name: str, request: pytest.FixtureRequest) -> Backend:
             answer=tiny, error_first="/nonexistent/omnimind-weights",
             error_first_reason="unavailable", long=tiny, active=_generating,
             long_fields={"max_tokens": LONG_ANSWER}, faults=HF_FAULTS,
+        )  # fmt: skip
+    if name == "anthropic":
+        claude, url = request.getfixturevalue("anthropic_fake")
+        return Backend(
+            name, {"type": "anthropic", "base_url": url, **limits},
+            answer="claude-echo", error_first="status-529", error_first_reason="server_error",
+            long="slow", truncated="truncated", active=lambda: claude.active,
+            dead={"type": "anthropic", "base_url": dead_url, **limits},
+            faults=ANTHROPIC_FAULTS,
         )  # fmt: skip
     raise AssertionError(f"no contract backend for {name}")
 
