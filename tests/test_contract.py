@@ -73,7 +73,6 @@ class Backend:
     dead: Config | None = None  # the same provider type at a refused port
     slow_options: Config = field(default_factory=dict)  # provider options for `long`
     long_fields: Config = field(default_factory=dict)  # request fields for `long`
-    faults: list[Fault] = field(default_factory=list)
     gw: UvicornServer | None = None
     config: Config = field(default_factory=dict)
 
@@ -186,7 +185,6 @@ def _backend(name: str, request: pytest.FixtureRequest) -> Backend:
             answer="echo", error_first="error-first", error_first_reason="server_error",
             long="drip-100-50", truncated="no-done", active=lambda: fake.active,
             dead={"type": "openai", "base_url": f"{dead_url}/v1", **limits},
-            faults=OPENAI_FAULTS,
         )  # fmt: skip
     if name == "ollama":
         emulator, url = request.getfixturevalue("ollama_emulator")
@@ -195,7 +193,7 @@ def _backend(name: str, request: pytest.FixtureRequest) -> Backend:
             answer="echo", error_first="error-first", error_first_reason="server_error",
             long="long", truncated="truncated", active=lambda: emulator.active,
             dead={"type": "ollama", "base_url": dead_url, **limits},
-            slow_options={"options": {"drip_ms": 300}}, faults=OLLAMA_FAULTS,
+            slow_options={"options": {"drip_ms": 300}},
         )  # fmt: skip
     if name == "huggingface":
         tiny = str(request.getfixturevalue("tiny_dir"))
@@ -203,7 +201,7 @@ def _backend(name: str, request: pytest.FixtureRequest) -> Backend:
             name, {"type": "huggingface", "max_new_tokens": 12, **limits},
             answer=tiny, error_first="/nonexistent/omnimind-weights",
             error_first_reason="unavailable", long=tiny, active=_generating,
-            long_fields={"max_tokens": LONG_ANSWER}, faults=HF_FAULTS,
+            long_fields={"max_tokens": LONG_ANSWER},
         )  # fmt: skip
     if name == "anthropic":
         claude, url = request.getfixturevalue("anthropic_fake")
@@ -212,7 +210,6 @@ def _backend(name: str, request: pytest.FixtureRequest) -> Backend:
             answer="claude-echo", error_first="status-529", error_first_reason="server_error",
             long="slow", truncated="truncated", active=lambda: claude.active,
             dead={"type": "anthropic", "base_url": dead_url, **limits},
-            faults=ANTHROPIC_FAULTS,
         )  # fmt: skip
     raise AssertionError(f"no contract backend for {name}")
 
@@ -236,7 +233,7 @@ def _config(backend: Backend, fake_url: str) -> Config:
     if backend.dead is not None:
         providers["dead"] = backend.dead
         models["f-refused"] = [entry("dead", backend.answer), backup]
-    for fault in {f[0] for f in backend.faults}:
+    for fault in {f[0] for f in FAULTS[name]}:
         if fault != "refused":
             models[f"f-{fault}"] = [entry(name, fault), backup]
     return {
