@@ -12,7 +12,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 import yaml
@@ -121,11 +121,19 @@ class EntrySpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     output_cost_per_mtok: NonNegativeFloat | None = None
 
 
+class CacheSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The exact response cache (proxy/cache.py): on an alias, or for all in `server.cache`."""
+
+    ttl: PositiveFloat = 300.0  # seconds
+    max_entries: PositiveInt = 10_000
+
+
 class AliasSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """The long form of an alias: its chain plus alias-level options."""
 
     chain: list[EntrySpec]
     hedge_after_ms: PositiveInt | None = None  # start the next entry too if no first chunk yet
+    cache: CacheSpec | None = None
 
 
 class KeySpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -134,6 +142,17 @@ class KeySpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     id: str
     key: str
     rate_limit_rpm: PositiveInt | None = None
+    rate_limit_tpm: PositiveInt | None = None
+
+
+class StateSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Where limits, health, usage and the cache live (proxy/state/): in-process or Redis."""
+
+    backend: Literal["memory", "redis"] = "memory"
+    url: str = "${REDIS_URL:-redis://127.0.0.1:6379/0}"
+    prefix: str = "omnimind"
+    timeout_ms: PositiveInt = 50  # every Redis call; past it the call serves on local state
+    on_error: Literal["open", "closed"] = "open"  # rate limits while Redis is unreachable
 
 
 class ServerSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -144,7 +163,10 @@ class ServerSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     log_content: bool = False  # put request messages into the audit log
     api_keys: list[str | KeySpec] = []  # none: no key needed (fine on 127.0.0.1)
     rate_limit_rpm: PositiveInt | None = None  # per key (per client address without keys)
+    rate_limit_tpm: PositiveInt | None = None  # tokens per minute, charged from usage
     metrics_auth: bool = False  # require a key for /metrics too
+    state: StateSpec = msgspec.field(default_factory=StateSpec)
+    cache: CacheSpec | None = None  # every alias (an alias's own `cache` wins)
 
 
 class ConfigSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -182,6 +204,7 @@ class ApiKey:
     id: str
     secret: Secret
     rate_limit_rpm: int | None
+    rate_limit_tpm: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,6 +216,7 @@ class Config:
     missing_env: tuple[str, ...] = ()
     hedges: dict[str, float] = field(default_factory=dict)  # alias -> hedge delay, seconds
     api_keys: tuple[ApiKey, ...] = ()
+    caches: dict[str, CacheSpec] = field(default_factory=dict)  # alias -> its response cache
 
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -275,17 +299,26 @@ def build(spec: ConfigSpec, path: str = "models.yaml") -> Config:
     providers = {name: _provider(name, p, missing, path) for name, p in spec.providers.items()}
     models: dict[str, tuple[Entry, ...]] = {}
     hedges: dict[str, float] = {}
+    caches: dict[str, CacheSpec] = {}
     for alias, value in spec.models.items():
         entries = value if isinstance(value, list) else value.chain
         if isinstance(value, AliasSpec) and value.hedge_after_ms:
             hedges[alias] = value.hedge_after_ms / 1000
+        cache = value.cache if isinstance(value, AliasSpec) and value.cache else spec.server.cache
+        if cache is not None:
+            caches[alias] = cache
         if not entries:
             raise ConfigError(f"{path}: at models.{alias}: a chain needs at least one entry")
         models[alias] = tuple(
             _entry(e, providers, f"models.{alias}[{i}]", path) for i, e in enumerate(entries)
         )
     keys = _api_keys(spec.server, missing, path)
-    return Config(path, providers, models, spec.server, tuple(dict.fromkeys(missing)), hedges, keys)
+    state = spec.server.state
+    server = msgspec.structs.replace(
+        spec.server, state=msgspec.structs.replace(state, url=_expand(state.url, missing))
+    )
+    missing_env = tuple(dict.fromkeys(missing))
+    return Config(path, providers, models, server, missing_env, hedges, keys, caches)
 
 
 def _api_keys(server: ServerSpec, missing: list[str], path: str) -> tuple[ApiKey, ...]:
@@ -298,7 +331,8 @@ def _api_keys(server: ServerSpec, missing: list[str], path: str) -> tuple[ApiKey
                 f"{path}: at server.api_keys[{i}]: the key resolves to an empty string "
                 "(is its environment variable set?)"
             )
-        keys.append(ApiKey(spec.id, secret, spec.rate_limit_rpm or server.rate_limit_rpm))
+        rpm = spec.rate_limit_rpm or server.rate_limit_rpm
+        keys.append(ApiKey(spec.id, secret, rpm, spec.rate_limit_tpm or server.rate_limit_tpm))
     return tuple(keys)
 
 

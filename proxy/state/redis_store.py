@@ -1,0 +1,231 @@
+"""Shared state in a Redis-protocol server (Redis, Valkey): every instance sees the same.
+
+One script call before the upstream call, one after (`scripts.py`). Every call is bounded
+by `timeout_ms`. When Redis fails or is slow the store turns *degraded*: it logs once,
+answers from its local `MemoryStore` (health and cache fail open; limits stay per process
+with `on_error: open`, refuse with `on_error: closed`) and never touches Redis on the hot
+path again until a background task, backing off, finds it back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+from urllib.parse import urlsplit
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from ..config import StateSpec
+from ..ratelimit import quota
+from .base import Before, Cooldown, Outcome, StateStats, Totals, counted
+from .memory import MemoryStore
+from .scripts import AFTER, BEFORE
+
+log = logging.getLogger("omnimind.state")
+
+_FAILURES = (RedisError, OSError, TimeoutError)
+_TOTALS = tuple(Totals.__struct_fields__)
+
+
+def where(url: str) -> str:
+    """The URL without its credentials, for logs."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname}:{parts.port or 6379}{parts.path}"
+
+
+class RedisStore:
+    backend = "redis"
+
+    def __init__(
+        self,
+        spec: StateSpec,
+        local: MemoryStore | None = None,
+        on_degraded: Callable[[bool], None] | None = None,
+    ) -> None:
+        self.spec = spec
+        self.prefix = spec.prefix
+        self.timeout = spec.timeout_ms / 1000
+        self.local = local or MemoryStore()
+        self.client = aioredis.Redis.from_url(
+            spec.url,
+            socket_timeout=self.timeout,
+            socket_connect_timeout=self.timeout,
+            retry=Retry(NoBackoff(), 0),
+            health_check_interval=0,
+            max_connections=256,
+        )
+        self._before = self.client.register_script(BEFORE)
+        self._after = self.client.register_script(AFTER)
+        self._degraded = False
+        self._on_degraded = on_degraded
+        self._rejoin: asyncio.Task[None] | None = None
+        self._pending: set[asyncio.Task[None]] = set()
+
+    @property
+    def degraded(self) -> bool:
+        return self._degraded
+
+    async def before(
+        self,
+        key_id: str,
+        *,
+        rpm: int | None = None,
+        tpm: int | None = None,
+        health_ids: Sequence[str] = (),
+        cache_key: str | None = None,
+    ) -> Before:
+        if not self._degraded:
+            args: list[Any] = [self.prefix, key_id, rpm or 0, tpm or 0, cache_key or ""]
+            args += health_ids
+            try:
+                async with asyncio.timeout(self.timeout):
+                    raw = await self._before(args=args)
+            except _FAILURES as exc:
+                self._fail(exc)
+            else:
+                return _parse_before(raw, rpm, tpm)
+        answer = self.local.before_now(key_id, rpm, tpm, health_ids, cache_key)
+        answer.degraded = True
+        if self.spec.on_error == "closed" and (rpm or tpm):
+            answer.admitted, answer.retry_after, answer.cached = False, 1.0, None
+        return answer
+
+    async def after(self, outcome: Outcome) -> None:
+        if not self._degraded:
+            try:
+                async with asyncio.timeout(self.timeout):
+                    await self._after(args=_after_args(self.prefix, outcome))
+            except _FAILURES as exc:
+                self._fail(exc)
+            else:
+                return
+        self.local.after_now(outcome)
+
+    def after_soon(self, outcome: Outcome) -> None:
+        """`after()` without waiting for it (the answer is already on its way)."""
+        task = asyncio.ensure_future(self.after(outcome))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def stats(self) -> StateStats:
+        if not self._degraded:
+            try:
+                async with asyncio.timeout(self.timeout * 4):
+                    return await self._shared_stats()
+            except _FAILURES as exc:
+                self._fail(exc)
+        stats = await self.local.stats()
+        stats.backend, stats.degraded = self.backend, True
+        return stats
+
+    async def _shared_stats(self) -> StateStats:
+        p = self.prefix
+        pipe = self.client.pipeline(transaction=False)
+        pipe.smembers(f"{p}:uk")
+        pipe.smembers(f"{p}:ua")
+        keys, aliases = await pipe.execute()
+        names = [(f"{p}:u:k:", k.decode()) for k in keys] + [
+            (f"{p}:u:a:", a.decode()) for a in aliases
+        ]
+        pipe = self.client.pipeline(transaction=False)
+        for head, name in names:
+            pipe.hmget(head + name, *_TOTALS)
+        rows = await pipe.execute()
+        out = StateStats(backend=self.backend, keys={}, aliases={})
+        for (head, name), row in zip(names, rows, strict=True):
+            totals = Totals(**{f: _number(v, f) for f, v in zip(_TOTALS, row, strict=True)})
+            (out.keys if head.endswith(":k:") else out.aliases)[name] = totals
+        return out
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._degraded:
+            return
+        self._degraded = True
+        log.error(
+            "shared state at %s unreachable (%s: %s): serving on this process's own state "
+            "(rate limits %s) until it is back",
+            where(self.spec.url), type(exc).__name__, exc or "timed out",
+            "per process" if self.spec.on_error == "open" else "refuse requests",
+        )  # fmt: skip
+        if self._on_degraded is not None:
+            self._on_degraded(True)
+        if self._rejoin is None or self._rejoin.done():
+            self._rejoin = asyncio.ensure_future(self._reconnect())
+
+    async def _reconnect(self) -> None:
+        pause = 0.05
+        started = time.monotonic()
+        while True:
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 2.0)
+            try:
+                async with asyncio.timeout(max(self.timeout, 0.25)):
+                    await self.client.ping()
+            except _FAILURES:
+                continue
+            self._degraded = False
+            log.warning(
+                "shared state at %s is back after %.1f s: limits, health and cache shared again",
+                where(self.spec.url), time.monotonic() - started,
+            )  # fmt: skip
+            if self._on_degraded is not None:
+                self._on_degraded(False)
+            return
+
+    async def ping(self) -> bool:
+        try:
+            async with asyncio.timeout(self.timeout):
+                return bool(await self.client.ping())
+        except _FAILURES:
+            return False
+
+    async def aclose(self) -> None:
+        if self._rejoin is not None:
+            self._rejoin.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._rejoin
+        if self._pending:
+            await asyncio.wait(self._pending, timeout=self.timeout * 2)
+        with contextlib.suppress(*_FAILURES):
+            await self.client.aclose()
+
+
+def _parse_before(raw: list[Any], rpm: int | None, tpm: int | None) -> Before:
+    cooling = {}
+    for i in range(5, len(raw) - 2, 3):
+        cooling[raw[i].decode()] = Cooldown(raw[i + 1].decode(), raw[i + 2] / 1000)
+    admitted = raw[0] == 1
+    return Before(
+        admitted=admitted,
+        retry_after=0.0 if admitted else raw[1] / 1000,
+        requests=quota(rpm, raw[2] / 1000) if rpm else None,
+        tokens=quota(tpm, raw[3] / 1000) if tpm else None,
+        cooling=cooling,
+        cached=raw[4] or None,
+    )
+
+
+def _after_args(prefix: str, o: Outcome) -> list[Any]:
+    args: list[Any] = [
+        prefix, o.key_id, o.alias, o.tpm or 0, o.prompt_tokens, o.completion_tokens,
+        repr(float(o.cost_usd)), int(o.cached), int(counted(o.key_id)), len(o.health),
+    ]  # fmt: skip
+    for event in o.health:
+        args += [event.id, event.reason, max(0, round(event.seconds * 1000))]
+    put = o.cache_put
+    if put is not None:
+        args += [put.key, max(1, round(put.ttl * 1000)), put.max_entries, put.body]
+    return args
+
+
+def _number(value: bytes | None, field: str) -> Any:
+    if value is None:
+        return 0.0 if field == "cost_usd" else 0
+    return round(float(value), 8) if field == "cost_usd" else int(value)
