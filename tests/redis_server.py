@@ -38,9 +38,10 @@ def server_binary() -> str | None:
 
 
 class RedisProcess:
-    def __init__(self, binary: str, port: int | None = None) -> None:
+    def __init__(self, binary: str, port: int | None = None, extra: tuple[str, ...] = ()) -> None:
         self.binary = binary
         self.port = port or refused_port()
+        self.extra = extra
         self.proc: subprocess.Popen[bytes] | None = None
         self.start()
 
@@ -52,7 +53,7 @@ class RedisProcess:
         args = [
             self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
             "--save", "", "--appendonly", "no", "--protected-mode", "no",
-            "--dir", "/tmp", "--loglevel", "warning",
+            "--dir", "/tmp", "--loglevel", "warning", *self.extra,
         ]  # fmt: skip
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + within
@@ -67,7 +68,8 @@ class RedisProcess:
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as sock:
                 sock.sendall(b"PING\r\n")
-                return sock.recv(16).startswith(b"+PONG")
+                reply = sock.recv(64)
+                return reply.startswith(b"+PONG") or reply.startswith(b"-NOAUTH")
         except OSError:
             return False
 

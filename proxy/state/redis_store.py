@@ -17,20 +17,16 @@ from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
-
 from ..config import StateSpec
 from ..ratelimit import quota
 from .base import Before, Cooldown, Outcome, StateStats, Totals, counted
 from .memory import MemoryStore
+from .resp import Client, ReplyError, Script
 from .scripts import AFTER, BEFORE
 
 log = logging.getLogger("omnimind.state")
 
-_FAILURES = (RedisError, OSError, TimeoutError)
+_FAILURES = (ReplyError, OSError, TimeoutError)  # ConnectionError is an OSError
 _TOTALS = tuple(Totals.__struct_fields__)
 
 
@@ -53,16 +49,9 @@ class RedisStore:
         self.prefix = spec.prefix
         self.timeout = spec.timeout_ms / 1000
         self.local = local or MemoryStore()
-        self.client = aioredis.Redis.from_url(
-            spec.url,
-            socket_timeout=self.timeout,
-            socket_connect_timeout=self.timeout,
-            retry=Retry(NoBackoff(), 0),
-            health_check_interval=0,
-            max_connections=256,
-        )
-        self._before = self.client.register_script(BEFORE)
-        self._after = self.client.register_script(AFTER)
+        self.client = Client(spec.url, connect_timeout=self.timeout)
+        self._before = Script(BEFORE)
+        self._after = Script(AFTER)
         self._degraded = False
         self._on_degraded = on_degraded
         self._rejoin: asyncio.Task[None] | None = None
@@ -86,7 +75,7 @@ class RedisStore:
             args += health_ids
             try:
                 async with asyncio.timeout(self.timeout):
-                    raw = await self._before(args=args)
+                    raw = await self.client.run(self._before, args)
             except _FAILURES as exc:
                 self._fail(exc)
             else:
@@ -101,7 +90,7 @@ class RedisStore:
         if not self._degraded:
             try:
                 async with asyncio.timeout(self.timeout):
-                    await self._after(args=_after_args(self.prefix, outcome))
+                    await self.client.run(self._after, _after_args(self.prefix, outcome))
             except _FAILURES as exc:
                 self._fail(exc)
             else:
@@ -126,18 +115,13 @@ class RedisStore:
         return stats
 
     async def _shared_stats(self) -> StateStats:
-        p = self.prefix
-        pipe = self.client.pipeline(transaction=False)
-        pipe.smembers(f"{p}:uk")
-        pipe.smembers(f"{p}:ua")
-        keys, aliases = await pipe.execute()
-        names = [(f"{p}:u:k:", k.decode()) for k in keys] + [
-            (f"{p}:u:a:", a.decode()) for a in aliases
-        ]
-        pipe = self.client.pipeline(transaction=False)
-        for head, name in names:
-            pipe.hmget(head + name, *_TOTALS)
-        rows = await pipe.execute()
+        p, call = self.prefix, self.client.call
+        keys, aliases = await asyncio.gather(
+            call("SMEMBERS", f"{p}:uk"), call("SMEMBERS", f"{p}:ua")
+        )
+        names = [(f"{p}:u:k:", k.decode()) for k in keys]
+        names += [(f"{p}:u:a:", a.decode()) for a in aliases]
+        rows = await asyncio.gather(*(call("HMGET", head + name, *_TOTALS) for head, name in names))
         out = StateStats(backend=self.backend, keys={}, aliases={})
         for (head, name), row in zip(names, rows, strict=True):
             totals = Totals(**{f: _number(v, f) for f, v in zip(_TOTALS, row, strict=True)})
@@ -148,6 +132,7 @@ class RedisStore:
         if self._degraded:
             return
         self._degraded = True
+        self.client.drop()  # after a timeout its replies may still come: start afresh
         log.error(
             "shared state at %s unreachable (%s: %s): serving on this process's own state "
             "(rate limits %s) until it is back",
@@ -167,7 +152,7 @@ class RedisStore:
             pause = min(pause * 2, 2.0)
             try:
                 async with asyncio.timeout(max(self.timeout, 0.25)):
-                    await self.client.ping()
+                    await self.client.call("PING")
             except _FAILURES:
                 continue
             self._degraded = False
@@ -182,7 +167,7 @@ class RedisStore:
     async def ping(self) -> bool:
         try:
             async with asyncio.timeout(self.timeout):
-                return bool(await self.client.ping())
+                return bool(await self.client.call("PING"))
         except _FAILURES:
             return False
 
@@ -193,8 +178,7 @@ class RedisStore:
                 await self._rejoin
         if self._pending:
             await asyncio.wait(self._pending, timeout=self.timeout * 2)
-        with contextlib.suppress(*_FAILURES):
-            await self.client.aclose()
+        await self.client.aclose()
 
 
 def _parse_before(raw: list[Any], rpm: int | None, tpm: int | None) -> Before:
