@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from .config import ApiKey, Config, StateSpec
@@ -73,6 +73,12 @@ class Guard:
             return
         self._retired.add(task)
         task.add_done_callback(self._retired.discard)
+
+    def watch(self, on_degraded: Callable[[bool], None]) -> None:
+        """Be told when the shared state becomes unreachable (True) and is back (False)."""
+        if hasattr(self.store, "on_degraded"):
+            self.store.on_degraded = on_degraded
+        on_degraded(self.store.degraded)
 
     def identify(self, headers: Mapping[str, str], client: str) -> Caller:
         """The caller's key (401 if missing or wrong) and limits; no I/O."""

@@ -37,9 +37,10 @@ server:
   state: {{backend: redis, url: "{redis}", prefix: "{prefix}", timeout_ms: {timeout}}}
 providers:
   up: {{type: openai, base_url: "{fake}/up/v1"}}
+  backup: {{type: openai, base_url: "{fake}/backup/v1"}}
 models:
   echo: [{{provider: up, model: echo}}]
-  limited: [{{provider: up, model: status-429}}, {{provider: up, model: echo}}]
+  limited: [{{provider: up, model: status-429}}, {{provider: backup, model: echo}}]
   cached:
     chain: [{{provider: up, model: echo}}]
     cache: {{ttl: 60, max_entries: 100}}

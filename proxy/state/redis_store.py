@@ -53,7 +53,7 @@ class RedisStore:
         self._before = Script(BEFORE)
         self._after = Script(AFTER)
         self._degraded = False
-        self._on_degraded = on_degraded
+        self.on_degraded = on_degraded
         self._rejoin: asyncio.Task[None] | None = None
         self._pending: set[asyncio.Task[None]] = set()
 
@@ -139,8 +139,8 @@ class RedisStore:
             where(self.spec.url), type(exc).__name__, exc or "timed out",
             "per process" if self.spec.on_error == "open" else "refuse requests",
         )  # fmt: skip
-        if self._on_degraded is not None:
-            self._on_degraded(True)
+        if self.on_degraded is not None:
+            self.on_degraded(True)
         if self._rejoin is None or self._rejoin.done():
             self._rejoin = asyncio.ensure_future(self._reconnect())
 
@@ -160,8 +160,8 @@ class RedisStore:
                 "shared state at %s is back after %.1f s: limits, health and cache shared again",
                 where(self.spec.url), time.monotonic() - started,
             )  # fmt: skip
-            if self._on_degraded is not None:
-                self._on_degraded(False)
+            if self.on_degraded is not None:
+                self.on_degraded(False)
             return
 
     async def ping(self) -> bool:
