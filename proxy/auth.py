@@ -125,12 +125,10 @@ class Guard:
 
     def settle(self, admission: Admission, outcome: Outcome) -> None:
         """Record a finished request: tokens charged, usage, health events, cache entry.
-        Not awaited: the answer does not wait for it."""
+        The answer does not wait for it (the Redis store writes it with others, in a batch)."""
         outcome.key_id = admission.caller.bucket  # usage is kept for keys, not addresses
         outcome.tpm = admission.caller.tpm
-        task = asyncio.ensure_future(self.store.after(outcome))
-        self._retired.add(task)
-        task.add_done_callback(self._retired.discard)
+        self.store.after(outcome)
 
     async def aclose(self) -> None:
         if self._retired:

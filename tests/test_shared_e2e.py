@@ -37,10 +37,11 @@ server:
   state: {{backend: redis, url: "{redis}", prefix: "{prefix}", timeout_ms: {timeout}}}
 providers:
   up: {{type: openai, base_url: "{fake}/up/v1"}}
+  limiter: {{type: openai, base_url: "{fake}/limiter/v1"}}
   backup: {{type: openai, base_url: "{fake}/backup/v1"}}
 models:
   echo: [{{provider: up, model: echo}}]
-  limited: [{{provider: up, model: status-429}}, {{provider: backup, model: echo}}]
+  limited: [{{provider: limiter, model: status-429}}, {{provider: backup, model: echo}}]
   cached:
     chain: [{{provider: up, model: echo}}]
     cache: {{ttl: 60, max_entries: 100}}
@@ -186,7 +187,7 @@ def test_one_tpm_limit_across_two_instances(
     assert codes == [200, 200, 200, 429, 429]
     assert resp.headers["x-ratelimit-limit-tokens"] == "20"
     assert resp.headers["x-ratelimit-remaining-tokens"] == "0"
-    assert 1 <= int(resp.headers["retry-after"]) <= 4  # 2 tokens at 20/min: 6 s at most
+    assert 1 <= int(resp.headers["retry-after"]) <= 6  # 2 tokens at 20/min: 6 s at most
 
 
 def test_a_retry_after_seen_by_one_instance_is_honoured_by_the_other(
@@ -197,13 +198,13 @@ def test_a_retry_after_seen_by_one_instance_is_honoured_by_the_other(
     first = httpx.post(f"{b.url}/v1/chat/completions", json=_chat("limited"),
                        headers=_auth("k-free"))  # fmt: skip
     assert first.status_code == 200
-    assert "up:rate_limited" in first.headers["x-omnimind-fallbacks"]
-    _wait_for(lambda: redis_proc.command("PTTL", f"{prefix}:h:up/status-429") != b":-2\r\n")
+    assert "limiter:rate_limited" in first.headers["x-omnimind-fallbacks"]
+    _wait_for(lambda: redis_proc.command("PTTL", f"{prefix}:h:limiter/status-429") != b":-2\r\n")
     for _ in range(4):  # both of a's workers
         other = httpx.post(f"{a.url}/v1/chat/completions", json=_chat("limited"),
                            headers=_auth("k-free"))  # fmt: skip
         assert other.status_code == 200
-        assert "up:cooling_down" in other.headers["x-omnimind-fallbacks"]
+        assert "limiter:cooling_down" in other.headers["x-omnimind-fallbacks"]
     assert len([s for s in fake.seen if s.model == "status-429"]) == before + 1
 
 

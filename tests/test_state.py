@@ -67,7 +67,7 @@ async def test_memory_tpm_is_charged_from_usage_and_paid_back_over_time() -> Non
         if not verdict.admitted:
             break
         admitted += 1
-        await store.after(Outcome(key_id="team", alias="m", tpm=100, prompt_tokens=20,
+        store.after(Outcome(key_id="team", alias="m", tpm=100, prompt_tokens=20,
                                   completion_tokens=10))  # fmt: skip
     assert admitted == 4  # 100 -> 70 -> 40 -> 10 -> -20: the fifth waits
     assert verdict.retry_after == pytest.approx(21 * 60 / 100)
@@ -75,7 +75,7 @@ async def test_memory_tpm_is_charged_from_usage_and_paid_back_over_time() -> Non
     clock.now += 12.6
     assert (await store.before("team", tpm=100)).admitted
     # A cached answer costs no tokens.
-    await store.after(Outcome(key_id="team", alias="m", tpm=100, prompt_tokens=500, cached=True))
+    store.after(Outcome(key_id="team", alias="m", tpm=100, prompt_tokens=500, cached=True))
     assert (await store.before("team", tpm=100)).admitted
 
 
@@ -83,15 +83,15 @@ async def test_memory_cooldowns_expire_and_recoveries_clear_them() -> None:
     clock = Clock()
     store = MemoryStore(clock)
     events = [HealthEvent("p/m", "cooling_down", 30), HealthEvent("q", "circuit_open", 5)]
-    await store.after(Outcome(key_id="", alias="m", health=events))
+    store.after(Outcome(key_id="", alias="m", health=events))
     seen = (await store.before("", health_ids=["p/m", "q", "r"])).cooling
     assert set(seen) == {"p/m", "q"}
     assert seen["p/m"].reason == "cooling_down" and seen["p/m"].seconds == 30
-    await store.after(Outcome(key_id="", alias="m", health=[HealthEvent("p/m", "x", 3)]))
+    store.after(Outcome(key_id="", alias="m", health=[HealthEvent("p/m", "x", 3)]))
     assert (await store.before("", health_ids=["p/m"])).cooling["p/m"].seconds == 30  # longer
     clock.now += 6
     assert set((await store.before("", health_ids=["p/m", "q"])).cooling) == {"p/m"}
-    await store.after(Outcome(key_id="", alias="m", health=[HealthEvent("p/m", "ok", 0)]))
+    store.after(Outcome(key_id="", alias="m", health=[HealthEvent("p/m", "ok", 0)]))
     assert (await store.before("", health_ids=["p/m"])).cooling == {}
 
 
@@ -100,7 +100,7 @@ async def test_memory_cache_is_bounded_and_expires() -> None:
     store = MemoryStore(clock)
     for i in range(5):
         put = CachePut(f"m/{i}", b"body%d" % i, ttl=10, max_entries=3)
-        await store.after(Outcome(key_id="", alias="m", cache_put=put))
+        store.after(Outcome(key_id="", alias="m", cache_put=put))
     assert [(await store.before("", cache_key=f"m/{i}")).cached for i in range(5)] == [
         None, None, b"body2", b"body3", b"body4",
     ]  # fmt: skip
@@ -110,10 +110,10 @@ async def test_memory_cache_is_bounded_and_expires() -> None:
 
 async def test_memory_usage_per_key_and_alias() -> None:
     store = MemoryStore(Clock())
-    await store.after(Outcome(key_id="team", alias="m", prompt_tokens=3, completion_tokens=4,
+    store.after(Outcome(key_id="team", alias="m", prompt_tokens=3, completion_tokens=4,
                               cost_usd=0.5))  # fmt: skip
-    await store.after(Outcome(key_id="team", alias="m", cached=True, prompt_tokens=3))
-    await store.after(Outcome(key_id="addr:1.2.3.4", alias="m", prompt_tokens=1))
+    store.after(Outcome(key_id="team", alias="m", cached=True, prompt_tokens=3))
+    store.after(Outcome(key_id="addr:1.2.3.4", alias="m", prompt_tokens=1))
     stats = await store.stats()
     assert set(stats.keys) == {"team"}
     team = stats.keys["team"]
@@ -175,8 +175,9 @@ async def test_tpm_is_charged_across_instances(redis_proc: RedisProcess) -> None
             if not verdict.admitted:
                 break
             admitted += 1
-            await store.after(Outcome(key_id="team", alias="m", tpm=100, prompt_tokens=20,
-                                      completion_tokens=10))  # fmt: skip
+            store.after(Outcome(key_id="team", alias="m", tpm=100, prompt_tokens=20,
+                                completion_tokens=10))  # fmt: skip
+            await store.flush()
         assert admitted == 4
         assert 12.0 < verdict.retry_after <= 12.7
         assert verdict.tokens is not None and verdict.tokens.remaining == 0
@@ -190,12 +191,14 @@ async def test_a_cooldown_seen_by_one_instance_is_honoured_by_another(
     a, b = stores = await _instances(_spec(redis_proc, timeout_ms=2000), 2)
     try:
         event = HealthEvent("up/gpt", "cooling_down", 30)
-        await a.after(Outcome(key_id="", alias="m", health=[event]))
+        a.after(Outcome(key_id="", alias="m", health=[event]))
+        await a.flush()
         seen = (await b.before("", health_ids=["up/gpt", "up", "other/x"])).cooling
         assert list(seen) == ["up/gpt"]
         assert seen["up/gpt"].reason == "cooling_down"
         assert 29 < seen["up/gpt"].seconds <= 30
-        await b.after(Outcome(key_id="", alias="m", health=[HealthEvent("up/gpt", "ok", 0)]))
+        b.after(Outcome(key_id="", alias="m", health=[HealthEvent("up/gpt", "ok", 0)]))
+        await b.flush()
         assert (await a.before("", health_ids=["up/gpt"])).cooling == {}
     finally:
         await _close(stores)
@@ -207,12 +210,14 @@ async def test_cache_and_usage_are_shared(redis_proc: RedisProcess) -> None:
         body = b'{"object":"chat.completion","x":"\xc3\xa9"}'
         for i in range(4):
             put = CachePut(f"m/{i}", body + b"%d" % i, ttl=60, max_entries=3)
-            await a.after(Outcome(key_id="team", alias="m", prompt_tokens=2, cost_usd=0.25,
-                                  cache_put=put))  # fmt: skip
+            a.after(Outcome(key_id="team", alias="m", prompt_tokens=2, cost_usd=0.25,
+                            cache_put=put))  # fmt: skip
+        await a.flush()  # four outcomes, one write
         assert (await b.before("team", cache_key="m/3")).cached == body + b"3"
         assert (await b.before("team", cache_key="m/0")).cached is None  # bounded to 3
         assert (await b.before("team", cache_key="other/1")).cached is None
-        await b.after(Outcome(key_id="team", alias="m", cached=True))
+        b.after(Outcome(key_id="team", alias="m", cached=True))
+        await b.flush()
         stats = await b.stats()
         team = stats.keys["team"]
         assert (team.requests, team.cached, team.prompt_tokens) == (5, 1, 8)
@@ -254,13 +259,14 @@ async def test_redis_down_degrades_within_the_timeout_and_rejoins(
         for _ in range(50):
             await store.before("team", rpm=1000)
         assert time.perf_counter() - started < 0.2
-        await store.after(Outcome(key_id="team", alias="m", prompt_tokens=1))
+        store.after(Outcome(key_id="team", alias="m", prompt_tokens=1))
         assert (await store.stats()).degraded
         redis_proc.start()
         await asyncio.wait_for(back.wait(), 10)
         assert not store.degraded and flips == [True, False]
         other = RedisStore(spec)
-        await other.after(Outcome(key_id="", alias="m", health=[HealthEvent("p", "x", 9)]))
+        other.after(Outcome(key_id="", alias="m", health=[HealthEvent("p", "x", 9)]))
+        await other.flush()
         assert "p" in (await store.before("", health_ids=["p"])).cooling  # shared again
         await other.aclose()
     finally:

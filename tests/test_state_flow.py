@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import pytest
@@ -41,7 +40,7 @@ async def _turn(guard: Guard, cache_control: str | None = None):  # type: ignore
 
 
 async def _settled(guard: Guard) -> None:
-    await asyncio.gather(*guard._retired)  # noqa: SLF001 - wait for the settle task
+    await guard.store.flush()
 
 
 async def test_a_miss_fills_the_cache_and_the_next_is_a_hit() -> None:

@@ -4,7 +4,7 @@
         admitted or not (and for how long not), the limits' standing for the
         `x-ratelimit-*` headers, the cooldowns other instances published for the
         chain's deployments and providers, and the cached answer if there is one.
-    after(Outcome)
+    after(Outcome)   (not awaited: written with other requests' in one batch)
         the tokens to charge, usage and spend per key and alias, health events to
         publish, the answer to cache.
 
@@ -105,7 +105,11 @@ class StateStore(Protocol):
         cache_key: str | None = None,
     ) -> Before: ...
 
-    async def after(self, outcome: Outcome) -> None: ...
+    def after(self, outcome: Outcome) -> None:
+        """Record a finished request; not awaited (the Redis store batches the writes)."""
+
+    async def flush(self) -> None:
+        """Wait until every `after()` so far is recorded."""
 
     async def stats(self) -> StateStats: ...
 

@@ -130,10 +130,7 @@ class MemoryStore:
             return None
         return entry[1]
 
-    async def after(self, outcome: Outcome) -> None:
-        self.after_now(outcome)
-
-    def after_now(self, o: Outcome) -> None:
+    def after(self, o: Outcome) -> None:
         now = self.clock()
         tokens = o.prompt_tokens + o.completion_tokens
         if o.tpm and tokens and not o.cached:
@@ -163,6 +160,9 @@ class MemoryStore:
             keys={k: _copy(v) for k, v in self._keys.items()},
             aliases={k: _copy(v) for k, v in self._aliases.items()},
         )
+
+    async def flush(self) -> None:
+        return None
 
     async def aclose(self) -> None:
         return None

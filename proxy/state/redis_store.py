@@ -1,7 +1,9 @@
 """Shared state in a Redis-protocol server (Redis, Valkey): every instance sees the same.
 
-One script call before the upstream call, one after (`scripts.py`). Every call is bounded
-by `timeout_ms`. When Redis fails or is slow the store turns *degraded*: it logs once,
+One script call before the upstream call; after it, the outcome joins a batch that goes
+out a couple of milliseconds later, with those of the other requests that finished
+meanwhile, as one script call (`batch.py`, `scripts.py`). Every call is bounded by
+`timeout_ms`. When Redis fails or is slow the store turns *degraded*: it logs once,
 answers from its local `MemoryStore` (health and cache fail open; limits stay per process
 with `on_error: open`, refuse with `on_error: closed`) and never touches Redis on the hot
 path again until a background task, backing off, finds it back.
@@ -19,7 +21,8 @@ from urllib.parse import urlsplit
 
 from ..config import StateSpec
 from ..ratelimit import quota
-from .base import Before, Cooldown, Outcome, StateStats, Totals, counted
+from .base import Before, Cooldown, Outcome, StateStats, Totals
+from .batch import after_args
 from .memory import MemoryStore
 from .resp import Client, ReplyError, Script
 from .scripts import AFTER, BEFORE
@@ -55,7 +58,12 @@ class RedisStore:
         self._degraded = False
         self.on_degraded = on_degraded
         self._rejoin: asyncio.Task[None] | None = None
-        self._pending: set[asyncio.Task[None]] = set()
+        self._queue: list[Outcome] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._flushing: asyncio.Task[None] | None = None
+        self.flush_delay = 0.002  # seconds an outcome waits for others to share its write
+        self._asks: list[tuple[list[Any], asyncio.Future[Any]]] = []
+        self._asking: set[asyncio.Task[None]] = set()
 
     @property
     def degraded(self) -> bool:
@@ -71,11 +79,15 @@ class RedisStore:
         cache_key: str | None = None,
     ) -> Before:
         if not self._degraded:
-            args: list[Any] = [self.prefix, key_id, rpm or 0, tpm or 0, cache_key or ""]
-            args += health_ids
+            loop = asyncio.get_running_loop()
+            ask: list[Any] = [key_id, rpm or 0, tpm or 0, cache_key or "", len(health_ids)]
+            ask += health_ids
+            future = loop.create_future()
+            self._asks.append((ask, future))
+            if len(self._asks) == 1:
+                loop.call_soon(self._send_asks)
             try:
-                async with asyncio.timeout(self.timeout):
-                    raw = await self.client.run(self._before, args)
+                raw = await future
             except _FAILURES as exc:
                 self._fail(exc)
             else:
@@ -86,22 +98,67 @@ class RedisStore:
             answer.admitted, answer.retry_after, answer.cached = False, 1.0, None
         return answer
 
-    async def after(self, outcome: Outcome) -> None:
-        if not self._degraded:
-            try:
-                async with asyncio.timeout(self.timeout):
-                    await self.client.run(self._after, _after_args(self.prefix, outcome))
-            except _FAILURES as exc:
-                self._fail(exc)
-            else:
-                return
-        self.local.after_now(outcome)
+    def _send_asks(self) -> None:
+        """Everyone who asked in this turn of the event loop: one script call."""
+        asks, self._asks = self._asks, []
+        task = asyncio.ensure_future(self._ask(asks))
+        self._asking.add(task)
+        task.add_done_callback(self._asking.discard)
 
-    def after_soon(self, outcome: Outcome) -> None:
-        """`after()` without waiting for it (the answer is already on its way)."""
-        task = asyncio.ensure_future(self.after(outcome))
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+    async def _ask(self, asks: list[tuple[list[Any], asyncio.Future[Any]]]) -> None:
+        args: list[Any] = [self.prefix, len(asks)]
+        for ask, _ in asks:
+            args += ask
+        try:
+            async with asyncio.timeout(self.timeout):
+                replies = await self.client.run(self._before, args)
+        except _FAILURES as exc:
+            for _, future in asks:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for (_, future), reply in zip(asks, replies, strict=True):
+            if not future.done():
+                future.set_result(reply)
+
+    def after(self, outcome: Outcome) -> None:
+        if self._degraded:
+            self.local.after(outcome)
+            return
+        self._queue.append(outcome)
+        if self._timer is None and self._flushing is None:
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(self.flush_delay, self._start_flush)
+
+    def _start_flush(self) -> None:
+        self._timer = None
+        if self._flushing is None:
+            self._flushing = asyncio.ensure_future(self._flush())
+
+    async def _flush(self) -> None:
+        try:
+            while self._queue and not self._degraded:
+                batch, self._queue = self._queue, []
+                try:
+                    async with asyncio.timeout(self.timeout):
+                        await self.client.run(self._after, after_args(self.prefix, batch))
+                except _FAILURES as exc:
+                    self._fail(exc)
+                    self._queue[:0] = batch
+        finally:
+            self._flushing = None
+            if self._degraded:  # what could not be written counts here, locally
+                batch, self._queue = self._queue, []
+                for outcome in batch:
+                    self.local.after(outcome)
+
+    async def flush(self) -> None:
+        """Wait until every outcome so far is written (or, Redis failing, kept locally)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._start_flush()
+        while self._flushing is not None:
+            await asyncio.shield(self._flushing)
 
     async def stats(self) -> StateStats:
         if not self._degraded:
@@ -176,8 +233,7 @@ class RedisStore:
             self._rejoin.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._rejoin
-        if self._pending:
-            await asyncio.wait(self._pending, timeout=self.timeout * 2)
+        await self.flush()
         await self.client.aclose()
 
 
@@ -194,19 +250,6 @@ def _parse_before(raw: list[Any], rpm: int | None, tpm: int | None) -> Before:
         cooling=cooling,
         cached=raw[4] or None,
     )
-
-
-def _after_args(prefix: str, o: Outcome) -> list[Any]:
-    args: list[Any] = [
-        prefix, o.key_id, o.alias, o.tpm or 0, o.prompt_tokens, o.completion_tokens,
-        repr(float(o.cost_usd)), int(o.cached), int(counted(o.key_id)), len(o.health),
-    ]  # fmt: skip
-    for event in o.health:
-        args += [event.id, event.reason, max(0, round(event.seconds * 1000))]
-    put = o.cache_put
-    if put is not None:
-        args += [put.key, max(1, round(put.ttl * 1000)), put.max_entries, put.body]
-    return args
 
 
 def _number(value: bytes | None, field: str) -> Any:
