@@ -121,6 +121,18 @@ async def test_memory_usage_per_key_and_alias() -> None:
     assert stats.aliases["m"].requests == 3
 
 
+async def test_memory_buckets_are_bounded() -> None:
+    clock = Clock()
+    store = MemoryStore(clock, max_buckets=100)
+    for i in range(1000):  # one request from each of 1000 client addresses
+        assert (await store.before(f"addr:10.0.{i // 256}.{i % 256}", rpm=1)).admitted
+    assert len(store._buckets) == 100  # noqa: SLF001 - the bound is the point
+    # The most recent survive: the last address is still limited; the first was evicted and
+    # starts afresh (the bound costs exactness for the least recently seen clients only).
+    assert not (await store.before("addr:10.0.3.231", rpm=1)).admitted
+    assert (await store.before("addr:10.0.0.0", rpm=1)).admitted
+
+
 def test_memory_is_the_default_backend() -> None:
     assert isinstance(open_store(StateSpec()), MemoryStore)
 
