@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from .app import create_app
 from .config import default_path, load
-from .fastpath import App
+from .pipeline import Pipeline
 
 
-def create() -> App:
+def create() -> Pipeline:
     return create_app(load(default_path()))

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import os
 import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
+from urllib.parse import urlsplit
 
 import msgspec
 import yaml
@@ -64,7 +66,9 @@ class BreakerSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     rate_limit_cooldown: NonNegativeFloat = 1.0  # a 429 without Retry-After
 
 
-class _Provider(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, tag_field="type"):
+class BaseProviderSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, tag_field="type"):
+    """What every provider type accepts; each provider module subclasses it with its tag."""
+
     timeout: PositiveFloat = 60.0
     connect_timeout: PositiveFloat = 5.0
     first_token_timeout: PositiveFloat = 30.0
@@ -72,42 +76,18 @@ class _Provider(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, tag_fi
     max_queue: Annotated[int, msgspec.Meta(ge=0)] = 128
     retries: Annotated[int, msgspec.Meta(ge=0, le=5)] = 0  # same-provider retries, jittered
     retry_backoff: PositiveFloat = 0.25
+    health_check_interval: PositiveFloat | None = None  # probe while idle, seconds
     breaker: BreakerSpec = msgspec.field(default_factory=BreakerSpec)
 
+    def problem(self) -> tuple[str, str] | None:
+        """(key, message) if the values do not fit together."""
+        return None
 
-class OpenAISpec(_Provider, tag="openai"):
-    """Any OpenAI-compatible endpoint: OpenAI, OpenRouter, vLLM, llama.cpp, Ollama's /v1."""
+    def context_window(self, entry: EntrySpec) -> int | None:
+        """The window this provider knows for an entry (e.g. Ollama's num_ctx option)."""
+        return None
 
-    base_url: str
-    api_key: str | None = None
-    headers: dict[str, str] = {}
-
-
-class OllamaSpec(_Provider, tag="ollama"):
-    """Ollama's native API (/api/chat, NDJSON)."""
-
-    base_url: str = "${OLLAMA_BASE_URL:-http://localhost:11434}"
-    headers: dict[str, str] = {}
-    options: dict[str, Any] = {}
-    keep_alive: str | int | None = None
-    check_models: bool = True
-
-
-class HuggingFaceSpec(_Provider, tag="huggingface"):
-    """Local `transformers` inference; each entry's `model` names the weights."""
-
-    device: str = "auto"
-    dtype: str = "auto"
-    preload: bool = False
-    max_new_tokens: PositiveInt = 512
-    timeout: PositiveFloat = 300.0
-    first_token_timeout: PositiveFloat = 120.0
-    max_concurrency: PositiveInt | None = 1
-    max_batch: PositiveInt = 1  # > 1: waiting requests share one generate() (needs concurrency)
-    batch_wait_ms: Annotated[float, msgspec.Meta(ge=0, le=1000)] = 10.0  # for a batch to fill
-
-
-ProviderSpec = OpenAISpec | OllamaSpec | HuggingFaceSpec
+    loads_gguf: ClassVar[bool] = False  # entries may name a `gguf_file`
 
 
 class EntrySpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -119,6 +99,10 @@ class EntrySpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     gguf_file: str | None = None
     input_cost_per_mtok: NonNegativeFloat | None = None
     output_cost_per_mtok: NonNegativeFloat | None = None
+    context_window: PositiveInt | None = None  # tokens: prompt + max_tokens must fit
+    max_tokens: PositiveInt | None = None  # default answer budget where the upstream needs one
+    kind: Literal["chat", "embedding"] | None = None  # what this entry's model does
+    truncate: bool = False  # embeddings: cut inputs longer than the window instead of a 400
 
 
 class CacheSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -133,6 +117,7 @@ class AliasSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
     chain: list[EntrySpec]
     hedge_after_ms: PositiveInt | None = None  # start the next entry too if no first chunk yet
+    kind: Literal["chat", "embedding"] | None = None  # else inferred from the entries
     cache: CacheSpec | None = None
 
 
@@ -170,7 +155,7 @@ class ServerSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class ConfigSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    providers: dict[str, ProviderSpec]
+    providers: dict[str, BaseProviderSpec]
     models: dict[str, list[EntrySpec] | AliasSpec]
     server: ServerSpec = msgspec.field(default_factory=ServerSpec)
 
@@ -181,10 +166,15 @@ class ConfigSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 @dataclass(frozen=True, slots=True)
 class ProviderConfig:
     name: str
-    spec: ProviderSpec  # strings expanded; `api_key` moved out into `api_key`
+    spec: Any  # a BaseProviderSpec subclass: strings expanded, `api_key` moved out
     api_key: Secret | None = None
-    headers: dict[str, str] = field(default_factory=dict)
+    headers: dict[str, str] = field(default_factory=dict, repr=False)  # values may be keys
     unavailable: str | None = None  # why this provider cannot be used, if it cannot
+    secrets: tuple[str, ...] = field(default=(), repr=False)  # api_key and header values
+
+    @property
+    def type(self) -> str:
+        return str(type(self.spec).__struct_config__.tag)
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,6 +187,13 @@ class Entry:
     gguf_file: str | None = None
     input_cost_per_mtok: float | None = None
     output_cost_per_mtok: float | None = None
+    context_window: int | None = None
+    max_tokens: int | None = None
+    truncate: bool = False
+
+    @property
+    def deployment(self) -> str:
+        return f"{self.provider}/{self.model}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,7 +213,15 @@ class Config:
     missing_env: tuple[str, ...] = ()
     hedges: dict[str, float] = field(default_factory=dict)  # alias -> hedge delay, seconds
     api_keys: tuple[ApiKey, ...] = ()
+    kinds: dict[str, str] = field(default_factory=dict)  # alias -> "chat" | "embedding"
     caches: dict[str, CacheSpec] = field(default_factory=dict)  # alias -> its response cache
+
+    def secrets(self) -> list[str]:
+        """Every configured credential, for the one redaction of outgoing text."""
+        found = [s for p in self.providers.values() for s in p.secrets]
+        found += [k.secret.reveal() for k in self.api_keys]
+        found.append(urlsplit(self.server.state.url).password or "")  # redis://:pw@host
+        return [s for s in dict.fromkeys(found) if s]
 
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -254,9 +259,12 @@ def parse(text: str, path: str = "models.yaml") -> ConfigSpec:
     providers = _mapping(raw, "providers", path)
     models = _mapping(raw, "models", path)
     # Section by section, so that errors name the provider or alias (msgspec says "[...]").
+    from .providers import spec_union  # provider modules import this one
+
+    union = spec_union()
     return ConfigSpec(
         providers={
-            str(k): _convert(v, ProviderSpec, f"providers.{k}", path) for k, v in providers.items()
+            str(k): _provider_spec(v, union, f"providers.{k}", path) for k, v in providers.items()
         },
         models={
             str(k): _convert(v, list[EntrySpec] | AliasSpec, f"models.{k}", path)
@@ -264,6 +272,21 @@ def parse(text: str, path: str = "models.yaml") -> ConfigSpec:
         },
         server=_convert(raw.get("server") or {}, ServerSpec, "server", path),
     )
+
+
+def _provider_spec(value: Any, union: Any, where: str, path: str) -> Any:
+    if isinstance(value, dict) and "type" not in value:
+        raise ConfigError(f"{path}: at {where}.type: missing; one of {_tags(union)}")
+    if isinstance(value, dict) and str(value.get("type")) not in _tags(union).split(", "):
+        raise ConfigError(
+            f"{path}: at {where}.type: unknown provider type {value.get('type')!r}; "
+            f"one of {_tags(union)}"
+        )
+    return _convert(value, union, where, path)
+
+
+def _tags(union: Any) -> str:
+    return ", ".join(sorted(str(t.__struct_config__.tag) for t in typing.get_args(union)))
 
 
 def _mapping(raw: dict[str, Any], key: str, path: str) -> dict[Any, Any]:
@@ -299,6 +322,7 @@ def build(spec: ConfigSpec, path: str = "models.yaml") -> Config:
     providers = {name: _provider(name, p, missing, path) for name, p in spec.providers.items()}
     models: dict[str, tuple[Entry, ...]] = {}
     hedges: dict[str, float] = {}
+    kinds: dict[str, str] = {}
     caches: dict[str, CacheSpec] = {}
     for alias, value in spec.models.items():
         entries = value if isinstance(value, list) else value.chain
@@ -309,6 +333,8 @@ def build(spec: ConfigSpec, path: str = "models.yaml") -> Config:
             caches[alias] = cache
         if not entries:
             raise ConfigError(f"{path}: at models.{alias}: a chain needs at least one entry")
+        declared = value.kind if isinstance(value, AliasSpec) else None
+        kinds[alias] = _kind(alias, declared, entries, path)
         models[alias] = tuple(
             _entry(e, providers, f"models.{alias}[{i}]", path) for i, e in enumerate(entries)
         )
@@ -318,7 +344,20 @@ def build(spec: ConfigSpec, path: str = "models.yaml") -> Config:
         spec.server, state=msgspec.structs.replace(state, url=_expand(state.url, missing))
     )
     missing_env = tuple(dict.fromkeys(missing))
-    return Config(path, providers, models, server, missing_env, hedges, keys, caches)
+    return Config(path, providers, models, server, missing_env, hedges, keys, kinds, caches)
+
+
+def _kind(alias: str, declared: str | None, entries: list[EntrySpec], path: str) -> str:
+    """An alias serves chat or embeddings: declared, or said by its entries; never both."""
+    said: set[str] = {e.kind for e in entries if e.kind is not None}
+    if declared is not None:
+        said.add(declared)
+    if len(said) > 1:
+        raise ConfigError(
+            f"{path}: at models.{alias}: mixes chat and embedding entries; an alias serves "
+            "one kind (split it into two aliases)"
+        )
+    return said.pop() if said else "chat"
 
 
 def _api_keys(server: ServerSpec, missing: list[str], path: str) -> tuple[ApiKey, ...]:
@@ -336,35 +375,33 @@ def _api_keys(server: ServerSpec, missing: list[str], path: str) -> tuple[ApiKey
     return tuple(keys)
 
 
-def _provider(name: str, spec: ProviderSpec, missing: list[str], path: str) -> ProviderConfig:
+def _provider(name: str, spec: Any, missing: list[str], path: str) -> ProviderConfig:
+    """Expand `${VAR}` in a provider's strings; its api_key and header values are secrets."""
     key: Secret | None = None
     unavailable = None
     changes: dict[str, Any] = {}
     headers = {k: _expand(v, missing) for k, v in getattr(spec, "headers", {}).items()}
-    if isinstance(spec, OpenAISpec | OllamaSpec):
-        base_url = _expand(spec.base_url, missing).rstrip("/")
+    base_url = getattr(spec, "base_url", None)
+    if isinstance(base_url, str):
+        base_url = _expand(base_url, missing).rstrip("/")
         if not base_url.startswith(("http://", "https://")):
             raise ConfigError(
                 f"{path}: at providers.{name}.base_url: expected an http(s) URL, got {base_url!r}"
             )
         changes["base_url"] = base_url
-    if isinstance(spec, OpenAISpec) and spec.api_key is not None:
-        key = Secret(_expand(spec.api_key, missing))
+    api_key = getattr(spec, "api_key", None)
+    if isinstance(api_key, str):
+        key = Secret(_expand(api_key, missing))
         changes["api_key"] = None
         if not key:
             unavailable = "api_key is empty"
-    if (
-        isinstance(spec, HuggingFaceSpec)
-        and (spec.max_concurrency or spec.max_batch) < spec.max_batch
-    ):
-        raise ConfigError(
-            f"{path}: at providers.{name}.max_batch: {spec.max_batch} is more than "
-            f"max_concurrency ({spec.max_concurrency}), so no batch could fill; raise "
-            "max_concurrency to at least max_batch"
-        )
+    problem = spec.problem()
+    if problem is not None:
+        raise ConfigError(f"{path}: at providers.{name}.{problem[0]}: {problem[1]}")
     if changes:
         spec = msgspec.structs.replace(spec, **changes)
-    return ProviderConfig(name, spec, key, headers, unavailable)
+    secrets = tuple(v for v in [key.reveal() if key else "", *headers.values()] if v)
+    return ProviderConfig(name, spec, key, headers, unavailable, secrets)
 
 
 def _entry(e: EntrySpec, providers: dict[str, ProviderConfig], where: str, path: str) -> Entry:
@@ -375,7 +412,7 @@ def _entry(e: EntrySpec, providers: dict[str, ProviderConfig], where: str, path:
             f"{path}: at {where}.provider: unknown provider '{e.provider}' (defined: {known})"
         )
     p = provider.spec
-    if e.gguf_file is not None and not isinstance(p, HuggingFaceSpec):
+    if e.gguf_file is not None and not p.loads_gguf:
         raise ConfigError(f"{path}: at {where}.gguf_file: only huggingface providers load gguf")
     return Entry(
         provider=e.provider,
@@ -386,6 +423,9 @@ def _entry(e: EntrySpec, providers: dict[str, ProviderConfig], where: str, path:
         gguf_file=e.gguf_file,
         input_cost_per_mtok=e.input_cost_per_mtok,
         output_cost_per_mtok=e.output_cost_per_mtok,
+        context_window=e.context_window or p.context_window(e),
+        max_tokens=e.max_tokens,
+        truncate=e.truncate,
     )
 
 

@@ -11,10 +11,11 @@
                                   (400 when no entry could serve this kind of request)
 
     UpstreamError                 one failed attempt at one provider (never shown raw);
-                                  `reason` is from the fixed vocabulary in `policy.py`
+                                  `reason` is a `reasons.Reason`, which carries its policy
 
 Upstream errors stay inside the chain engine: it records them as attempts and
-only a GatewayError ever reaches the client.
+only a GatewayError ever reaches the client, rendered in one place (`render.py`) in
+the caller's API shape, every string redacted.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import msgspec
+
+from .reasons import Reason
 
 
 class ErrorBody(msgspec.Struct):
@@ -107,17 +110,26 @@ class UpstreamRejected(GatewayError):
         self.status = status
 
 
-@dataclass(slots=True)
 class UpstreamError(Exception):
-    """One attempt at one provider failed. `reason` says why, in the policy vocabulary."""
+    """One attempt at one provider failed. `reason` says why (a `Reason`, or its value)."""
 
-    reason: str
-    message: str
-    status: int | None = None
-    retry_after: float | None = None
-    # For client errors relayed verbatim (UpstreamRejected): the upstream's error fields.
-    param: str | None = None
-    code: str | None = None
+    def __init__(
+        self,
+        reason: Reason | str,
+        message: str,
+        status: int | None = None,
+        retry_after: float | None = None,
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.reason = Reason.of(reason)
+        self.message = message
+        self.status = status
+        self.retry_after = retry_after
+        # For client errors relayed verbatim (UpstreamRejected): the upstream's error fields.
+        self.param = param
+        self.code = code
 
     def __str__(self) -> str:
         status = f" {self.status}" if self.status else ""
@@ -130,10 +142,18 @@ class Attempt:
 
     provider: str
     model: str
-    reason: str
+    reason: Reason
     status: int | None = None
     latency_ms: float = 0.0
     message: str = field(default="", repr=False)
+
+
+EXCERPT = 200  # characters of an upstream's own message in the all-failed error
+
+
+def excerpt(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= EXCERPT else text[: EXCERPT - 3] + "..."
 
 
 class AllProvidersFailed(GatewayError):
@@ -143,22 +163,28 @@ class AllProvidersFailed(GatewayError):
         self.attempts = attempts
         reasons = [a.reason for a in attempts]
         headers: dict[str, str] = {}
-        if attempts and all(r == "unsupported" for r in reasons):
+        if attempts and all(r == Reason.UNSUPPORTED for r in reasons):
             self.status, self.type, code = 400, "invalid_request_error", "unsupported_request"
-        elif attempts and all(r in ("rate_limited", "cooling_down") for r in reasons):
+        elif attempts and all(r == Reason.CONTEXT_TOO_LONG for r in reasons):
+            self.status, self.type, code = 400, "invalid_request_error", "context_length_exceeded"
+        elif attempts and all(r in (Reason.RATE_LIMITED, Reason.COOLING_DOWN) for r in reasons):
             self.status, self.type, code = 429, "rate_limit_error", "rate_limit_exceeded"
             headers["retry-after"] = str(max(1, round(retry_after or 1)))
-        elif attempts and reasons[-1] in ("timeout", "deadline"):
+        elif attempts and reasons[-1] in (Reason.TIMEOUT, Reason.DEADLINE):
             self.status, self.type, code = 504, "timeout_error", "upstream_timeout"
         else:
             self.status, self.type, code = 502, "server_error", "all_providers_failed"
-        tried = "; ".join(
-            f"{a.provider} ({a.model}): {a.reason}" + (f" {a.status}" if a.status else "")
-            for a in attempts
-        )
-        message = f"All providers for model '{alias}' failed: {tried or 'no entry could be tried'}"
         if self.status == 400:
-            message = f"No provider for model '{alias}' supports this request: " + "; ".join(
-                f"{a.provider}: {a.message}" for a in attempts
+            message = f"No provider for model '{alias}' can serve this request: " + "; ".join(
+                f"{a.provider}: {excerpt(a.message)}" for a in attempts
+            )
+        else:
+            message = f"All providers for model '{alias}' failed: " + (
+                "; ".join(_describe(a) for a in attempts) or "no entry could be tried"
             )
         super().__init__(message, code=code, headers=headers)
+
+
+def _describe(a: Attempt) -> str:
+    text = f"{a.provider} ({a.model}): {a.reason}" + (f" {a.status}" if a.status else "")
+    return text + (f" - {excerpt(a.message)}" if a.message else "")

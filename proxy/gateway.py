@@ -13,15 +13,16 @@ import asyncio
 import contextlib
 import gc
 import logging
+import re
 import signal
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import Any
 
 from .auth import Guard
-from .chain import Engine
 from .config import Config, ConfigError, load
+from .engine import Engine
 from .observe import AuditLog, Observer
 
 log = logging.getLogger("omnimind.gateway")
@@ -37,7 +38,8 @@ class Gateway:
             config.server.log_content,
             config.server.audit_log if audit else "off",
         )
-        self.engine = Engine(config, self.observer)
+        self.redact = _redactor(config)
+        self.engine = Engine(config, self.observer, redact=self.redact)
         self.guard = Guard(config)
         self.created = int(time.time())
         self._background: set[asyncio.Task[Any]] = set()
@@ -48,6 +50,23 @@ class Gateway:
     def config(self) -> Config:
         return self.engine.config
 
+    async def authorize(self, headers: Mapping[str, str], client: str) -> str:
+        """The caller's gateway key id ("" without keys); raises 401 / 429."""
+        if self.guard.open:
+            return ""
+        return self.guard.check(headers, client)
+
+    def edge_check(self, scope: Mapping[str, Any], headers: Mapping[str, str]) -> None:
+        """Checks on where a request comes from, before its key is looked at."""
+
+    def client_address(self, scope: Mapping[str, Any], headers: Mapping[str, str]) -> str:
+        client = scope.get("client")
+        return str(client[0]) if client else ""
+
+    def ready(self) -> dict[str, bool]:
+        """Each preloaded local provider: loaded yet?"""
+        return self.engine.readiness()
+
     async def reload(self) -> bool:
         """Load the config file again and swap it in; False (old config kept) if it is bad."""
         old = self.engine
@@ -56,7 +75,8 @@ class Gateway:
         except ConfigError as exc:
             log.error("config reload rejected, still serving the previous config: %s", exc)
             return False
-        new = Engine(config, self.observer, reuse=old)
+        self.redact = _redactor(config)
+        new = Engine(config, self.observer, reuse=old, redact=self.redact)
         guard = Guard(config)
         guard.inherit(self.guard)
         self.observer.aliases = set(config.models)
@@ -69,14 +89,15 @@ class Gateway:
             "config reloaded from %s: aliases %s; providers kept %s",
             config.path, ", ".join(config.models), ", ".join(sorted(new.reused)) or "none",
         )  # fmt: skip
+        new.start_probes()
         self._spawn(self._retire(old, keep=new.reused))
         return True
 
     async def _retire(self, old: Engine, keep: set[str]) -> None:
         deadline = time.monotonic() + old.config.server.request_timeout
         while old.active > 0 and time.monotonic() < deadline:  # noqa: ASYNC110 - a counter
-            await asyncio.sleep(0.05)
-        await old.aclose(keep=keep)
+            await asyncio.sleep(0.05)  # probes stop then; providers close when unleased
+        await old.aclose()
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.ensure_future(coro)
@@ -90,6 +111,7 @@ class Gateway:
             # (bench/: p99 at concurrency 32 from ~54 ms to ~20 ms).
             gc.collect()
             gc.freeze()
+        self.engine.start_probes()
         if self._watched is not None:
             self._spawn(self._watch(self._watched))
         with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
@@ -118,3 +140,12 @@ class Gateway:
             asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
         await self.engine.aclose()
         self.observer.audit.close()
+
+
+def _redactor(config: Config) -> Callable[[str], str]:
+    """Every configured secret out of a text (see redact.py for the full treatment)."""
+    secrets = sorted(config.secrets(), key=len, reverse=True)
+    if not secrets:
+        return str
+    pattern = re.compile("|".join(re.escape(s) for s in secrets))
+    return lambda text: pattern.sub("********", text) if text else text

@@ -44,6 +44,7 @@ class RequestRecord:
     attempts: list[Attempt] = field(default_factory=list)
     latency_ms: float = 0.0  # non-stream: whole answer; stream: first chunk
     duration_ms: float = 0.0
+    queue_ms: float = 0.0  # waiting for providers' concurrency slots
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     cost_usd: float | None = None
@@ -61,6 +62,7 @@ class _AuditLine(msgspec.Struct, omit_defaults=True):
     outcome: str
     attempts: list[dict[str, Any]]
     duration_ms: float
+    queue_ms: float = 0.0
     provider: str | None = None
     model: str | None = None
     latency_ms: float | None = None
@@ -141,10 +143,11 @@ class Metrics:
             if rec.cost_usd:
                 self._child(self.cost, provider, rec.model).inc(rec.cost_usd)
 
-    def exposition(self, health: dict[str, dict[str, Any]]) -> bytes:
+    def exposition(self, health: dict[str, Any]) -> bytes:
+        """`health`: provider id -> its status (`available`, `state`)."""
         for name, h in health.items():
-            self.available.labels(name).set(1 if h["available"] else 0)
-            self.circuit.labels(name).set(_STATES.get(h["state"], 0))
+            self.available.labels(name).set(1 if h.available else 0)
+            self.circuit.labels(name).set(_STATES.get(h.state, 0))
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             registry = CollectorRegistry()
             prom_multiprocess.MultiProcessCollector(registry)
@@ -275,6 +278,7 @@ def _audit_json(rec: RequestRecord, log_content: bool) -> bytes:
             for a in rec.attempts
         ],  # fmt: skip
         duration_ms=round(rec.duration_ms, 1),
+        queue_ms=round(rec.queue_ms, 1),
         provider=rec.provider or None,
         model=rec.model or None,
         latency_ms=round(rec.latency_ms, 1) if rec.provider else None,

@@ -1,72 +1,88 @@
-"""What is retryable: the fallback decision as pure functions, and one table for transport errors.
+"""Upstream answers and exceptions as reasons: one status table, one exception table.
 
-Reasons (the fixed vocabulary of `x-omnimind-fallbacks`, logs and metrics):
-
-    connect_error   refused, reset, DNS, TLS: the provider is not there
-    timeout         connect, attempt or first-token timeout
-    rate_limited    429
-    server_error    5xx, 408, 409
-    upstream_auth   401/403 from the upstream: our credential is wrong there
-    model_missing   404 from the upstream: the model is not there
-    bad_response    200 whose body or first chunk is not valid JSON / not the protocol
-    unavailable     provider not usable (no api key, failed to load)
-    unsupported     this provider cannot serve this request (a remote image URL for
-                    Ollama, n > 1 locally): the next may; not a fault of the provider
-    queue_full      a local provider's bounded queue is full
-    circuit_open    skipped by the circuit breaker
-    cooling_down    skipped while a Retry-After from the provider runs
-    deadline        the request's overall deadline ran out
-    client_error    400/413/422: the request is wrong everywhere, never retried
+The policy of each reason (falls back? counts against health? retried?) lives on the
+reason itself (`reasons.Reason`); here is only how an upstream's status, body and
+transport errors become one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import email.utils
+import re
 import time
 from collections.abc import Mapping
 
 import aiohttp
 
 from .errors import InvalidRequest, UpstreamError
+from .reasons import Reason
 
-CLIENT_ERROR = "client_error"
 _CLIENT_STATUSES = frozenset({400, 413, 422})
 _STATUS_REASONS = {
-    401: "upstream_auth",
-    403: "upstream_auth",
-    404: "model_missing",
-    408: "server_error",
-    409: "server_error",
-    429: "rate_limited",
+    401: Reason.UPSTREAM_AUTH,
+    402: Reason.PAYMENT_REQUIRED,
+    403: Reason.UPSTREAM_AUTH,
+    404: Reason.MODEL_MISSING,
+    408: Reason.SERVER_ERROR,
+    409: Reason.SERVER_ERROR,
+    429: Reason.RATE_LIMITED,
 }
 MAX_RETRY_AFTER = 300.0
+CLIENT_ERROR = Reason.CLIENT_ERROR
+_CONTEXT_CODES = frozenset(
+    {"context_length_exceeded", "context_too_long", "string_above_max_length"}
+)
+_CONTEXT_WORDS = re.compile(
+    r"context[ _-]?(length|window|size)|maximum context|prompt is too long|too many tokens"
+    r"|exceeds? the (model'?s? )?(max|limit|context)|input is too long|n_ctx",
+    re.IGNORECASE,
+)
 
 
-def status_reason(status: int) -> str:
-    """Map a non-200 upstream status to a reason. Only `client_error` stops the chain."""
+def status_reason(status: int, message: str = "", code: str | None = None) -> Reason:
+    """A non-200 upstream status as a reason. Only `client_error` stops the chain."""
     if status in _CLIENT_STATUSES:
-        return CLIENT_ERROR
+        if status == 400 and (code in _CONTEXT_CODES or _CONTEXT_WORDS.search(message or "")):
+            return Reason.CONTEXT_TOO_LONG
+        return Reason.CLIENT_ERROR
+    if 300 <= status < 400:
+        return Reason.REDIRECT
     if status >= 500:
-        return "server_error"
-    return _STATUS_REASONS.get(status, CLIENT_ERROR if 400 <= status < 500 else "bad_response")
+        return Reason.SERVER_ERROR
+    if 400 <= status < 500:
+        return _STATUS_REASONS.get(status, Reason.NOT_SERVED)
+    return Reason.BAD_RESPONSE
 
 
-def falls_back(error: UpstreamError) -> bool:
-    """The one fallback decision: everything but a client error moves down the chain."""
-    return error.reason != CLIENT_ERROR
+def status_error(
+    status: int,
+    message: str,
+    headers: Mapping[str, str],
+    param: str | None = None,
+    code: str | None = None,
+) -> UpstreamError:
+    """The one way an upstream's non-200 answer becomes an attempt's error."""
+    reason = status_reason(status, message, code)
+    if reason is Reason.REDIRECT:
+        message = f"redirected to {headers.get('location', '?')!r} (redirects are not followed)"
+    error = UpstreamError(reason, message or f"HTTP {status}", status, retry_after(headers))
+    if reason is Reason.CLIENT_ERROR:  # relayed to the client as it is (redacted)
+        error.param, error.code = param, code
+    return error
 
 
 # Transport exceptions -> reason, most specific first (like httpx's map_httpcore_exceptions).
-_EXCEPTION_REASONS: tuple[tuple[type[BaseException], str], ...] = (
-    (TimeoutError, "timeout"),  # also asyncio.TimeoutError and aiohttp's ServerTimeoutError
-    (aiohttp.ClientConnectorError, "connect_error"),
-    (aiohttp.ServerDisconnectedError, "connect_error"),
-    (aiohttp.ClientPayloadError, "bad_response"),
-    (aiohttp.ClientResponseError, "bad_response"),
-    (aiohttp.ClientError, "connect_error"),
-    (ConnectionError, "connect_error"),
-    (OSError, "connect_error"),
+_EXCEPTION_REASONS: tuple[tuple[type[BaseException], Reason], ...] = (
+    (aiohttp.ConnectionTimeoutError, Reason.CONNECT_TIMEOUT),
+    (TimeoutError, Reason.TIMEOUT),  # also asyncio.TimeoutError and aiohttp's read timeouts
+    (aiohttp.ClientConnectorError, Reason.CONNECT_ERROR),
+    (aiohttp.ServerDisconnectedError, Reason.CONNECT_ERROR),
+    (aiohttp.ClientPayloadError, Reason.BAD_RESPONSE),
+    (aiohttp.ClientResponseError, Reason.BAD_RESPONSE),
+    (aiohttp.ClientError, Reason.CONNECT_ERROR),
+    (ConnectionError, Reason.CONNECT_ERROR),
+    (OSError, Reason.CONNECT_ERROR),
 )
 
 
@@ -74,11 +90,16 @@ def map_exception(exc: BaseException) -> UpstreamError:
     if isinstance(exc, UpstreamError):
         return exc
     if isinstance(exc, InvalidRequest):  # an adapter found the request itself wrong
-        return UpstreamError(CLIENT_ERROR, exc.message, 400, param=exc.param, code=exc.code)
+        return UpstreamError(Reason.CLIENT_ERROR, exc.message, 400, param=exc.param, code=exc.code)
     for exc_type, reason in _EXCEPTION_REASONS:
         if isinstance(exc, exc_type):
             return UpstreamError(reason, _describe(exc))
-    return UpstreamError("bad_response", _describe(exc))
+    return UpstreamError(Reason.BAD_RESPONSE, _describe(exc))
+
+
+def client_error(message: str, param: str | None = None) -> UpstreamError:
+    """The client's request is wrong (found while translating it): a 400, never a fallback."""
+    return UpstreamError(Reason.CLIENT_ERROR, message, 400, param=param)
 
 
 def _describe(exc: BaseException) -> str:

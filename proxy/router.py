@@ -41,11 +41,12 @@ import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from typing import Any, TypeVar
 
-from .chain import Engine
 from .config import Config, default_path, load
+from .engine import Engine, Info
 from .errors import GatewayError, InvalidRequest
 from .gateway import Gateway
 from .policy import map_exception
+from .providers import Op
 from .seed import (
     LLMError,
     LLMModelTier,
@@ -56,7 +57,7 @@ from .seed import (
     failed,
 )
 from .streaming import close_stream
-from .wire import ChatRequest, encode
+from .wire import ChatRequest
 
 T = TypeVar("T")
 
@@ -182,7 +183,7 @@ class LLMRouter:
     async def _complete(self, request: ChatRequest, alias: str, prefer: str | None) -> LLMResponse:
         started = time.perf_counter()
         try:
-            answer = await self._engine.complete(request, _request_id(), prefer)
+            answer = await self._engine.complete(request, Op.CHAT, Info(_request_id(), prefer))
         except GatewayError as exc:
             return failed(exc, alias, started)
         return answered(answer)
@@ -192,10 +193,11 @@ class LLMRouter:
     ) -> AsyncGenerator[str, None]:
         started = time.perf_counter()
         try:
-            answer = await self._hop(self._engine.stream(request, _request_id(), prefer))
+            info = Info(_request_id(), prefer)
+            answer = await self._hop(self._engine.stream(request, Op.CHAT, info))
         except GatewayError as exc:
             raise LLMError(failed(exc, alias, started)) from None
-        chunks = answer.chunks
+        chunks = answer.stream
         assert chunks is not None
         text: list[str] = []
         finished = False
@@ -252,7 +254,7 @@ class LLMRouter:
                 raise TypeError("prompt must be a string or a list of chat messages (dicts)")
         body = {"model": alias, "messages": messages, **params, "stream": stream}
         try:
-            return ChatRequest(encode(body)), alias, prefer
+            return ChatRequest.from_obj(body), alias, prefer
         except InvalidRequest as exc:
             raise ValueError(exc.message) from None
 
@@ -278,7 +280,7 @@ class LLMRouter:
         """
 
         def status() -> dict[str, bool]:
-            return {p["id"]: p["available"] for p in self._engine.provider_status()["data"]}
+            return {p.id: p.available for p in self._engine.provider_status()}
 
         return self._read(status)
 

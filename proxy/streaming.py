@@ -1,10 +1,12 @@
-"""A stream's answer: wait for its first chunk, then relay the rest within the deadline.
+"""A committed stream owns its resources: `OwnedStream`.
 
 Until its first chunk is in, a stream can still fail over to the next chain entry
-(`open_stream`, TensorZero's peek_first_chunk, under the first-token timeout). After it,
-the answer is committed: `_relay` passes the chunks through untouched, reads a `usage`
-chunk for accounting, and ends the stream at the request deadline with one timer for the
-whole stream (`_Deadline`), not a timeout per chunk.
+(`open_stream`, under the first-token timeout; TensorZero's peek_first_chunk). From then
+on one `OwnedStream` holds the first chunk, the upstream iterator, the provider's
+concurrency slot and the request's bookkeeping. Iterating it relays the chunks (a chunk
+carrying `usage` is read for accounting) within the request deadline, with one timer for
+the whole stream (`_Deadline`), not a timeout per chunk. `aclose()` releases all of it,
+whether or not iteration ever started, exactly once; closing twice is harmless.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ import msgspec
 
 from .config import Entry
 from .errors import Attempt, UpstreamError
-from .limits import Gate
-from .providers import Call, Provider
+from .policy import map_exception
+from .reasons import Reason
 from .wire import Usage, UsageView
 
 _usage_view = msgspec.json.Decoder(UsageView)
@@ -27,7 +29,7 @@ _usage_view = msgspec.json.Decoder(UsageView)
 
 @dataclass(slots=True)
 class Answer:
-    """Who answered, how fast, and after which failures; `body` xor `chunks` is set."""
+    """Who answered, how fast, and after which failures; `body` xor `stream` is set."""
 
     provider: str
     model: str
@@ -35,90 +37,113 @@ class Answer:
     attempts: list[Attempt]
     body: bytes = b""
     usage: Usage | None = None
-    chunks: AsyncIterator[bytes] | None = field(default=None, repr=False)
+    stream: OwnedStream | None = field(default=None, repr=False)
     entry: Entry | None = field(default=None, repr=False)
     cost_usd: float | None = None
-    # Streams: called once the stream has ended, with its outcome (ok/stream_error/cancelled).
-    on_end: Callable[[str], None] | None = field(default=None, repr=False)
+    cached: bool = False
 
 
-async def open_stream(
-    provider: Provider,
-    call: Call,
-    gate: Gate,
-    first_token_timeout: float,
-    deadline: float,
-    answer: Answer,
-) -> AsyncIterator[bytes]:
-    """Start a stream and wait for its first chunk; a failure here can still fall back."""
-    chunks = provider.stream(call)
-    try:
-        async with asyncio.timeout(first_token_timeout):
-            await gate.acquire()
-            try:
-                first = await anext(chunks)
-            except BaseException:
-                gate.release()
-                raise
-    except StopAsyncIteration:
-        await close_stream(chunks)
-        raise UpstreamError("bad_response", "stream ended before its first chunk") from None
-    except BaseException:
-        await close_stream(chunks)
-        raise
-    return _relay(first, chunks, gate, deadline, answer)
+class OwnedStream:
+    """A committed stream: iterate for the payloads; `aclose()` releases everything once.
 
-
-async def _relay(
-    first: bytes, chunks: AsyncIterator[bytes], gate: Gate, deadline: float, answer: Answer
-) -> AsyncIterator[bytes]:
-    """The committed stream: the first chunk, then the rest, within the request deadline.
-
-    Chunks pass through untouched; one carrying `usage` is read for accounting. The gap
-    between chunks is bounded by the adapter's own read timeout; the request deadline by
-    one timer for the whole stream (`_Deadline`), not a timeout per chunk.
+    `on_close(stream)` runs exactly once, after the upstream is closed and the slot freed,
+    with `outcome` set: ok (the upstream finished), stream_error (it failed mid-way;
+    `error` says why) or cancelled (closed before its end).
     """
-    outcome = "stream_error"
-    chunk = first
-    timer = _Deadline(deadline)
-    try:
-        while True:
-            if b'"usage"' in chunk:
-                take_usage(chunk, answer)
-            yield chunk
-            timer.task = task = asyncio.current_task()
-            try:
-                if timer.loop.time() >= deadline:
-                    raise UpstreamError("deadline", "request deadline reached mid-stream")
-                chunk = await anext(chunks)
-            except StopAsyncIteration:
-                outcome = "ok"
-                return
-            except asyncio.CancelledError:
-                if timer.fired and task is not None and task.uncancel() == 0:
-                    raise UpstreamError("deadline", "request deadline reached mid-stream") from None
-                raise
-            finally:
-                timer.task = None
-    except (GeneratorExit, asyncio.CancelledError):
-        outcome = "cancelled"
-        raise
-    finally:
-        timer.handle.cancel()
-        gate.release()
-        await close_stream(chunks)
-        if answer.on_end is not None:
-            answer.on_end(outcome)
+
+    def __init__(
+        self,
+        first: bytes,
+        chunks: AsyncIterator[bytes],
+        release: Callable[[], None],
+        deadline: float,
+        on_close: Callable[[OwnedStream], None],
+    ) -> None:
+        self._first: bytes | None = first
+        self._chunks = chunks
+        self._release: Callable[[], None] | None = release
+        self._on_close = on_close
+        self._timer = _Deadline(deadline)
+        self.usage: Usage | None = None
+        self.outcome = "cancelled"
+        self.error: UpstreamError | None = None
+        self.closed = False
+        self.cost_usd: float | None = None  # set by the bookkeeping once closed
+
+    def __aiter__(self) -> OwnedStream:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self.closed:
+            raise StopAsyncIteration
+        chunk = self._first
+        if chunk is not None:
+            self._first = None
+        else:
+            chunk = await self._next()
+        if b'"usage"' in chunk:
+            self._take_usage(chunk)
+        return chunk
+
+    async def _next(self) -> bytes:
+        timer = self._timer
+        if timer.loop.time() >= timer.deadline:
+            await self._fail(UpstreamError(Reason.DEADLINE, "request deadline reached mid-stream"))
+        timer.task = task = asyncio.current_task()
+        try:
+            return await anext(self._chunks)
+        except StopAsyncIteration:
+            self.outcome = "ok"
+            await self.aclose()
+            raise
+        except asyncio.CancelledError:
+            if timer.fired and task is not None and task.uncancel() == 0:
+                error = UpstreamError(Reason.DEADLINE, "request deadline reached mid-stream")
+                await self._fail(error)
+            raise
+        except Exception as exc:
+            await self._fail(map_exception(exc), exc)
+            raise  # unreachable: _fail raises
+        finally:
+            timer.task = None
+
+    async def _fail(self, error: UpstreamError, cause: BaseException | None = None) -> None:
+        self.outcome, self.error = "stream_error", error
+        await self.aclose()
+        raise error from cause
+
+    async def aclose(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._first = None
+        self._timer.handle.cancel()
+        release, self._release = self._release, None
+        try:
+            if release is not None:
+                release()
+            await close_stream(self._chunks)
+        finally:
+            self._on_close(self)
+
+    def _take_usage(self, chunk: bytes) -> None:
+        try:
+            usage = _usage_view.decode(chunk).usage
+        except msgspec.DecodeError:
+            return
+        if usage is not None:
+            self.usage = usage
 
 
 class _Deadline:
     """At `deadline`, cancel the stream's task if it is waiting for the upstream (`task` is
     set only then); otherwise the relay sees the time before its next wait."""
 
-    __slots__ = ("loop", "handle", "task", "fired")
+    __slots__ = ("loop", "deadline", "handle", "task", "fired")
 
     def __init__(self, deadline: float) -> None:
         self.loop = asyncio.get_running_loop()
+        self.deadline = deadline
         self.handle = self.loop.call_at(deadline, self._fire)
         self.task: asyncio.Task[Any] | None = None
         self.fired = False
@@ -129,16 +154,20 @@ class _Deadline:
             self.task.cancel()
 
 
-def take_usage(chunk: bytes, answer: Answer) -> None:
+async def first_chunk(chunks: AsyncIterator[bytes], within: float) -> bytes:
+    """The stream's first chunk within `within` seconds; on any failure the upstream is closed."""
     try:
-        usage = _usage_view.decode(chunk).usage
-    except msgspec.DecodeError:
-        return
-    if usage is not None:
-        answer.usage = usage
+        async with asyncio.timeout(within):
+            return await anext(chunks)
+    except StopAsyncIteration:
+        await close_stream(chunks)
+        raise UpstreamError(Reason.BAD_RESPONSE, "stream ended before its first chunk") from None
+    except BaseException:
+        await close_stream(chunks)
+        raise
 
 
-async def close_stream(chunks: AsyncIterator[bytes]) -> None:
+async def close_stream(chunks: AsyncIterator[bytes] | OwnedStream) -> None:
     aclose = getattr(chunks, "aclose", None)
     if aclose is not None:
         await aclose()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import msgspec
 
@@ -19,6 +19,7 @@ from .errors import InvalidRequest
 Raw = msgspec.Raw
 _fields_decoder = msgspec.json.Decoder(dict[str, msgspec.Raw])
 _str_decoder = msgspec.json.Decoder(str)
+_int_decoder = msgspec.json.Decoder(int | None)
 _encode = msgspec.json.Encoder().encode
 
 
@@ -26,19 +27,25 @@ class StreamOptions(msgspec.Struct):
     include_usage: bool | None = None
 
 
-class ChatRequest:
-    """A client's chat request: the original fields untouched, plus what routing needs."""
+class ApiRequest:
+    """A client's request body: its top-level fields untouched, plus what routing needs.
 
-    __slots__ = ("fields", "model", "stream", "include_usage", "raw")
+    `model` and `stream` are read here; each API's subclass checks its own required field.
+    """
 
-    def __init__(self, raw: bytes) -> None:
-        self.raw = raw
-        try:
-            fields = _fields_decoder.decode(raw)
-        except msgspec.DecodeError:
-            raise InvalidRequest(
-                "We could not parse the JSON body of your request. The body must be a JSON object."
-            ) from None
+    __slots__ = ("fields", "model", "stream", "include_usage", "_raw")
+    required: ClassVar[str | None] = None  # the field this API cannot do without
+
+    def __init__(self, raw: bytes | None = None, fields: dict[str, Raw] | None = None) -> None:
+        self._raw = raw
+        if fields is None:
+            try:
+                fields = _fields_decoder.decode(raw or b"")
+            except msgspec.DecodeError:
+                raise InvalidRequest(
+                    "We could not parse the JSON body of your request. "
+                    "The body must be a JSON object."
+                ) from None
         self.fields = fields
         model = fields.get("model")
         if model is None:
@@ -47,11 +54,7 @@ class ChatRequest:
             self.model: str = _str_decoder.decode(model)
         except msgspec.DecodeError:
             raise InvalidRequest("'model' must be a string.", param="model") from None
-        messages = fields.get("messages")
-        if messages is None:
-            raise InvalidRequest("Missing required parameter: 'messages'.", param="messages")
-        if not bytes(messages).lstrip().startswith(b"["):
-            raise InvalidRequest("'messages' must be an array.", param="messages")
+        self.check()
         self.stream = _flag(fields.get("stream"), "stream")
         self.include_usage = False
         options = fields.get("stream_options")
@@ -63,6 +66,34 @@ class ChatRequest:
                     "'stream_options' must be an object.", param="stream_options"
                 ) from None
             self.include_usage = bool(so.include_usage)
+
+    @classmethod
+    def from_obj(cls, obj: dict[str, Any]) -> Any:
+        """A request built in-process (the Python API, translated APIs): no body to parse."""
+        return cls(fields={k: msgspec.Raw(_encode(v)) for k, v in obj.items()})
+
+    def check(self) -> None:
+        name = self.required
+        if name is not None and name not in self.fields:
+            raise InvalidRequest(f"Missing required parameter: '{name}'.", param=name)
+
+    @property
+    def raw(self) -> bytes:
+        if self._raw is None:
+            self._raw = _encode(self.fields)
+        return self._raw
+
+    def max_tokens(self) -> int | None:
+        """The answer's token budget, if the client set one."""
+        for name in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
+            raw = self.fields.get(name)
+            if raw is not None:
+                try:
+                    value = _int_decoder.decode(raw)
+                except msgspec.DecodeError:
+                    return None
+                return value if isinstance(value, int) and value > 0 else None
+        return None
 
     def body_for(self, model: str) -> bytes:
         """The client's body with `model` replaced by the upstream model; nothing else changes."""
@@ -78,6 +109,20 @@ class ChatRequest:
             what, _, where = str(exc).rpartition(" - at ")
             param = where.strip("`").removeprefix("$").lstrip(".") or None
             raise InvalidRequest(f"Invalid request: {what or exc}", param=param) from None
+        except msgspec.DecodeError as exc:
+            raise InvalidRequest(f"Invalid request: {exc}") from None
+
+
+class ChatRequest(ApiRequest):
+    """`POST /v1/chat/completions`."""
+
+    __slots__ = ()
+    required = "messages"
+
+    def check(self) -> None:
+        super().check()
+        if not bytes(self.fields["messages"]).lstrip().startswith(b"["):
+            raise InvalidRequest("'messages' must be an array.", param="messages")
 
 
 def _flag(raw: msgspec.Raw | None, name: str) -> bool:
@@ -241,6 +286,7 @@ class UsageView(msgspec.Struct):
 
     usage: Usage | None = None
     choices: msgspec.Raw = msgspec.Raw(b"")  # empty: absent
+    data: msgspec.Raw = msgspec.Raw(b"")  # embeddings
     error: msgspec.Raw = msgspec.Raw(b"")
 
 

@@ -44,7 +44,7 @@ BROKEN = {
     ),
     "unknown type": (
         "providers:\n  a: {type: grpc, base_url: 'http://x'}\nmodels: {}\n",
-        "at providers.a.type: Invalid value 'grpc'",
+        "at providers.a.type: unknown provider type 'grpc'; one of huggingface, ollama, openai",
     ),
     "bad yaml": ("providers: [\n", "invalid YAML"),
     "batch beyond concurrency": (

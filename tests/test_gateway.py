@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -398,7 +399,7 @@ def test_keys_are_isolated(client: openai.OpenAI, fake: FakeOpenAI) -> None:
         flat = json.dumps(seen.headers)
         assert CLIENT_KEY not in flat and "x-secret-client-header" not in flat
         assert "proxy-authorization" not in seen.headers
-        assert seen.headers["x-request-id"] == "req-123"
+        assert str(uuid.UUID(seen.headers["x-request-id"])) == seen.headers["x-request-id"]
     assert raw.headers["x-request-id"] == "req-123"
     assert PRIMARY_KEY not in str(raw.headers) and BACKUP_KEY not in raw.text
 

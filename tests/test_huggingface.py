@@ -22,10 +22,11 @@ import openai
 import pytest
 import torch
 
-from proxy.config import Entry, HuggingFaceSpec, ProviderConfig
+from proxy.config import Entry, ProviderConfig
 from proxy.providers.base import Call
 from proxy.providers.hf_generate import GENERATE_THREAD, TextFeed, find_stop, partial_stop
-from proxy.providers.huggingface import HuggingFaceProvider
+from proxy.providers.hf_provider import HuggingFaceProvider
+from proxy.providers.huggingface import Spec as HuggingFaceSpec
 from proxy.wire import ChatRequest
 
 from . import schemas

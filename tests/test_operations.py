@@ -131,7 +131,8 @@ def test_metrics_follow_real_requests(http: httpx.Client) -> None:
     assert delta("omnimind_cost_usd_total", provider="main", model="echo") == pytest.approx(
         2 * (2 * 2.0 + 3 * 10.0) / 1e6
     )
-    assert _value(after, "omnimind_provider_available", provider="dead") == 1  # breaker closed
+    # refused when last tried: not available now, though its breaker is still closed
+    assert _value(after, "omnimind_provider_available", provider="dead") == 0
     assert _value(after, "omnimind_provider_circuit_state", provider="main") == 0
 
 
@@ -153,7 +154,7 @@ def test_seed_counters(http: httpx.Client) -> None:
     assert after["requests_success"] - before["requests_success"] == 1
     assert after["fallback_used"] - before["fallback_used"] == 1
     assert after["latency_by_provider"]["main"] >= 0
-    assert after["providers"] == {"main": True, "dead": True}
+    assert after["providers"] == {"main": True, "dead": False}  # refused: not available now
 
 
 def test_audit_log_is_json_without_secrets_or_content(

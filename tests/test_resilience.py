@@ -180,33 +180,41 @@ def test_client_disconnect_non_stream_cancels_upstream(gw: UvicornServer, fake: 
     assert settle(gw.task_count, tasks) <= tasks
 
 
-def test_breaker_opens_skips_and_closes(http: httpx.Client, fake: FakeOpenAI) -> None:
+def test_breaker_opens_per_deployment(http: httpx.Client, fake: FakeOpenAI) -> None:
+    """5xx from one model eject that deployment; the provider's other models still serve."""
     for _ in range(2):
         assert _post(http, "breaker-fail").headers["x-omnimind-fallbacks"] == "flaky:server_error"
     state = _provider_state(http, "flaky")
-    assert state["state"] == "open" and state["available"] is False
+    deployment = state["deployments"]["status-500"]  # type: ignore[index]
+    assert deployment["state"] == "open"
+    assert state["state"] == "closed" and state["available"] is True
     calls = len(fake.calls("flaky"))
     resp = _post(http, "breaker-fail")
     assert resp.headers["x-omnimind-fallbacks"] == "flaky:circuit_open"
     assert len(fake.calls("flaky")) == calls  # skipped without a call
-    time.sleep(0.45)  # cooldown over: one half-open probe decides
-    assert _provider_state(http, "flaky")["state"] == "half_open"
-    resp = _post(http, "breaker-ok")
+    resp = _post(http, "breaker-ok")  # another model on the same provider: served at once
     assert resp.headers["x-omnimind-provider"] == "flaky"
+    assert "x-omnimind-fallbacks" not in resp.headers
+    time.sleep(0.45)  # cooldown over: one half-open probe decides
     state = _provider_state(http, "flaky")
-    assert state["state"] == "closed" and state["available"] is True
+    assert state["deployments"]["status-500"]["state"] == "half_open"  # type: ignore[index]
     assert state["last_error"]["reason"] == "server_error"  # type: ignore[index]
 
 
-def test_retry_after_cools_the_provider(http: httpx.Client, fake: FakeOpenAI) -> None:
+def test_retry_after_cools_the_deployment(http: httpx.Client, fake: FakeOpenAI) -> None:
+    """A 429 with Retry-After on one model cools that model only."""
     assert _post(http, "limited").headers["x-omnimind-fallbacks"] == "limited:rate_limited"
     calls = len(fake.calls("limited"))
-    resp = _post(http, "limited-ok")  # would succeed, but the provider asked us to wait
+    resp = _post(http, "limited")  # the model asked us to wait: skipped without a call
     assert resp.headers["x-omnimind-fallbacks"] == "limited:cooling_down"
     assert len(fake.calls("limited")) == calls
+    resp = _post(http, "limited-ok")  # another model on the same provider is served
+    assert resp.headers["x-omnimind-provider"] == "limited"
     state = _provider_state(http, "limited")
-    assert 5 < state["cooldown_remaining_s"] <= 7  # type: ignore[operator]
-    assert state["state"] == "closed"  # rate limits are not hard failures
+    cooling = state["deployments"]["status-429"]  # type: ignore[index]
+    assert 5 < cooling["cooldown_remaining_s"] <= 7
+    assert cooling["state"] == "closed"  # rate limits are not hard failures
+    assert state["cooldown_remaining_s"] == 0
 
 
 def test_all_cooling_answers_429_at_once(http: httpx.Client, fake: FakeOpenAI) -> None:

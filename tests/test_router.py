@@ -278,7 +278,7 @@ async def test_closing_a_stream_early_closes_the_upstream(
 
 def test_provider_status(router: LLMRouter) -> None:
     assert router.get_provider_status() == {
-        "ollama": True,  # refused, but its breaker never opens in this config
+        "ollama": False,  # refused when last tried: not available now (its breaker is closed)
         "huggingface": True,
         "openrouter": True,
         "keyless": False,  # no api key

@@ -1,27 +1,54 @@
-"""Provider adapters, one module each, built from config by spec type (never by name)."""
+"""Provider types, one module each, found by the `type` tag of their config (never by name).
+
+A provider module defines `Spec` (its config Struct, a tagged `BaseProviderSpec`),
+`Adapter` (the class behind the `Provider` protocol) and `probe(config) -> Probe`.
+Modules import lightly (torch loads only when a local model is asked for).
+"""
 
 from __future__ import annotations
 
+import functools
 import importlib
-from collections.abc import Callable
+from types import ModuleType
+from typing import Any
 
-from ..config import HuggingFaceSpec, OllamaSpec, OpenAISpec, ProviderConfig
-from .base import Call, Completion, Provider
+from ..config import ProviderConfig
+from .base import Call, Completion, Op, Probe, Provider
 
-# Spec type -> "module:Class". Imported on use, so torch loads only if a config asks for it.
-_ADAPTERS: dict[type, str] = {
-    OpenAISpec: "openai:OpenAIProvider",
-    OllamaSpec: "ollama:OllamaProvider",
-    HuggingFaceSpec: "huggingface:HuggingFaceProvider",
-}
+# One line per provider type.
+MODULES = ("openai", "ollama", "huggingface")
+
+
+@functools.cache
+def _modules() -> dict[str, ModuleType]:
+    found = {}
+    for name in MODULES:
+        module = importlib.import_module(f".{name}", __name__)
+        found[str(module.Spec.__struct_config__.tag)] = module
+    return found
+
+
+def spec_union() -> Any:
+    """The tagged union of every provider type's config Struct, for the config's parser."""
+    specs = tuple(m.Spec for m in _modules().values())
+    union: Any = specs[0]
+    for spec in specs[1:]:
+        union = union | spec
+    return union
+
+
+def module(config: ProviderConfig) -> ModuleType:
+    return _modules()[config.type]
 
 
 def build(config: ProviderConfig) -> Provider:
-    module, _, cls = _ADAPTERS[type(config.spec)].partition(":")
-    factory: Callable[[ProviderConfig], Provider] = getattr(
-        importlib.import_module(f".{module}", __name__), cls
-    )
-    return factory(config)
+    adapter: Provider = module(config).Adapter(config)
+    return adapter
 
 
-__all__ = ["Call", "Completion", "Provider", "build"]
+async def probe(config: ProviderConfig) -> Probe:
+    result: Probe = await module(config).probe(config)
+    return result
+
+
+__all__ = ["Call", "Completion", "Op", "Probe", "Provider", "build", "probe", "spec_union"]

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from contextlib import aclosing
 from typing import Any
@@ -35,9 +34,10 @@ from typing import Any
 import aiohttp
 import msgspec
 
-from ..config import OllamaSpec, ProviderConfig
+from ..config import BaseProviderSpec, EntrySpec, ProviderConfig
 from ..errors import InvalidRequest, UpstreamError
-from ..policy import CLIENT_ERROR, retry_after, status_reason
+from ..policy import client_error, status_error
+from ..reasons import Reason
 from ..wire import (
     ChatBody,
     ChatCompletion,
@@ -45,45 +45,41 @@ from ..wire import (
     Chunk,
     ChunkChoice,
     Delta,
-    DeltaToolCall,
-    Message,
-    OutFunction,
     OutMessage,
-    OutToolCall,
-    Usage,
     completion_id,
     encode,
     now,
 )
-from .base import Call, Completion
+from .base import Call, Completion, Op, Probe
+from .http import Listing, get_json, read_capped, session
+from .ollama_wire import (
+    Line,
+    Said,
+    delta_call,
+    finish_reason,
+    line_decoder,
+    tool_calls,
+    translate,
+    usage,
+)
 
 TAGS_TTL = 30.0
 MAX_LINE = 16 * 1024 * 1024  # one NDJSON line (a whole tool call can be long)
+MAX_BODY = 64 * 1024 * 1024
 
 
-class _Function(msgspec.Struct):
-    name: str = ""
-    arguments: Any = None
+class Spec(BaseProviderSpec, tag="ollama"):
+    """Ollama's native API (/api/chat, NDJSON)."""
 
+    base_url: str = "${OLLAMA_BASE_URL:-http://localhost:11434}"
+    headers: dict[str, str] = {}
+    options: dict[str, Any] = {}
+    keep_alive: str | int | None = None
+    check_models: bool = True
 
-class _ToolCall(msgspec.Struct):
-    function: _Function
-
-
-class _Message(msgspec.Struct):
-    content: str = ""
-    tool_calls: list[_ToolCall] | None = None
-
-
-class _Line(msgspec.Struct):
-    """One NDJSON line of /api/chat (or the whole non-stream answer)."""
-
-    message: _Message | None = None
-    done: bool = False
-    done_reason: str | None = None
-    prompt_eval_count: int | None = None
-    eval_count: int | None = None
-    error: Any = None
+    def context_window(self, entry: EntrySpec) -> int | None:
+        num_ctx = self.options.get("num_ctx")
+        return num_ctx if isinstance(num_ctx, int) and num_ctx > 0 else None
 
 
 class _Tag(msgspec.Struct):
@@ -95,18 +91,14 @@ class _Tags(msgspec.Struct):
     models: list[_Tag] = []
 
 
-_line = msgspec.json.Decoder(_Line)
 _tags = msgspec.json.Decoder(_Tags)
 _error = msgspec.json.Decoder(dict[str, Any])
-_arguments = msgspec.json.Decoder()
-_OPTIONS = ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty")
-_ROLES = {"developer": "system"}
 
 
-class OllamaProvider:
+class Adapter:
     def __init__(self, config: ProviderConfig) -> None:
         spec = config.spec
-        assert isinstance(spec, OllamaSpec)
+        assert isinstance(spec, Spec)
         self.name = config.name
         self._spec = spec
         self._chat_url = f"{spec.base_url}/api/chat"
@@ -119,27 +111,24 @@ class OllamaProvider:
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None:
-            connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True)
-            self._session = aiohttp.ClientSession(
-                connector=connector, skip_auto_headers=("User-Agent",)
-            )
+            self._session = session()
         return self._session
 
     async def complete(self, call: Call) -> Completion:
         async with await self._post(call, stream=False) as resp:
-            body = await resp.read()
+            body = await read_capped(resp, MAX_BODY)
             if resp.status != 200:
                 raise _status_error(resp.status, body, resp.headers)
         try:
-            line = _line.decode(body)
+            line = line_decoder.decode(body)
         except msgspec.DecodeError:
             raise UpstreamError("bad_response", "Ollama answered 200 with invalid JSON") from None
         if line.error is not None:
             raise UpstreamError("server_error", f"Ollama error: {_error_text(line.error)}")
         if line.message is None:
             raise UpstreamError("bad_response", "Ollama answered 200 without a message")
-        calls = _tool_calls(line.message)
-        usage = _usage(line)
+        calls = tool_calls(line.message)
+        used = usage(line)
         message = OutMessage(
             content=line.message.content or (None if calls else ""),
             tool_calls=calls or msgspec.UNSET,
@@ -148,10 +137,12 @@ class OllamaProvider:
             id=completion_id(),
             created=now(),
             model=call.entry.model,
-            choices=[Choice(index=0, message=message, finish_reason=_finish(line, bool(calls)))],
-            usage=usage,
+            choices=[
+                Choice(index=0, message=message, finish_reason=finish_reason(line, bool(calls)))
+            ],
+            usage=used,
         )
-        return Completion(encode(answer), usage)
+        return Completion(encode(answer), used)
 
     async def stream(self, call: Call) -> AsyncIterator[bytes]:
         cid, created, model = completion_id(), now(), call.entry.model
@@ -162,37 +153,47 @@ class OllamaProvider:
 
         async with await self._post(call, stream=True) as resp:
             if resp.status != 200:
-                raise _status_error(resp.status, await resp.read(), resp.headers)
+                raise _status_error(resp.status, await read_capped(resp, MAX_LINE), resp.headers)
             started = False
             n_calls = 0
             async with aclosing(_ndjson(resp.content)) as lines:
                 async for line in lines:
-                    message = line.message or _Message()
-                    calls = _tool_calls(message)
+                    message = line.message or Said()
+                    calls = tool_calls(message)
                     if not started and (message.content or calls or line.done):
                         started = True
                         yield chunk(Delta(role="assistant", content=""))
                     if message.content:
                         yield chunk(Delta(content=message.content))
                     if calls:
-                        deltas = [_delta_call(c, n_calls + i) for i, c in enumerate(calls)]
+                        deltas = [delta_call(c, n_calls + i) for i, c in enumerate(calls)]
                         n_calls += len(calls)
                         yield chunk(Delta(tool_calls=deltas))
                     if line.done:
-                        yield chunk(Delta(), _finish(line, n_calls > 0))
+                        yield chunk(Delta(), finish_reason(line, n_calls > 0))
                         if call.request.include_usage:
-                            usage = _usage(line)
-                            yield encode(Chunk(cid, created, model, choices=[], usage=usage))
+                            yield encode(Chunk(cid, created, model, choices=[], usage=usage(line)))
                         return
         raise UpstreamError("bad_response", "Ollama stream ended without its done line")
 
-    async def _post(self, call: Call, stream: bool) -> aiohttp.ClientResponse:
-        entry = call.entry
+    def _body(self, call: Call, stream: bool) -> bytes:
+        """The client's request as Ollama's; anything wrong in it is the client's error."""
+        if call.op is not Op.CHAT:
+            raise UpstreamError(Reason.UNSUPPORTED, f"this Ollama adapter does not serve {call.op}")
         try:
             chat: ChatBody = call.request.decode(ChatBody)
+            spec = self._spec
+            return encode(translate(chat, call.entry.model, spec.options, spec.keep_alive, stream))
         except InvalidRequest as exc:  # the request is wrong for every provider
-            raise UpstreamError(CLIENT_ERROR, exc.message, 400, param=exc.param) from None
-        body = encode(translate(chat, entry.model, self._spec, stream))
+            raise client_error(exc.message, exc.param) from None
+        except UpstreamError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - translating the client's input failed
+            raise client_error(f"The request could not be translated for Ollama: {exc}") from None
+
+    async def _post(self, call: Call, stream: bool) -> aiohttp.ClientResponse:
+        entry = call.entry
+        body = self._body(call, stream)
         if self._spec.check_models:
             await self._check_pulled(entry.model, entry.connect_timeout)
         timeout = aiohttp.ClientTimeout(
@@ -202,8 +203,9 @@ class OllamaProvider:
             sock_read=entry.timeout if stream else None,
         )
         return await self._client().post(
-            self._chat_url, data=body, headers=self._headers, timeout=timeout
-        )
+            self._chat_url, data=body, headers=self._headers, timeout=timeout,
+            allow_redirects=False,
+        )  # fmt: skip
 
     async def _check_pulled(self, model: str, connect_timeout: float) -> None:
         """Skip a model that is not pulled, from a cached /api/tags (never fail on the cache)."""
@@ -219,12 +221,12 @@ class OllamaProvider:
         timeout = aiohttp.ClientTimeout(total=connect_timeout + 2, sock_connect=connect_timeout)
         try:
             async with self._client().get(
-                self._tags_url, headers=self._headers, timeout=timeout
+                self._tags_url, headers=self._headers, timeout=timeout, allow_redirects=False
             ) as resp:
                 if resp.status != 200:
                     return None
-                tags = _tags.decode(await resp.read())
-        except (aiohttp.ClientError, OSError, TimeoutError, msgspec.DecodeError):
+                tags = _tags.decode(await read_capped(resp, MAX_LINE))
+        except (aiohttp.ClientError, OSError, TimeoutError, msgspec.DecodeError, UpstreamError):
             return None  # the chat call itself will say what is wrong
         return {t.name for t in tags.models} | {t.model for t in tags.models}
 
@@ -234,114 +236,19 @@ class OllamaProvider:
             self._session = None
 
 
-def translate(body: ChatBody, model: str, spec: OllamaSpec, stream: bool) -> dict[str, Any]:
-    """An OpenAI chat body as Ollama's /api/chat body."""
-    out: dict[str, Any] = {
-        "model": model,
-        "messages": _messages(body.messages),
-        "stream": stream,
-    }
-    if body.tools and body.tool_choice != "none":
-        out["tools"] = body.tools
-    fmt = body.response_format
-    if fmt is not None and fmt.type == "json_object":
-        out["format"] = "json"
-    elif fmt is not None and fmt.type == "json_schema":
-        schema = (fmt.json_schema or {}).get("schema")
-        out["format"] = schema if isinstance(schema, dict) else "json"
-    options = dict(spec.options)
-    for name in _OPTIONS:
-        value = getattr(body, name)
-        if value is not None:
-            options[name] = value
-    limit = body.token_limit()
-    if limit is not None:
-        options["num_predict"] = limit
-    if body.stop is not None:
-        options["stop"] = body.stops()
-    if options:
-        out["options"] = options
-    if spec.keep_alive is not None:
-        out["keep_alive"] = spec.keep_alive
-    return out
-
-
-def _messages(messages: list[Message]) -> list[dict[str, Any]]:
-    names: dict[str, str] = {}  # tool call id -> function name, for tool results
-    out = []
-    for m in messages:
-        item: dict[str, Any] = {"role": _ROLES.get(m.role, m.role), "content": m.text()}
-        parts = [] if isinstance(m.content, str) else m.content or []
-        images = [_image(p.image_url.url) for p in parts if p.image_url is not None]
-        if images:
-            item["images"] = images
-        if m.tool_calls:
-            item["tool_calls"] = [
-                {"function": {"name": c.function.name, "arguments": _args(c.function.arguments)}}
-                for c in m.tool_calls
-            ]
-            names.update({c.id: c.function.name for c in m.tool_calls if c.id})
-        if m.role == "tool" and m.tool_call_id in names:
-            item["tool_name"] = names[m.tool_call_id]
-        out.append(item)
-    return out
-
-
-def _image(url: str) -> str:
-    head, sep, data = url.partition(",")
-    if sep and head.startswith("data:") and head.endswith(";base64"):
-        return data
-    if url.startswith(("http://", "https://")):  # another provider in the chain may fetch it
-        raise UpstreamError(
-            "unsupported",
-            "Ollama cannot fetch image URLs: send the image inline as a base64 data URL "
-            "(data:image/png;base64,...)",
-        )
-    message = "An image must be a base64 data URL (data:image/png;base64,...)"
-    raise UpstreamError(CLIENT_ERROR, message, 400, param="messages")
-
-
-def _args(arguments: str) -> Any:
-    try:
-        return _arguments.decode(arguments or "{}")
-    except msgspec.DecodeError:
-        raise UpstreamError(
-            CLIENT_ERROR, "tool call arguments must be a JSON string", 400, param="messages"
-        ) from None
-
-
-def _tool_calls(message: _Message) -> list[OutToolCall]:
-    out = []
-    for c in message.tool_calls or []:
-        args = c.function.arguments
-        text = args if isinstance(args, str) else encode(args or {}).decode()
-        out.append(
-            OutToolCall(
-                id=f"call_{uuid.uuid4().hex[:24]}", function=OutFunction(c.function.name, text)
-            )
-        )
-    return out
-
-
-def _delta_call(call: OutToolCall, index: int) -> DeltaToolCall:
-    function = {"name": call.function.name, "arguments": call.function.arguments}
-    return DeltaToolCall(index=index, id=call.id, type="function", function=function)
-
-
-def _finish(line: _Line, tool_calls: bool) -> str:
-    if tool_calls:
-        return "tool_calls"
-    return "length" if line.done_reason == "length" else "stop"
-
-
-def _usage(line: _Line) -> Usage:
-    prompt, completion = line.prompt_eval_count or 0, line.eval_count or 0
-    return Usage(
-        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+async def probe(config: ProviderConfig) -> Probe:
+    spec = config.spec
+    assert isinstance(spec, Spec)
+    body: Listing = await get_json(
+        f"{spec.base_url}/api/tags", dict(config.headers), spec.connect_timeout
     )
+    names = {str(m.get("name")) for m in body.models}
+    # "qwen2:7b-instruct" may be asked for as "qwen2:7b-instruct" or "qwen2" (= ":latest")
+    names |= {n.removesuffix(":latest") for n in names}
+    return Probe(True, "reachable", names)
 
 
-async def _ndjson(content: aiohttp.StreamReader) -> AsyncGenerator[_Line, None]:
+async def _ndjson(content: aiohttp.StreamReader) -> AsyncGenerator[Line, None]:
     """The stream's lines, decoded; an `{"error": ...}` line raises.
 
     Lines are split here, not by aiohttp's line reader, which stops at 512 KiB (a whole
@@ -363,9 +270,9 @@ async def _ndjson(content: aiohttp.StreamReader) -> AsyncGenerator[_Line, None]:
         yield _decode_line(bytes(buffer).strip())
 
 
-def _decode_line(raw: bytes) -> _Line:
+def _decode_line(raw: bytes) -> Line:
     try:
-        line = _line.decode(raw)
+        line = line_decoder.decode(raw)
     except msgspec.DecodeError:
         raise UpstreamError("bad_response", "Ollama sent a line that is not JSON") from None
     if line.error is not None:
@@ -381,9 +288,8 @@ def _error_text(error: Any) -> str:
 
 def _status_error(status: int, body: bytes, headers: Mapping[str, str]) -> UpstreamError:
     try:
-        message = _error_text(_error.decode(body).get("error", ""))
+        obj = _error.decode(body)
+        message = _error_text(obj.get("error", "") if isinstance(obj, dict) else obj)
     except msgspec.DecodeError:
         message = body[:300].decode("utf-8", "replace").strip()
-    return UpstreamError(
-        status_reason(status), message or f"HTTP {status}", status, retry_after(headers)
-    )
+    return status_error(status, message, headers)

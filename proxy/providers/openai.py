@@ -1,50 +1,55 @@
 """Any OpenAI-compatible upstream (OpenAI, OpenRouter, vLLM, llama.cpp, Ollama's /v1).
 
-The client's body goes out as it came, with only `model` rewritten; the answer comes
-back as the upstream's bytes. One shared `aiohttp.ClientSession` per provider.
+The client's body goes out as it came, with only `model` rewritten, to the op's path
+(`/chat/completions`, `/completions`, `/embeddings`); the answer comes back as the
+upstream's bytes. One shared `aiohttp.ClientSession` per provider. Redirects are never
+followed (a 3xx is the attempt's failure), bodies are read under a byte cap after
+decompression, and only the configured headers go upstream, never the client's.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+import uuid
+from collections.abc import AsyncIterator
 
 import aiohttp
 import msgspec
 
-from ..config import ProviderConfig
+from ..config import BaseProviderSpec, ProviderConfig
 from ..errors import UpstreamError
-from ..policy import CLIENT_ERROR, retry_after, status_reason
+from ..policy import status_error
+from ..reasons import Reason
 from ..wire import UsageView
-from .base import Call, Completion
+from .base import Call, Completion, Op, Probe
+from .http import Listing, get_json, read_capped, session
 from .sse import iter_sse
 
 _usage_decoder = msgspec.json.Decoder(UsageView)
 _error_decoder = msgspec.json.Decoder(dict[str, object])
 _JSON = "application/json"
+_PATHS = {Op.CHAT: "/chat/completions", Op.COMPLETION: "/completions", Op.EMBEDDING: "/embeddings"}
 
 
-class OpenAIProvider:
+class Spec(BaseProviderSpec, tag="openai"):
+    """Any OpenAI-compatible endpoint: OpenAI, OpenRouter, vLLM, llama.cpp, Ollama's /v1."""
+
+    base_url: str
+    api_key: str | None = None
+    headers: dict[str, str] = {}
+    max_response_bytes: int = 64 * 1024 * 1024  # a non-stream answer, decompressed
+
+
+class Adapter:
     def __init__(self, config: ProviderConfig) -> None:
         spec = config.spec
+        assert isinstance(spec, Spec)
         self.name = config.name
-        self._url = f"{spec.base_url}/chat/completions"  # type: ignore[union-attr]
+        self._spec = spec
         self._secret = config.api_key.reveal() if config.api_key else ""
-        headers = {"Content-Type": _JSON, "Accept": "application/json, text/event-stream"}
-        headers.update(config.headers)
-        if self._secret:
-            headers["Authorization"] = f"Bearer {self._secret}"
-        self._headers = headers
+        self._headers = _headers(config)
         self._session: aiohttp.ClientSession | None = None
 
-    def _client(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True)
-            self._session = aiohttp.ClientSession(
-                connector=connector, auto_decompress=True, skip_auto_headers=("User-Agent",)
-            )
-        return self._session
-
-    def _post(self, call: Call, stream: bool):
+    def _post(self, call: Call, stream: bool) -> aiohttp.client._RequestContextManager:
         entry = call.entry
         timeout = aiohttp.ClientTimeout(
             total=None,
@@ -52,32 +57,40 @@ class OpenAIProvider:
             # Streams: the gap allowed between chunks once the first has come.
             sock_read=entry.timeout if stream else None,
         )
-        headers = self._headers
-        if call.request_id:
-            headers = {**headers, "X-Request-Id": call.request_id}
-        return self._client().post(
-            self._url, data=call.request.body_for(entry.model), headers=headers, timeout=timeout
+        if self._session is None:
+            self._session = session()
+        headers = {**self._headers, "X-Request-Id": str(uuid.uuid4())}  # our id, not the client's
+        return self._session.post(
+            self._spec.base_url + _PATHS[call.op],
+            data=call.request.body_for(entry.model),
+            headers=headers,
+            timeout=timeout,
+            allow_redirects=False,
         )
 
     async def complete(self, call: Call) -> Completion:
         async with self._post(call, stream=False) as resp:
-            body = await resp.read()
+            body = await read_capped(resp, self._spec.max_response_bytes)
             if resp.status != 200:
-                raise self._status_error(resp.status, body, resp.headers)
+                raise _status_error(resp.status, body, resp.headers)
         try:
             view = _usage_decoder.decode(body)
         except msgspec.DecodeError:
             raise UpstreamError("bad_response", "upstream answered 200 with invalid JSON") from None
-        if not view.choices:
+        answer = view.data if call.op is Op.EMBEDDING else view.choices
+        if not answer:
             if view.error:
                 check_chunk(body)  # raises with the upstream's message
-            raise UpstreamError("bad_response", "upstream answered 200 without choices")
+            raise UpstreamError("bad_response", "upstream answered 200 without an answer")
         return Completion(body, view.usage)
 
     async def stream(self, call: Call) -> AsyncIterator[bytes]:
+        if call.op is Op.EMBEDDING:
+            raise UpstreamError("unsupported", "embeddings are not streamed")
         async with self._post(call, stream=True) as resp:
             if resp.status != 200:
-                raise self._status_error(resp.status, await resp.read(), resp.headers)
+                body = await read_capped(resp, 1024 * 1024)
+                raise _status_error(resp.status, body, resp.headers)
             ctype = resp.headers.get("Content-Type", "")
             if not ctype.startswith("text/event-stream"):
                 raise UpstreamError("bad_response", f"expected an event stream, got '{ctype}'")
@@ -93,19 +106,32 @@ class OpenAIProvider:
                 yield data
         raise UpstreamError("bad_response", "upstream stream ended without [DONE]")
 
-    def _status_error(self, status: int, body: bytes, headers: Mapping[str, str]) -> UpstreamError:
-        message, param, code = upstream_error_fields(body)
-        if self._secret:
-            message = message.replace(self._secret, "********")
-        err = UpstreamError(status_reason(status), message, status, retry_after(headers))
-        if err.reason == CLIENT_ERROR:
-            err.param, err.code = param, code
-        return err
-
     async def aclose(self) -> None:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+def _headers(config: ProviderConfig) -> dict[str, str]:
+    headers = {"Content-Type": _JSON, "Accept": "application/json, text/event-stream"}
+    headers.update(config.headers)
+    if config.api_key:
+        headers["Authorization"] = f"Bearer {config.api_key.reveal()}"
+    return headers
+
+
+async def probe(config: ProviderConfig) -> Probe:
+    spec = config.spec
+    assert isinstance(spec, Spec)
+    body: Listing = await get_json(
+        f"{spec.base_url}/models", _headers(config), spec.connect_timeout
+    )
+    return Probe(True, "reachable", {str(m.get("id")) for m in body.data})
+
+
+def _status_error(status: int, body: bytes, headers: object) -> UpstreamError:
+    message, param, code = upstream_error_fields(body)
+    return status_error(status, message, headers, param, code)  # type: ignore[arg-type]
 
 
 def check_chunk(data: bytes) -> None:
@@ -117,7 +143,7 @@ def check_chunk(data: bytes) -> None:
     error = obj.get("error")
     if error is not None:
         message = error.get("message") if isinstance(error, dict) else error
-        raise UpstreamError("server_error", f"upstream error event: {message}")
+        raise UpstreamError(Reason.SERVER_ERROR, f"upstream error event: {message}")
 
 
 def upstream_error_fields(body: bytes) -> tuple[str, str | None, str | None]:
@@ -127,6 +153,8 @@ def upstream_error_fields(body: bytes) -> tuple[str, str | None, str | None]:
     except msgspec.DecodeError:
         text = body[:300].decode("utf-8", "replace").strip()
         return (text or "no body"), None, None
+    if not isinstance(obj, dict):
+        return str(obj)[:300], None, None
     error = obj.get("error", obj)
     if isinstance(error, dict):
         message = error.get("message") or error.get("detail") or msgspec.json.encode(error).decode()

@@ -1,0 +1,357 @@
+"""The one request pipeline: every route, every API, as plain ASGI.
+
+    scope ─► route table (404 / 405) ─► request id ─► edge checks ─► auth + rate limit
+          ─► body (size-capped, UTF-8 JSON) ─► handler(ctx) ─► Reply
+    Reply: JsonReply (one body) or StreamReply (SSE frames, relayed as they come)
+    any GatewayError ─► rendered once, in the route's dialect (OpenAI or Anthropic),
+                        every string redacted
+
+A route is a handler plus one line in the table (`app.ROUTES`). A client that leaves
+before its answer is ready cancels the work (and so the upstream call and its slot); a
+stream that fails after it started ends with one final error frame, never silently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import GatewayError, InvalidRequest, PayloadTooLarge
+from .gateway import Gateway
+from .policy import map_exception
+from .render import Dialect, internal_error
+
+log = logging.getLogger("omnimind.pipeline")
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+Headers = list[tuple[bytes, bytes]]
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_SSE: Headers = [
+    (b"content-type", b"text/event-stream"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready."""
+
+
+class MethodNotAllowed(GatewayError):
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
+
+
+class NotFound(GatewayError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+@dataclass(slots=True)
+class JsonReply:
+    body: bytes
+    headers: dict[str, str] = field(default_factory=dict)
+    status: int = 200
+    content_type: str = "application/json"
+
+
+@dataclass(slots=True)
+class StreamReply:
+    """SSE frames (already framed). `error_frame` renders a failure after the start;
+    `close` releases what the frames hold (the upstream stream), whatever happened."""
+
+    frames: AsyncIterator[bytes]
+    headers: dict[str, str]
+    error_frame: Callable[[GatewayError], bytes]
+    close: Callable[[], Awaitable[None]]
+
+
+Reply = JsonReply | StreamReply
+
+
+@dataclass(slots=True)
+class Context:
+    gateway: Gateway
+    request_id: str
+    headers: dict[str, str]
+    client: str
+    key_id: str = ""
+    body: bytes = b""
+    path_arg: str = ""
+    dialect: Dialect = field(default_factory=Dialect)
+
+    def error_frame(self, exc: GatewayError) -> bytes:
+        return self.dialect.frame(exc, self.gateway.redact)
+
+    @property
+    def prefer(self) -> str | None:
+        return self.headers.get("x-omnimind-prefer-provider") or None
+
+
+Handler = Callable[[Context], Awaitable[Reply]]
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    path: str  # exact, or a prefix ending in "/" when `prefix`
+    handler: Handler
+    method: str = "POST"
+    dialect: Dialect = field(default_factory=Dialect)
+    auth: bool = True
+    prefix: bool = False
+
+
+class Pipeline:
+    """The ASGI app: routes from a table, the lifespan from the gateway."""
+
+    def __init__(self, gateway: Gateway, routes: list[Route]) -> None:
+        self.gateway = gateway
+        self._exact: dict[str, list[Route]] = {}
+        self._prefixed = [r for r in routes if r.prefix]
+        for route in routes:
+            if not route.prefix:
+                self._exact.setdefault(route.path, []).append(route)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            return await self._http(scope, receive, send)
+        if scope["type"] == "lifespan":
+            return await self._lifespan(receive, send)
+
+    def _route(self, path: str) -> tuple[list[Route], str]:
+        routes = self._exact.get(path)
+        if routes is not None:
+            return routes, ""
+        for route in self._prefixed:
+            if path.startswith(route.path) and len(path) > len(route.path):
+                return [route], path[len(route.path) :]
+        return [], ""
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        gateway = self.gateway
+        headers, duplicate = _headers(scope)
+        given = headers.get("x-request-id", "")
+        request_id = given if _REQUEST_ID.fullmatch(given) else os.urandom(16).hex()
+        client = gateway.client_address(scope, headers)
+        ctx = Context(gateway, request_id, headers, client)
+        routes, ctx.path_arg = self._route(scope["path"])
+        method = scope["method"]
+        route = next((r for r in routes if r.method == method), None)
+        dialect = ctx.dialect = (route or (routes[0] if routes else None) or _DEFAULT).dialect
+        reply: Reply
+        try:
+            if route is None:
+                if routes:
+                    raise MethodNotAllowed(f"Method {method} is not allowed on {scope['path']}")
+                raise NotFound(f"Unknown path: {method} {scope['path'][:200]}")
+            if duplicate:
+                raise InvalidRequest(duplicate)
+            gateway.edge_check(scope, headers)
+            if route.auth:
+                ctx.key_id = await gateway.authorize(headers, client)
+            if method == "POST":
+                ctx.body = await _body(receive, gateway.config.server.max_body_bytes)
+                reply = await unless_disconnected(route.handler(ctx), receive)
+            else:
+                reply = await route.handler(ctx)
+        except GatewayError as exc:
+            status, extra, body = dialect.render(exc, gateway.redact)
+            return await _send(send, status, {**extra, "x-request-id": request_id}, body)
+        except ClientGone:
+            log.info("client disconnected; upstream call cancelled (request %s)", request_id)
+            status, extra, body = dialect.render(_ClientClosed(), gateway.redact)
+            return await _send(send, 499, {"x-request-id": request_id}, body)
+        except Exception:
+            log.exception("internal error (request %s)", request_id)
+            status, extra, body = dialect.render(internal_error(), gateway.redact)
+            return await _send(send, status, {"x-request-id": request_id}, body)
+        reply.headers["x-request-id"] = request_id
+        if isinstance(reply, JsonReply):
+            return await _send(send, reply.status, reply.headers, reply.body, reply.content_type)
+        await _relay(reply, send, receive, request_id, gateway)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.gateway.start()
+                except Exception as exc:  # noqa: BLE001 - reported to the server
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.gateway.aclose()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+
+class _ClientClosed(GatewayError):
+    status = 499
+    type = "invalid_request_error"
+
+    def __init__(self) -> None:
+        super().__init__("Client closed the request.")
+
+
+_DEFAULT = Route("", handler=None, method="")  # type: ignore[arg-type]
+
+
+def _headers(scope: Scope) -> tuple[dict[str, str], str]:
+    """Request headers by lower-case name, and what is wrong with them ("" if nothing):
+    a credential header sent twice is refused rather than one of them picked."""
+    out: dict[str, str] = {}
+    problem = ""
+    for raw_name, raw_value in scope["headers"]:
+        name = raw_name.decode("latin-1").lower()
+        value = raw_value.decode("latin-1")
+        if name in out:
+            if name in ("authorization", "x-api-key"):
+                problem = f"The '{name}' header was sent more than once."
+            out[name] = f"{out[name]}, {value}"
+        else:
+            out[name] = value
+    return out, problem
+
+
+async def _body(receive: Receive, limit: int) -> bytes:
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        part = message.get("body", b"")
+        size += len(part)
+        if size > limit:
+            raise PayloadTooLarge(f"Request body is larger than the limit of {limit} bytes.")
+        parts.append(part)
+        if not message.get("more_body"):
+            body = parts[0] if len(parts) == 1 else b"".join(parts)
+            try:
+                body.decode("utf-8")
+            except UnicodeDecodeError:
+                raise InvalidRequest("The request body is not valid UTF-8.") from None
+            return body
+
+
+async def _send(
+    send: Send, status: int, headers: dict[str, str], body: bytes, ctype: str = "application/json"
+) -> None:
+    encoded = [(b"content-type", ctype.encode())] + _encode(headers)
+    encoded.append((b"content-length", str(len(body)).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": encoded})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _encode(headers: dict[str, str]) -> Headers:
+    """Header values as latin-1; anything else (a model name from the config) as UTF-8 %-escapes."""
+    out = []
+    for k, v in headers.items():
+        try:
+            value = v.encode("latin-1")
+        except UnicodeEncodeError:
+            value = v.encode("utf-8").decode("latin-1").encode("latin-1")
+        out.append((k.encode("latin-1"), value))
+    return out
+
+
+async def _relay(
+    reply: StreamReply, send: Send, receive: Receive, request_id: str, gateway: Gateway
+) -> None:
+    """Send each frame as it comes. A failure after the start becomes one final error frame
+    (never a silent truncation); a client disconnect cancels the upstream; a shutdown
+    past its grace period ends the stream with an error frame too."""
+    task = asyncio.current_task()
+    assert task is not None
+    gone = False
+
+    async def watch() -> None:
+        nonlocal gone
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        gone = True
+        task.cancel()
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": _SSE + _encode(reply.headers)})  # fmt: skip
+        try:
+            async for frame in reply.frames:
+                await send({"type": "http.response.body", "body": frame, "more_body": True})
+            tail = b""
+        except GatewayError as exc:
+            tail = reply.error_frame(exc)
+        except Exception as exc:  # noqa: BLE001 - committed: report it, end cleanly
+            tail = reply.error_frame(stream_failure(exc, request_id, gateway))
+        except asyncio.CancelledError:
+            if gone and task.uncancel() == 0:
+                return  # the client went away: the upstream is closed below
+            if not gone:  # the server is shutting down: say so before the stream ends
+                tail = reply.error_frame(_ShuttingDown())
+                await asyncio.shield(send({"type": "http.response.body", "body": tail}))
+            raise
+        await send({"type": "http.response.body", "body": tail})
+    finally:
+        watcher.cancel()
+        await reply.close()
+
+
+class StreamFailed(GatewayError):
+    status = 502
+    type = "server_error"
+
+
+def stream_failure(exc: Exception, request_id: str, gateway: Gateway) -> GatewayError:
+    error = map_exception(exc)
+    message = gateway.redact(error.message)
+    log.warning(
+        "stream failed mid-way: reason=%s %s (request %s)", error.reason, message, request_id
+    )
+    return StreamFailed(
+        f"The upstream stream failed after it started ({error.reason}).", code=str(error.reason)
+    )
+
+
+class _ShuttingDown(GatewayError):
+    status = 503
+    type = "server_error"
+    code = "shutting_down"
+
+    def __init__(self) -> None:
+        super().__init__("The gateway is shutting down; the stream was ended.")
+
+
+async def unless_disconnected(work: Awaitable[Any], receive: Receive) -> Any:
+    """Await `work`, cancelling it (and so its upstream call) if the client disconnects."""
+    task = asyncio.current_task()
+    assert task is not None
+    gone = False
+
+    async def watch() -> None:
+        nonlocal gone
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        gone = True
+        task.cancel()
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        return await work
+    except asyncio.CancelledError:
+        if gone and task.uncancel() == 0:
+            raise ClientGone from None
+        raise
+    finally:
+        watcher.cancel()

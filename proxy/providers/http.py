@@ -1,0 +1,61 @@
+"""What the HTTP adapters share: their client session, capped reads, JSON probes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+import msgspec
+
+from ..errors import UpstreamError
+from ..reasons import Reason
+
+_READ = 64 * 1024
+
+
+def session() -> aiohttp.ClientSession:
+    """A provider's own pool: no cookies kept, no User-Agent of aiohttp's."""
+    connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True)
+    return aiohttp.ClientSession(
+        connector=connector,
+        auto_decompress=True,
+        skip_auto_headers=("User-Agent",),
+        cookie_jar=aiohttp.DummyCookieJar(),
+    )
+
+
+async def read_capped(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The body, decompressed, but never more than `limit` bytes of it in memory."""
+    parts: list[bytes] = []
+    size = 0
+    async for block in resp.content.iter_chunked(_READ):
+        size += len(block)
+        if size > limit:
+            resp.close()
+            raise UpstreamError(
+                Reason.BAD_RESPONSE, f"upstream body is larger than the limit of {limit} bytes"
+            )
+        parts.append(block)
+    return b"".join(parts)
+
+
+class Listing(msgspec.Struct):
+    """GET /models (OpenAI: `data`) or /api/tags (Ollama: `models`): the ids or names."""
+
+    data: list[dict[str, Any]] = []
+    models: list[dict[str, Any]] = []
+
+
+_listing = msgspec.json.Decoder(Listing)
+
+
+async def get_json(url: str, headers: dict[str, str], connect_s: float) -> Listing:
+    """A listing endpoint, for probes: its own short-lived session, no redirects."""
+    client_timeout = aiohttp.ClientTimeout(total=connect_s + 5, sock_connect=connect_s)
+    async with (
+        aiohttp.ClientSession(timeout=client_timeout) as client,
+        client.get(url, headers=headers, allow_redirects=False) as resp,
+    ):
+        if resp.status != 200:
+            raise UpstreamError(Reason.BAD_RESPONSE, f"HTTP {resp.status} from {url}")
+        return _listing.decode(await read_capped(resp, 8 * 1024 * 1024))
