@@ -12,7 +12,7 @@ from .gateway import Gateway
 from .pipeline import Pipeline, Route
 
 ROUTES: list[Route] = [
-    Route("/v1/chat/completions", routes_chat.chat),
+    Route("/v1/chat/completions", routes_chat.chat, admits=True),
     Route("/v1/models", routes_info.list_models, "GET"),
     Route("/v1/models/", routes_info.get_model, "GET", prefix=True),
     Route("/v1/providers", routes_info.providers, "GET"),

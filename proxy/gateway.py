@@ -20,10 +20,11 @@ from collections.abc import Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import Any
 
-from .auth import Guard
+from .auth import Caller, Guard
 from .config import Config, ConfigError, load
 from .engine import Engine
 from .observe import AuditLog, Observer
+from .state.gauge import degraded_gauge
 
 log = logging.getLogger("omnimind.gateway")
 
@@ -41,6 +42,8 @@ class Gateway:
         self.redact = _redactor(config)
         self.engine = Engine(config, self.observer, redact=self.redact)
         self.guard = Guard(config)
+        self._on_degraded = degraded_gauge(self.observer.metrics.registry)
+        self.guard.watch(self._on_degraded)
         self.created = int(time.time())
         self._background: set[asyncio.Task[Any]] = set()
         path = Path(config.path)
@@ -50,11 +53,14 @@ class Gateway:
     def config(self) -> Config:
         return self.engine.config
 
-    async def authorize(self, headers: Mapping[str, str], client: str) -> str:
-        """The caller's gateway key id ("" without keys); raises 401 / 429."""
-        if self.guard.open:
-            return ""
-        return self.guard.check(headers, client)
+    async def authorize(
+        self, headers: Mapping[str, str], client: str, admit: bool = True
+    ) -> Caller:
+        """Who asks (401 if the key is wrong); with `admit`, also their limits (429)."""
+        caller = self.guard.identify(headers, client)
+        if admit:
+            await self.guard.admit(caller)
+        return caller
 
     def edge_check(self, scope: Mapping[str, Any], headers: Mapping[str, str]) -> None:
         """Checks on where a request comes from, before its key is looked at."""
@@ -79,6 +85,7 @@ class Gateway:
         new = Engine(config, self.observer, reuse=old, redact=self.redact)
         guard = Guard(config)
         guard.inherit(self.guard)
+        guard.watch(self._on_degraded)
         self.observer.aliases = set(config.models)
         self.observer.log_content = config.server.log_content
         if self._audit and config.server.audit_log != self.observer.audit.target:
@@ -139,6 +146,7 @@ class Gateway:
         with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
             asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
         await self.engine.aclose()
+        await self.guard.aclose()
         self.observer.audit.close()
 
 

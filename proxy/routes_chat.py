@@ -10,13 +10,17 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+from .cache import Assembler
 from .engine import Info
+from .observe import RequestRecord
 from .pipeline import Context, JsonReply, Reply, StreamReply
 from .providers import Op
+from .state import flow
 from .streaming import Answer, OwnedStream
 from .wire import ApiRequest, ChatRequest
 
 _DONE = b"data: [DONE]\n\n"
+_CACHED_OPS = (Op.CHAT, Op.EMBEDDING)  # a streamed completion could not be replayed
 
 
 def answer_headers(answer: Answer) -> dict[str, str]:
@@ -40,18 +44,69 @@ def info(ctx: Context) -> Info:
 
 
 async def serve(ctx: Context, request: ApiRequest, op: Op) -> Reply:
-    engine = ctx.gateway.engine
-    if request.stream:
-        answer = await engine.stream(request, op, info(ctx))
-        stream = answer.stream
-        assert stream is not None
-        return StreamReply(_sse(stream), answer_headers(answer), ctx.error_frame, stream.aclose)
-    answer = await engine.complete(request, op, info(ctx))
-    return JsonReply(answer.body, answer_headers(answer))
+    gateway = ctx.gateway
+    engine = gateway.engine
+    entries = engine.chain(request.model, ctx.prefer)  # 404 before any state round trip
+    caller = ctx.caller or gateway.guard.identify(ctx.headers, ctx.client)
+    turn = await flow.begin(
+        gateway.guard, caller, request.model, flow.pairs(entries),
+        {name: held.health for name, held in engine.pool.held.items()},
+        engine.config.caches.get(request.model) if op in _CACHED_OPS else None,
+        request.fields, op, ctx.headers.get("cache-control"),
+    )  # fmt: skip
+    if turn.cached is not None:
+        return _from_cache(ctx, request, turn)
+    try:
+        if request.stream:
+            answer = await engine.stream(request, op, info(ctx))
+        else:
+            answer = await engine.complete(request, op, info(ctx))
+    except BaseException:
+        turn.failed()
+        raise
+    headers = {**answer_headers(answer), **turn.headers()}
+    stream = answer.stream
+    if stream is None:
+        turn.done(answer.usage, answer.cost_usd, answer.body)
+        return JsonReply(answer.body, headers)
+    assembler = turn.assembler()
+
+    async def close() -> None:
+        await stream.aclose()
+        whole = assembler if stream.outcome == "ok" else None
+        turn.done(stream.usage, stream.cost_usd, whole)
+
+    return StreamReply(_sse(stream, assembler), headers, ctx.error_frame, close)
 
 
-async def _sse(stream: OwnedStream) -> AsyncIterator[bytes]:
+def _from_cache(ctx: Context, request: ApiRequest, turn: flow.Turn) -> Reply:
+    """A cache hit: no upstream call, no cost; recorded as such."""
+    assert turn.cached is not None
+    turn.hit()
+    rec = RequestRecord(ctx.request_id, request.model, request.stream, outcome="cached",
+                        provider="cache", model=request.model, key_id=ctx.key_id)  # fmt: skip
+    ctx.gateway.observer.finished(rec)
+    headers = {"x-omnimind-provider": "cache", **turn.headers()}
+    if not request.stream:
+        return JsonReply(turn.cached, headers)
+    frames = [b"data: %b\n\n" % c for c in turn.replay(request.include_usage)]
+    return StreamReply(_frames(frames), headers, ctx.error_frame, _nothing)
+
+
+async def _frames(frames: list[bytes]) -> AsyncIterator[bytes]:
+    for frame in frames:
+        yield frame
+    yield _DONE
+
+
+async def _nothing() -> None:
+    return None
+
+
+async def _sse(stream: OwnedStream, assembler: Assembler | None = None) -> AsyncIterator[bytes]:
     async for chunk in stream:
+        if assembler is not None:
+            assembler.feed(chunk)
         yield b"data: %b\n\n" % chunk
     if stream.cost_usd is not None:
         yield b": x-omnimind-cost-usd: %.8f\n\n%b" % (stream.cost_usd, _DONE)

@@ -37,6 +37,7 @@ async def stats(ctx: Context) -> Reply:
     gateway = ctx.gateway
     body = gateway.observer.stats.snapshot()
     body["providers"] = {p.id: p.available for p in gateway.engine.provider_status()}
+    body["state"] = await gateway.guard.store.stats()  # usage and spend of every instance
     return JsonReply(_encode(body))
 
 
