@@ -112,7 +112,8 @@ async def begin(
     cache_control: str | None,
 ) -> Turn:
     """Admit a request for `alias`'s chain (`entries`: (provider, model) pairs)."""
-    mirror = Mirror(breakers, entries)
+    # In-process state has nothing to add to this process's own breakers.
+    mirror = Mirror(breakers, entries if guard.store.backend != "memory" else ())
     key = None
     if cache is not None and not rcache.bypass(cache_control):
         key = rcache.cache_key(alias, fields, op)
