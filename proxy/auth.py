@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from .config import ApiKey, Config, StateSpec
 from .errors import RateLimited, Unauthorized
-from .state import Before, Cooldown, MemoryStore, Outcome, StateStore, open_store
+from .state import Before, Cooldown, Outcome, StateStore, open_store
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,15 +112,6 @@ class Guard:
         """Identify and admit in one (routes without a chain or a cache); the key id."""
         caller = self.identify(headers, client)
         await self.admit(caller)
-        return caller.key_id
-
-    def check(self, headers: Mapping[str, str], client: str) -> str:
-        """`authorize()` for synchronous callers: limits from this process's memory only."""
-        caller = self.identify(headers, client)
-        if (caller.rpm or caller.tpm) and isinstance(self.store, MemoryStore):
-            before = self.store.before_now(caller.bucket, caller.rpm, caller.tpm)
-            if not before.admitted:
-                raise RateLimited(_refusal(caller, before), headers=before.headers())
         return caller.key_id
 
     def settle(self, admission: Admission, outcome: Outcome) -> None:

@@ -57,5 +57,7 @@ async def health(ctx: Context) -> Reply:
 async def ready(ctx: Context) -> Reply:
     loaded = ctx.gateway.ready()
     status = 200 if all(loaded.values()) else 503
-    body = {"status": "ready" if status == 200 else "loading", "preload": loaded}
+    store = ctx.gateway.guard.store  # degraded: serving on, without the shared state
+    body = {"status": "ready" if status == 200 else "loading", "preload": loaded,
+            "state": {"backend": store.backend, "degraded": store.degraded}}  # fmt: skip
     return JsonReply(_encode(body), status=status)

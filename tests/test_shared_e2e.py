@@ -268,6 +268,9 @@ def test_redis_killed_under_load_then_back(
             assert stats["state"]["degraded"] is True
         metrics = httpx.get(f"{gateways[1].url}/metrics").text
         assert "omnimind_state_degraded 1.0" in metrics
+        ready = httpx.get(f"{gateways[1].url}/health/ready")
+        assert ready.status_code == 200  # still serving
+        assert ready.json()["state"] == {"backend": "redis", "degraded": True}
     finally:
         redis_proc.start()
     # Back: every process rejoins (its reconnect backs off up to 2 s); limits are shared again.
