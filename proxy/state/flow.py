@@ -50,6 +50,8 @@ class Turn:
         return self.admission.cached
 
     def headers(self) -> dict[str, str]:
+        if self.cache is None:
+            return self.admission.headers
         headers = dict(self.admission.headers)
         if self.cache is not None:
             headers[_HEADER] = "hit" if self.admission.cached is not None else "miss"
@@ -112,8 +114,11 @@ async def begin(
     cache_control: str | None,
 ) -> Turn:
     """Admit a request for `alias`'s chain (`entries`: (provider, model) pairs)."""
+    local = guard.store.backend == "memory"
+    if local and cache is None and not (caller.rpm or caller.tpm):
+        return Turn(guard, Admission(caller), Mirror({}, ()), alias, None, False)
     # In-process state has nothing to add to this process's own breakers.
-    mirror = Mirror(breakers, entries if guard.store.backend != "memory" else ())
+    mirror = Mirror(breakers, () if local else entries)
     key = None
     if cache is not None and not rcache.bypass(cache_control):
         key = rcache.cache_key(alias, fields, op)

@@ -46,15 +46,18 @@ def health_ids(entries: Iterable[tuple[str, str]]) -> list[str]:
 
 class Mirror:
     __slots__ = ("_pairs", "_seen")
+    _seen: list[tuple[float, float]]
 
     def __init__(self, breakers: Mapping[str, Breakers], entries: Iterable[tuple[str, str]]):
         pairs: dict[str, Breaker] = {}
+        self._pairs, self._seen = pairs, []
+        if not entries:
+            return
         for provider, model in entries:
             held = breakers.get(provider)
             if held is not None:
                 pairs[f"{provider}/{model}"] = held.deployment(model)
                 pairs[provider] = held.host
-        self._pairs = pairs
         self._seen = [(b.cool_until, b.open_until) for b in pairs.values()]
 
     @property
