@@ -94,14 +94,16 @@ class Guard:
         *,
         health_ids: Sequence[str] = (),
         cache_key: str | None = None,
+        limits: bool = True,
     ) -> Admission:
-        """429 (RateLimited, with Retry-After and x-ratelimit-*) if over a limit."""
-        if not (caller.rpm or caller.tpm or health_ids or cache_key):
+        """429 (RateLimited, with Retry-After and x-ratelimit-*) if over a limit.
+        `limits=False`: already admitted (by the pipeline); health and cache only."""
+        rpm, tpm = (caller.rpm, caller.tpm) if limits else (None, None)
+        if not (rpm or tpm or health_ids or cache_key):
             return Admission(caller)
         before = await self.store.before(
-            caller.bucket, rpm=caller.rpm, tpm=caller.tpm, health_ids=health_ids,
-            cache_key=cache_key,
-        )  # fmt: skip
+            caller.bucket, rpm=rpm, tpm=tpm, health_ids=health_ids, cache_key=cache_key
+        )
         if not before.admitted:
             raise RateLimited(_refusal(caller, before), headers=before.headers())
         return Admission(

@@ -88,6 +88,7 @@ class Context:
     client: str
     key_id: str = ""
     caller: Caller | None = None  # who asked, and their limits (auth.Guard.identify)
+    admitted: bool = False  # the pipeline checked the limits (the route does not admit itself)
     body: bytes = b""
     path_arg: str = ""
     dialect: Dialect = field(default_factory=Dialect)
@@ -161,7 +162,8 @@ class Pipeline:
                 raise InvalidRequest(duplicate)
             gateway.edge_check(scope, headers)
             if route.auth:
-                ctx.caller = await gateway.authorize(headers, client, admit=not route.admits)
+                ctx.admitted = not route.admits
+                ctx.caller = await gateway.authorize(headers, client, admit=ctx.admitted)
                 ctx.key_id = ctx.caller.key_id
             if method == "POST":
                 ctx.body = await _body(receive, gateway.config.server.max_body_bytes)

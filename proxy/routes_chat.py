@@ -52,7 +52,7 @@ async def serve(ctx: Context, request: ApiRequest, op: Op) -> Reply:
         gateway.guard, caller, request.model, flow.pairs(entries),
         {name: held.health for name, held in engine.pool.held.items()},
         engine.config.caches.get(request.model) if op in _CACHED_OPS else None,
-        request.fields, op, ctx.headers.get("cache-control"),
+        request.fields, op, ctx.headers.get("cache-control"), limits=not ctx.admitted,
     )  # fmt: skip
     if turn.cached is not None:
         return _from_cache(ctx, request, turn)

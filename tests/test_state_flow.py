@@ -90,3 +90,20 @@ async def _turn_replay(body: bytes) -> list[bytes]:
     from proxy.cache import replay
 
     return replay(body, include_usage=True)
+
+
+async def test_a_request_admitted_already_is_not_counted_twice() -> None:
+    store = MemoryStore()
+    guard = Guard(build(parse(CONFIG)), store)
+    caller = guard.identify({"authorization": "Bearer k1"}, "1.2.3.4")
+    request = ChatRequest(BODY)
+    for _ in range(3):  # the pipeline admitted these (rpm 3): the route only settles them
+        await guard.admit(caller)
+        turn = await begin(guard, caller, "m", [("up", "gpt")], {}, None, request.fields,
+                           "chat", None, limits=False)  # fmt: skip
+        turn.done(Usage(300, 0, 300), None)
+    with pytest.raises(RateLimited, match="3 requests per minute") as refused:
+        await guard.admit(caller)  # counted once each: the fourth is the one refused
+    assert refused.value.headers["x-ratelimit-remaining-tokens"] == "100"  # tokens charged
+    stats = await store.stats()
+    assert stats.keys["team"].prompt_tokens == 900

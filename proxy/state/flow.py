@@ -112,17 +112,18 @@ async def begin(
     fields: Mapping[str, Any],
     op: str,
     cache_control: str | None,
+    limits: bool = True,
 ) -> Turn:
     """Admit a request for `alias`'s chain (`entries`: (provider, model) pairs)."""
     local = guard.store.backend == "memory"
-    if local and cache is None and not (caller.rpm or caller.tpm):
+    if local and cache is None and not (limits and (caller.rpm or caller.tpm)):
         return Turn(guard, Admission(caller), Mirror({}, ()), alias, None, False)
     # In-process state has nothing to add to this process's own breakers.
     mirror = Mirror(breakers, () if local else entries)
     key = None
     if cache is not None and not rcache.bypass(cache_control):
         key = rcache.cache_key(alias, fields, op)
-    admission = await guard.admit(caller, health_ids=mirror.ids, cache_key=key)
+    admission = await guard.admit(caller, health_ids=mirror.ids, cache_key=key, limits=limits)
     mirror.absorb(admission.cooling)
     if cache is not None and key is None:
         admission.cache_key = None
