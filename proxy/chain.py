@@ -127,8 +127,9 @@ class Walk:
                 self._failed(entry, error, _ms(started))
                 if not error.reason.falls_back:
                     raise UpstreamRejected(
-                        error.status or 400, error.message, param=error.param, code=error.code
-                    ) from None
+                        error.status or 400, error.message, param=error.param, code=error.code,
+                        attempts=self.attempts,
+                    ) from None  # fmt: skip
                 if not error.reason.retry_same:
                     return None
                 continue

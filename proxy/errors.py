@@ -105,9 +105,18 @@ class UpstreamRejected(GatewayError):
 
     type = "invalid_request_error"
 
-    def __init__(self, status: int, message: str, *, param: str | None, code: str | None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None,
+        code: str | None,
+        attempts: list[Attempt] | None = None,
+    ) -> None:
         super().__init__(message, param=param, code=code)
         self.status = status
+        self.attempts = attempts or []  # the rejecting attempt is the last
 
 
 class UpstreamError(Exception):

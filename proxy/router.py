@@ -214,7 +214,7 @@ class LLMRouter:
             error = map_exception(exc)
             raise LLMError(
                 LLMResponse(
-                    False, "".join(text), answer.provider, answer.model, answer.latency_ms,
+                    False, "".join(text), answer.provider, answer.model, round(answer.latency_ms),
                     error=f"The stream from {answer.provider} ({answer.model}) failed after it "
                     f"started: {error}",
                     attempts=answer.attempts,

@@ -51,7 +51,7 @@ class LLMResponse:
     text: str = ""
     provider: str = ""
     model: str = ""
-    latency_ms: float = 0.0
+    latency_ms: int = 0
     tokens_used: int = 0
     error: str | None = None
     attempts: list[Attempt] = field(default_factory=list)
@@ -122,7 +122,8 @@ def answered(answer: Answer) -> LLMResponse:
     message = choices[0].message if choices else None
     if message is None:
         error = f"{answer.provider} ({answer.model}) answered without a message"
-        return LLMResponse(False, "", answer.provider, answer.model, answer.latency_ms, 0, error)
+        latency = round(answer.latency_ms)
+        return LLMResponse(False, "", answer.provider, answer.model, latency, 0, error)
     usage = answer.usage
     tokens = (
         0 if usage is None else usage.total_tokens or usage.prompt_tokens + usage.completion_tokens
@@ -132,7 +133,7 @@ def answered(answer: Answer) -> LLMResponse:
         text=_text(message),
         provider=answer.provider,
         model=answer.model,
-        latency_ms=answer.latency_ms,
+        latency_ms=round(answer.latency_ms),
         tokens_used=tokens,
         attempts=answer.attempts,
         tool_calls=message.tool_calls or [],
@@ -154,8 +155,9 @@ def failed(exc: GatewayError, alias: str, started: float) -> LLMResponse:
         attempts = exc.attempts
         error = f"All providers for '{alias}' failed: {_describe(attempts)}"
     elif isinstance(exc, UpstreamRejected):
+        attempts = exc.attempts
         error = f"The upstream rejected the request ({exc.status}): {exc.message}"
     else:
         error = exc.message
-    latency = (time.perf_counter() - started) * 1000
+    latency = round((time.perf_counter() - started) * 1000)
     return LLMResponse(False, latency_ms=latency, error=error, attempts=attempts)
