@@ -288,6 +288,22 @@ async def test_redis_down_degrades_within_the_timeout_and_rejoins(
         await closed.aclose()
 
 
+async def test_a_failing_script_degrades_instead_of_failing_requests(
+    redis_proc: RedisProcess,
+) -> None:
+    spec = _spec(redis_proc, timeout_ms=2000)
+    redis_proc.command("SET", f"{spec.prefix}:rl:team:r", "not-a-hash")  # WRONGTYPE in Lua
+    store = RedisStore(spec)
+    try:
+        verdict = await store.before("team", rpm=10)
+        assert verdict.admitted and verdict.degraded  # served on local state, not a 500
+        store.after(Outcome(key_id="team", alias="m", prompt_tokens=1))
+        await store.flush()
+        assert (await store.local.stats()).keys["team"].prompt_tokens == 1  # kept locally
+    finally:
+        await store.aclose()
+
+
 def msgspec_replace(spec: StateSpec, **changes: object) -> StateSpec:
     import msgspec
 

@@ -29,7 +29,11 @@ from .scripts import AFTER, BEFORE
 
 log = logging.getLogger("omnimind.state")
 
-_FAILURES = (ReplyError, OSError, TimeoutError)  # ConnectionError is an OSError
+_EXPECTED = (ReplyError, OSError, TimeoutError)  # ConnectionError is an OSError
+# Anything else (a bug, a server that answers oddly) degrades the same way, logged in full:
+# a request never fails or waits because of the shared state.
+_FAILURES = (Exception,)
+_STEADY_S = 30.0  # back for this long: an outage after it starts the backoff afresh
 _TOTALS = tuple(Totals.__struct_fields__)
 
 
@@ -58,6 +62,8 @@ class RedisStore:
         self._degraded = False
         self.on_degraded = on_degraded
         self._rejoin: asyncio.Task[None] | None = None
+        self._pause = 0.05  # the reconnect backoff, kept across outages close together
+        self._back_at = float("-inf")
         self._queue: list[Outcome] = []
         self._timer: asyncio.TimerHandle | None = None
         self._flushing: asyncio.Task[None] | None = None
@@ -87,11 +93,9 @@ class RedisStore:
             if len(self._asks) == 1:
                 loop.call_soon(self._send_asks)
             try:
-                raw = await future
+                return _parse_before(await future, rpm, tpm)
             except _FAILURES as exc:
                 self._fail(exc)
-            else:
-                return _parse_before(raw, rpm, tpm)
         answer = self.local.before_now(key_id, rpm, tpm, health_ids, cache_key)
         answer.degraded = True
         if self.spec.on_error == "closed" and (rpm or tpm):
@@ -112,14 +116,13 @@ class RedisStore:
         try:
             async with asyncio.timeout(self.timeout):
                 replies = await self.client.run(self._before, args)
+            for (_, future), reply in zip(asks, replies, strict=True):
+                if not future.done():
+                    future.set_result(reply)
         except _FAILURES as exc:
-            for _, future in asks:
+            for _, future in asks:  # every asker hears back, whatever went wrong
                 if not future.done():
                     future.set_exception(exc)
-            return
-        for (_, future), reply in zip(asks, replies, strict=True):
-            if not future.done():
-                future.set_result(reply)
 
     def after(self, outcome: Outcome) -> None:
         if self._degraded:
@@ -189,12 +192,15 @@ class RedisStore:
         if self._degraded:
             return
         self._degraded = True
+        if time.monotonic() - self._back_at > _STEADY_S:
+            self._pause = 0.05
         self.client.drop()  # after a timeout its replies may still come: start afresh
         log.error(
             "shared state at %s unreachable (%s: %s): serving on this process's own state "
             "(rate limits %s) until it is back",
             where(self.spec.url), type(exc).__name__, exc or "timed out",
             "per process" if self.spec.on_error == "open" else "refuse requests",
+            exc_info=None if isinstance(exc, _EXPECTED) else exc,
         )  # fmt: skip
         if self.on_degraded is not None:
             self.on_degraded(True)
@@ -202,17 +208,17 @@ class RedisStore:
             self._rejoin = asyncio.ensure_future(self._reconnect())
 
     async def _reconnect(self) -> None:
-        pause = 0.05
         started = time.monotonic()
         while True:
-            await asyncio.sleep(pause)
-            pause = min(pause * 2, 2.0)
+            await asyncio.sleep(self._pause)
+            self._pause = min(self._pause * 2, 2.0)
             try:
                 async with asyncio.timeout(max(self.timeout, 0.25)):
                     await self.client.call("PING")
             except _FAILURES:
                 continue
             self._degraded = False
+            self._back_at = time.monotonic()
             log.warning(
                 "shared state at %s is back after %.1f s: limits, health and cache shared again",
                 where(self.spec.url), time.monotonic() - started,
