@@ -23,6 +23,7 @@ import msgspec
 from .config import CacheSpec
 
 HEADER = "x-omnimind-cache"
+MAX_ENTRY_BYTES = 1 << 20  # a larger answer is served, not kept
 # Request fields that do not change the answer's content.
 IGNORED = frozenset(
     {"model", "stream", "stream_options", "user", "metadata", "store", "service_tier",

@@ -108,6 +108,17 @@ async def test_memory_cache_is_bounded_and_expires() -> None:
     assert (await store.before("", cache_key="m/4")).cached is None
 
 
+async def test_memory_cache_is_bounded_in_bytes_too() -> None:
+    store = MemoryStore(Clock(), max_cache_bytes=1000)
+    for i in range(10):  # 300 bytes each: three fit
+        put = CachePut(f"{'ab'[i % 2]}/{i}", b"x" * 300, ttl=10, max_entries=100)
+        store.after(Outcome(key_id="", alias="m", cache_put=put))
+    kept = [
+        i for i in range(10) if store.before_now("", None, None, (), f"{'ab'[i % 2]}/{i}").cached
+    ]
+    assert kept == [6, 8, 9]  # the alias that grows gives way first: a keeps 6 and 8
+
+
 async def test_memory_usage_per_key_and_alias() -> None:
     store = MemoryStore(Clock())
     store.after(Outcome(key_id="team", alias="m", prompt_tokens=3, completion_tokens=4,
@@ -270,7 +281,7 @@ async def test_redis_down_degrades_within_the_timeout_and_rejoins(
         started = time.perf_counter()
         for _ in range(50):
             await store.before("team", rpm=1000)
-        assert time.perf_counter() - started < 0.2
+        assert time.perf_counter() - started < 1.0  # through Redis: 50 x 100 ms at least
         store.after(Outcome(key_id="team", alias="m", prompt_tokens=1))
         assert (await store.stats()).degraded
         redis_proc.start()

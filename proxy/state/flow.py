@@ -82,7 +82,8 @@ class Turn:
         if isinstance(body, rcache.Assembler):
             body = body.body()
         put = None
-        if body and self.key is not None and self.keep and self.cache is not None:
+        fits = bool(body) and len(body or b"") <= rcache.MAX_ENTRY_BYTES
+        if fits and body and self.key is not None and self.keep and self.cache is not None:
             put = CachePut(self.key, body, self.cache.ttl, self.cache.max_entries)
         self._settle(
             Outcome(

@@ -13,7 +13,7 @@ from typing import Generic, TypeVar
 
 from .. import ratelimit
 from ..ratelimit import Bucket
-from .base import Before, Cooldown, Outcome, StateStats, Totals, counted
+from .base import Before, CachePut, Cooldown, Outcome, StateStats, Totals, counted
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -56,13 +56,16 @@ class MemoryStore:
         self,
         clock: Callable[[], float] = time.monotonic,
         max_buckets: int = 100_000,
-        max_cached: int = 100_000,
+        max_cache_bytes: int = 64 << 20,
     ) -> None:
         self.clock = clock
         self._buckets: LRU[tuple[str, str], Bucket] = LRU(max_buckets)
         self._cooling: LRU[str, tuple[str, float]] = LRU(10_000)  # id -> (reason, until)
-        self._cache: dict[str, LRU[str, tuple[float, bytes]]] = {}  # alias -> key -> entry
-        self._max_cached = max_cached
+        # alias -> key -> (expires, body): each alias's entries bounded by its max_entries,
+        # all of them together by max_cache_bytes
+        self._cache: dict[str, OrderedDict[str, tuple[float, bytes]]] = {}
+        self._cache_bytes = 0
+        self.max_cache_bytes = max_cache_bytes
         self._keys: dict[str, Totals] = {}
         self._aliases: dict[str, Totals] = {}
 
@@ -121,14 +124,28 @@ class MemoryStore:
         return answer
 
     def _cache_get(self, key: str, now: float) -> bytes | None:
-        lru = self._cache.get(key.rpartition("/")[0])
-        entry = lru.get(key) if lru is not None else None
-        if entry is None:
+        entries = self._cache.get(key.rpartition("/")[0])
+        entry = entries.get(key) if entries is not None else None
+        if entry is None or entries is None:
             return None
         if entry[0] <= now:
-            lru.pop(key)  # type: ignore[union-attr]
+            self._cache_bytes -= len(entries.pop(key)[1])
             return None
+        entries.move_to_end(key)
         return entry[1]
+
+    def _cache_put(self, put: CachePut, now: float) -> None:
+        entries = self._cache.setdefault(put.key.rpartition("/")[0], OrderedDict())
+        old = entries.pop(put.key, None)
+        if old is not None:
+            self._cache_bytes -= len(old[1])
+        entries[put.key] = (now + put.ttl, put.body)
+        self._cache_bytes += len(put.body)
+        while len(entries) > put.max_entries:
+            self._cache_bytes -= len(entries.popitem(last=False)[1][1])
+        while self._cache_bytes > self.max_cache_bytes:
+            victim = entries if len(entries) > 1 else max(self._cache.values(), key=len)
+            self._cache_bytes -= len(victim.popitem(last=False)[1][1])
 
     def after(self, o: Outcome) -> None:
         now = self.clock()
@@ -146,13 +163,8 @@ class MemoryStore:
             until = now + event.seconds
             if mark is None or mark[1] < until:
                 self._cooling.put(event.id, (event.reason, until))
-        put = o.cache_put
-        if put is not None:
-            alias = put.key.rpartition("/")[0]
-            lru = self._cache.get(alias)
-            if lru is None:
-                lru = self._cache[alias] = LRU(min(put.max_entries, self._max_cached))
-            lru.put(put.key, (now + put.ttl, put.body), min(put.max_entries, self._max_cached))
+        if o.cache_put is not None:
+            self._cache_put(o.cache_put, now)
 
     async def stats(self) -> StateStats:
         return StateStats(
