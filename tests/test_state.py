@@ -281,7 +281,7 @@ async def test_redis_down_degrades_within_the_timeout_and_rejoins(
         started = time.perf_counter()
         for _ in range(50):
             await store.before("team", rpm=1000)
-        assert time.perf_counter() - started < 1.0  # through Redis: 50 x 100 ms at least
+        assert time.perf_counter() - started < 1.0
         store.after(Outcome(key_id="team", alias="m", prompt_tokens=1))
         assert (await store.stats()).degraded
         redis_proc.start()
