@@ -8,13 +8,14 @@ psutil as dependencies) and Debian's `redis-server` (root and apt, not installab
 
 `RedisProcess` starts the server on a free port with no persistence, and can kill it
 (SIGKILL: the server vanishes mid-conversation, as in a crash) and start it again on the
-same port.
+same port, or pause it (SIGSTOP: connected, silent, as a hung server).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -86,6 +87,15 @@ class RedisProcess:
         if self.proc is not None and self.proc.stderr is not None:
             self.proc.stderr.close()
         self.proc = None
+
+    def pause(self) -> None:
+        """SIGSTOP: the server still accepts connections (the kernel does) but never answers."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
 
     def flush(self) -> None:
         self.command("FLUSHALL")

@@ -299,6 +299,26 @@ async def test_redis_down_degrades_within_the_timeout_and_rejoins(
         await closed.aclose()
 
 
+async def test_a_hung_redis_costs_a_request_no_more_than_the_timeout(
+    redis_proc: RedisProcess,
+) -> None:
+    store = RedisStore(_spec(redis_proc, timeout_ms=150))
+    try:
+        assert not (await store.before("team", rpm=100)).degraded  # connected
+        redis_proc.pause()
+        started = time.perf_counter()
+        verdicts = await asyncio.gather(*(store.before("team", rpm=100) for _ in range(20)))
+        waited = time.perf_counter() - started
+        assert all(v.admitted and v.degraded for v in verdicts)
+        assert 0.1 < waited < 0.6  # the timeout (150 ms), not the server, decided
+        started = time.perf_counter()
+        assert (await store.before("team", rpm=100)).degraded
+        assert time.perf_counter() - started < 0.1  # degraded: no more waiting on Redis
+    finally:
+        redis_proc.resume()
+        await store.aclose()
+
+
 async def test_a_failing_script_degrades_instead_of_failing_requests(
     redis_proc: RedisProcess,
 ) -> None:
