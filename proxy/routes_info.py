@@ -5,6 +5,7 @@ from __future__ import annotations
 import msgspec
 
 from .pipeline import Context, JsonReply, Reply
+from .state.gauge import usage_exposition
 
 _encode = msgspec.json.Encoder().encode
 METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -47,6 +48,9 @@ async def metrics(ctx: Context) -> Reply:
         await gateway.authorize(ctx.headers, ctx.client)
     health = {p.id: p for p in gateway.engine.provider_status()}
     text = gateway.observer.metrics.exposition(health)
+    store = gateway.guard.store
+    if store.backend != "memory" and not store.degraded:
+        text += usage_exposition(await store.stats())
     return JsonReply(gateway.redact(text.decode()).encode(), content_type=METRICS_TYPE)
 
 

@@ -235,7 +235,7 @@ def test_a_cached_answer_is_served_by_the_other_instance(
 
 
 def test_redis_killed_under_load_then_back(
-    gateways: tuple[Gateway, Gateway], redis_proc: RedisProcess
+    gateways: tuple[Gateway, Gateway], redis_proc: RedisProcess, prefix: str
 ) -> None:
     async def load(seconds: float) -> list[tuple[int, float]]:
         done: list[tuple[int, float]] = []
@@ -280,6 +280,9 @@ def test_redis_killed_under_load_then_back(
             httpx.post(f"{gw.url}/v1/chat/completions", json=_chat("echo"), headers=_auth("k-free"))
     answers = asyncio.run(_burst(gateways, "k-rpm2", 8))
     assert sorted(r.status_code for r in answers) == [200] * 3 + [429] * 5
+    _wait_for(lambda: _usage_requests(redis_proc, prefix, "rpm2") >= 3)
     stats = httpx.get(f"{gateways[1].url}/v1/stats", headers=_auth("k-free")).json()
     assert stats["state"]["degraded"] is False
     assert stats["state"]["keys"]["rpm2"]["requests"] == 3
+    metrics = httpx.get(f"{gateways[0].url}/metrics").text  # any instance: the shared totals
+    assert 'omnimind_shared_requests{name="rpm2",scope="key"} 3.0' in metrics
