@@ -4,11 +4,14 @@ A request meets the guard twice around its upstream call:
 
     caller = guard.identify(headers, client)      # sync, no I/O: 401 at once if the key is wrong
     ...read and parse the body, pick the alias's chain...
-    admission = await guard.admit(caller, alias=..., health_ids=..., cache_key=...)
+    admission = await guard.admit(caller, health_ids=..., cache_key=...)
         # ONE state round trip: 429 (Retry-After, x-ratelimit-*) if over a limit; else
         # the limits' headers, cooldowns other instances published, the cached answer
-    ...the chain (skipping `admission.cooling`), or `admission.cached`...
-    guard.settle(admission, Outcome(...))         # ONE round trip, not awaited
+    ...the chain (skipping what is cooling), or `admission.cached`...
+    guard.settle(admission, Outcome(...))         # ONE round trip (batched), not awaited
+
+`state.flow` does this for the chain routes (`routes_chat.serve`); the pipeline does
+identify + admit (limits only) for every other route.
 
 Limits, cooldowns, usage and the cache live in the state store (`proxy/state/`): this
 process's memory, or Redis shared by every worker and instance (`server.state`).
@@ -109,12 +112,6 @@ class Guard:
         return Admission(
             caller, before.headers(), before.cooling, before.cached, cache_key, before.degraded
         )
-
-    async def authorize(self, headers: Mapping[str, str], client: str) -> str:
-        """Identify and admit in one (routes without a chain or a cache); the key id."""
-        caller = self.identify(headers, client)
-        await self.admit(caller)
-        return caller.key_id
 
     def settle(self, admission: Admission, outcome: Outcome) -> None:
         """Record a finished request: tokens charged, usage, health events, cache entry.
