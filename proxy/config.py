@@ -150,6 +150,18 @@ class ServerSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     rate_limit_rpm: PositiveInt | None = None  # per key (per client address without keys)
     rate_limit_tpm: PositiveInt | None = None  # tokens per minute, charged from usage
     metrics_auth: bool = False  # require a key for /metrics too
+    # Bounds and browser rules (proxy/edge.py, proxy/httpproto.py, proxy/audit.py)
+    cors_origins: list[str] = []  # browser origins allowed in (CORS); "*" for any
+    allowed_hosts: list[str] = []  # without api_keys: Host names served besides localhost
+    trusted_proxies: list[str] = []  # CIDRs whose X-Forwarded-For is believed
+    max_header_bytes: PositiveInt = 65536  # request line + headers; past it: 431
+    max_headers: PositiveInt = 100
+    header_timeout: PositiveFloat = 10.0  # a request's headers must arrive within it
+    body_timeout: PositiveFloat = 60.0  # ...and its body within this after the headers
+    keep_alive_timeout: PositiveFloat = 5.0  # idle keep-alive connections are closed
+    max_connections: PositiveInt = 2048  # more concurrent connections/requests: 503
+    max_json_depth: PositiveInt = 64  # deeper request JSON: 400
+    audit_buffer: PositiveInt = 10000  # audit lines waiting for the writer; more are dropped
     state: StateSpec = msgspec.field(default_factory=StateSpec)
     cache: CacheSpec | None = None  # every alias (an alias's own `cache` wins)
 

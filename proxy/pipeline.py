@@ -304,10 +304,11 @@ async def _relay(
         except asyncio.CancelledError:
             if gone and task.uncancel() == 0:
                 return  # the client went away: the upstream is closed below
-            if not gone:  # the server is shutting down: say so before the stream ends
-                tail = reply.error_frame(_ShuttingDown())
-                await asyncio.shield(send({"type": "http.response.body", "body": tail}))
-            raise
+            if gone:
+                raise
+            # The server is shutting down past its grace period: say so, end the stream.
+            task.uncancel()
+            tail = reply.error_frame(_ShuttingDown())
         await send({"type": "http.response.body", "body": tail})
     finally:
         watcher.cancel()
