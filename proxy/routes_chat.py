@@ -46,10 +46,12 @@ def info(ctx: Context) -> Info:
 async def serve(ctx: Context, request: ApiRequest, op: Op) -> Reply:
     gateway = ctx.gateway
     engine = gateway.engine
-    entries = engine.chain(request.model, ctx.prefer)  # 404 before any state round trip
+    # An unknown alias is still admitted (limits), then refused and recorded by the engine.
+    known = request.model in engine.config.models
+    entries = engine.chain(request.model, ctx.prefer) if known else ()
     caller = ctx.caller or gateway.guard.identify(ctx.headers, ctx.client)
     turn = await flow.begin(
-        gateway.guard, caller, request.model, flow.pairs(entries),
+        gateway.guard, caller, request.model if known else "", flow.pairs(entries),
         {name: held.health for name, held in engine.pool.held.items()},
         engine.config.caches.get(request.model) if op in _CACHED_OPS else None,
         request.fields, op, ctx.headers.get("cache-control"), limits=not ctx.admitted,

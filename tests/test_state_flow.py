@@ -107,3 +107,14 @@ async def test_a_request_admitted_already_is_not_counted_twice() -> None:
     assert refused.value.headers["x-ratelimit-remaining-tokens"] == "100"  # tokens charged
     stats = await store.stats()
     assert stats.keys["team"].prompt_tokens == 900
+
+
+async def test_unknown_aliases_are_not_kept_in_the_usage() -> None:
+    store = MemoryStore()
+    guard = Guard(build(parse(CONFIG)), store)
+    caller = guard.identify({"authorization": "Bearer k1"}, "1.2.3.4")
+    for _ in range(3):  # as routes_chat.serve does for a model it does not serve
+        turn = await begin(guard, caller, "", [], {}, None, {}, "chat", None)
+        turn.failed()
+    stats = await store.stats()
+    assert stats.aliases == {} and stats.keys["team"].requests == 3
