@@ -124,6 +124,7 @@ class Walk:
             except Exception as exc:  # noqa: BLE001 - every failure is classified, none escapes
                 error = self._redacted(map_exception(exc))
                 held.health.failure(entry.model, error, ticket)
+                self._states(held, entry, str(error.reason))
                 self._failed(entry, error, _ms(started))
                 if not error.reason.falls_back:
                     raise UpstreamRejected(
@@ -137,6 +138,7 @@ class Walk:
                 held.health.success(entry.model, answer.latency_ms)
             else:
                 held.health.success(entry.model, None, answer.latency_ms)
+            self._states(held, entry)
             return answer
         return None
 
@@ -204,6 +206,12 @@ class Walk:
             error=f"{error.reason}: {error.message}"[:300] if error else "",
         )  # fmt: skip
 
+    def _states(self, held: Held, entry: Entry, why: str = "") -> None:
+        """Log a breaker that opened or closed (once per change, not per request)."""
+        states = self.engine.states
+        states.observe(entry.provider, held.health.host.state, why)
+        states.observe(entry.deployment, held.health.deployment(entry.model).state, why)
+
     def _redacted(self, error: UpstreamError) -> UpstreamError:
         redact = self.engine.redact
         error.message = redact(error.message)
@@ -218,7 +226,7 @@ class Walk:
         self.attempts.append(
             Attempt(entry.provider, entry.model, error.reason, error.status, latency, error.message)
         )
-        log.warning(
+        log.info(
             "attempt failed: provider=%s model=%s reason=%s status=%s latency_ms=%.1f %s",
             entry.provider, entry.model, error.reason, error.status, latency, error.message,
             extra={"request_id": self.info.request_id},

@@ -47,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     path = args.config or default_path()
     try:
         config = load(path)
+        if args.command == "serve":
+            from .gateway import preflight  # an audit path or CIDR that cannot work
+
+            preflight(config)
     except ConfigError as exc:
         print(f"omnimind-proxy: config error: {exc}", file=sys.stderr)
         return 2

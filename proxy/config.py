@@ -406,7 +406,8 @@ def _provider(name: str, spec: Any, missing: list[str], path: str) -> ProviderCo
         key = Secret(_expand(api_key, missing))
         changes["api_key"] = None
         if not key:
-            unavailable = "api_key is empty"
+            names = [m.group(1) for m in _VAR.finditer(api_key)]
+            unavailable = f"{' or '.join(names)} is not set" if names else "api_key is empty"
     problem = spec.problem()
     if problem is not None:
         raise ConfigError(f"{path}: at providers.{name}.{problem[0]}: {problem[1]}")

@@ -29,9 +29,11 @@ from .auth import Caller, Guard
 from .config import Config, ConfigError, load
 from .edge import BrowserGuard, ClientAddress, check_body
 from .engine import Engine
+from .logs import ProviderStates
 from .observe import Observer
 from .redact import Redactor
 from .state.gauge import degraded_gauge
+from .translate.responses_store import ResponseStore
 
 log = logging.getLogger("omnimind.gateway")
 
@@ -92,11 +94,13 @@ class Gateway:
         )
         self.log_filter = redact.LogFilter(self.edge.redactor)
         self.redact = self.edge.redactor.text  # the one redaction of outgoing text
-        self.engine = Engine(config, self.observer, redact=self.redact)
+        self.states = ProviderStates()
+        self.engine = Engine(config, self.observer, redact=self.redact, states=self.states)
         self.guard = Guard(config)
         self._on_degraded = degraded_gauge(self.observer.metrics.registry)
         self.guard.watch(self._on_degraded)
         self.created = int(time.time())
+        self.responses = ResponseStore()  # for the Responses API's previous_response_id
         self._background: set[asyncio.Task[Any]] = set()
         path = Path(config.path)
         self._watched = path.resolve() if path.is_file() else None
@@ -154,7 +158,9 @@ class Gateway:
             edge = EdgeRules.from_config(config)
             if self._audit and config.server.audit_log != self.observer.audit.target:
                 audit = open_audit(config)
-            new = Engine(config, self.observer, reuse=old, redact=edge.redactor.text)
+            new = Engine(
+                config, self.observer, reuse=old, redact=edge.redactor.text, states=self.states
+            )
         except (ConfigError, OSError, ValueError) as exc:  # ValueError: not UTF-8
             if audit is not None:
                 audit.close()

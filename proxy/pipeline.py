@@ -150,8 +150,11 @@ class Pipeline:
         ctx = Context(gateway, request_id, headers, client)
         routes, ctx.path_arg = self._route(scope["path"])
         method = scope["method"]
+        if method == "OPTIONS" and scope["path"].startswith("/v1/"):  # CORS preflight
+            status, allowed = gateway.preflight(headers)
+            return await _send(send, status, {**allowed, "x-request-id": request_id}, b"")
         route = next((r for r in routes if r.method == method), None)
-        dialect = ctx.dialect = (route or (routes[0] if routes else None) or _DEFAULT).dialect
+        ctx.dialect = (route or (routes[0] if routes else None) or _DEFAULT).dialect
         reply: Reply
         try:
             if route is None:
@@ -167,21 +170,21 @@ class Pipeline:
                 ctx.key_id = ctx.caller.key_id
             if method == "POST":
                 ctx.body = await _body(receive, gateway.config.server.max_body_bytes)
+                gateway.check_body(ctx.body)
                 reply = await unless_disconnected(route.handler(ctx), receive)
             else:
                 reply = await route.handler(ctx)
         except GatewayError as exc:
-            status, extra, body = dialect.render(exc, gateway.redact)
-            return await _send(send, status, {**extra, "x-request-id": request_id}, body)
+            return await _error(send, ctx, exc)
         except ClientGone:
             log.info("client disconnected; upstream call cancelled (request %s)", request_id)
-            status, extra, body = dialect.render(_ClientClosed(), gateway.redact)
-            return await _send(send, 499, {"x-request-id": request_id}, body)
+            return await _error(send, ctx, _ClientClosed())
         except Exception:
             log.exception("internal error (request %s)", request_id)
-            status, extra, body = dialect.render(internal_error(), gateway.redact)
-            return await _send(send, status, {"x-request-id": request_id}, body)
+            return await _error(send, ctx, internal_error())
         reply.headers["x-request-id"] = request_id
+        if "origin" in headers:
+            reply.headers.update(gateway.cors_headers(headers))
         if isinstance(reply, JsonReply):
             return await _send(send, reply.status, reply.headers, reply.body, reply.content_type)
         await _relay(reply, send, receive, request_id, gateway)
@@ -243,12 +246,16 @@ async def _body(receive: Receive, limit: int) -> bytes:
             raise PayloadTooLarge(f"Request body is larger than the limit of {limit} bytes.")
         parts.append(part)
         if not message.get("more_body"):
-            body = parts[0] if len(parts) == 1 else b"".join(parts)
-            try:
-                body.decode("utf-8")
-            except UnicodeDecodeError:
-                raise InvalidRequest("The request body is not valid UTF-8.") from None
-            return body
+            return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+async def _error(send: Send, ctx: Context, exc: GatewayError) -> None:
+    """The one place an error leaves: rendered in the route's shape, redacted."""
+    status, headers, body = ctx.dialect.render(exc, ctx.gateway.redact)
+    headers["x-request-id"] = ctx.request_id
+    if "origin" in ctx.headers:
+        headers.update(ctx.gateway.cors_headers(ctx.headers))
+    await _send(send, status, headers, body)
 
 
 async def _send(

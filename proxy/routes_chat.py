@@ -8,7 +8,8 @@ comment before `[DONE]` (clients ignore comments; it is known only at the end).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 
 from .cache import Assembler
 from .engine import Info
@@ -43,21 +44,42 @@ def info(ctx: Context) -> Info:
     return Info(ctx.request_id, ctx.prefer, ctx.key_id)
 
 
-async def serve(ctx: Context, request: ApiRequest, op: Op) -> Reply:
+async def begin_turn(ctx: Context, request: ApiRequest, op: Op, cache: bool = True) -> flow.Turn:
+    """The request's turn with the state (limits unless the pipeline checked them, the
+    chain's shared health, the cache): settle it with `turn.done(usage, cost)` or
+    `turn.failed()`. For routes that call the engine themselves, with `cache=False`."""
     gateway = ctx.gateway
     engine = gateway.engine
     # An unknown alias is still admitted (limits), then refused and recorded by the engine.
     known = request.model in engine.config.models
     entries = engine.chain(request.model, ctx.prefer) if known else ()
     caller = ctx.caller or gateway.guard.identify(ctx.headers, ctx.client)
-    turn = await flow.begin(
+    return await flow.begin(
         gateway.guard, caller, request.model if known else "", flow.pairs(entries),
         {name: held.health for name, held in engine.pool.held.items()},
-        engine.config.caches.get(request.model) if op in _CACHED_OPS else None,
+        engine.config.caches.get(request.model) if cache and op in _CACHED_OPS else None,
         request.fields, op, ctx.headers.get("cache-control"), limits=not ctx.admitted,
     )  # fmt: skip
-    if turn.cached is not None:
-        return _from_cache(ctx, request, turn)
+
+
+@dataclass(slots=True)
+class Tracked:
+    """An engine answer with its state turn: `headers` to send, `close` for a stream's
+    StreamReply (it settles the turn once the stream is done), `assembler` to feed."""
+
+    answer: Answer
+    headers: dict[str, str]
+    close: Callable[[], Awaitable[None]]
+    assembler: Assembler | None = None
+
+
+async def tracked(
+    ctx: Context, request: ApiRequest, op: Op, turn: flow.Turn | None = None
+) -> Tracked:
+    """`engine.complete`/`engine.stream` inside a state turn (see `begin_turn`; without
+    one given, a turn with no cache): what a route that translates the answer calls."""
+    turn = turn or await begin_turn(ctx, request, op, cache=False)
+    engine = ctx.gateway.engine
     try:
         if request.stream:
             answer = await engine.stream(request, op, info(ctx))
@@ -70,15 +92,27 @@ async def serve(ctx: Context, request: ApiRequest, op: Op) -> Reply:
     stream = answer.stream
     if stream is None:
         turn.done(answer.usage, answer.cost_usd, answer.body)
-        return JsonReply(answer.body, headers)
+        return Tracked(answer, headers, _nothing)
     assembler = turn.assembler()
+    settled = turn
 
     async def close() -> None:
         await stream.aclose()
         whole = assembler if stream.outcome == "ok" else None
-        turn.done(stream.usage, stream.cost_usd, whole)
+        settled.done(stream.usage, stream.cost_usd, whole)
 
-    return StreamReply(_sse(stream, assembler), headers, ctx.error_frame, close)
+    return Tracked(answer, headers, close, assembler)
+
+
+async def serve(ctx: Context, request: ApiRequest, op: Op) -> Reply:
+    turn = await begin_turn(ctx, request, op)
+    if turn.cached is not None:
+        return _from_cache(ctx, request, turn)
+    t = await tracked(ctx, request, op, turn)
+    stream = t.answer.stream
+    if stream is None:
+        return JsonReply(t.answer.body, t.headers)
+    return StreamReply(_sse(stream, t.assembler), t.headers, ctx.error_frame, t.close)
 
 
 def _from_cache(ctx: Context, request: ApiRequest, turn: flow.Turn) -> Reply:

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 
-from .errors import AllProvidersFailed, Attempt, GatewayError, UpstreamRejected
+from .config import Config
+from .errors import AllProvidersFailed, Attempt, GatewayError, InvalidRequest, UpstreamRejected
 from .streaming import Answer
+from .wire import ChatRequest
 
 
 class LLMModelTier(enum.StrEnum):
@@ -161,3 +164,57 @@ def failed(exc: GatewayError, alias: str, started: float) -> LLMResponse:
         error = exc.message
     latency = round((time.perf_counter() - started) * 1000)
     return LLMResponse(False, latency_ms=latency, error=error, attempts=attempts)
+
+
+# ---- building requests -------------------------------------------------------------------
+
+_RESERVED = frozenset({"model", "messages", "stream"})
+
+
+def tier_alias(config: Config, tier: LLMModelTier | str) -> str:
+    """The models.yaml alias for a tier (a `LLMModelTier`, its name, or an alias)."""
+    value = str(tier)
+    if value not in config.models:
+        named = LLMModelTier.__members__.get(value.upper())
+        if named is not None and named.value in config.models:
+            return named.value
+        raise ValueError(
+            f"Unknown tier or model alias {value!r}; models.yaml defines: "
+            + ", ".join(config.models)
+        )
+    return value
+
+
+def build_request(
+    config: Config,
+    prompt: str | Sequence[Mapping[str, Any]],
+    tier: LLMModelTier | str,
+    preferred_provider: LLMProvider | str | None,
+    params: dict[str, Any],
+    stream: bool,
+) -> tuple[ChatRequest, str, str | None]:
+    """A seed call as the engine's request (built directly, no JSON round trip)."""
+    alias = tier_alias(config, tier)
+    prefer = None
+    if preferred_provider is not None:
+        prefer = str(preferred_provider)
+        if prefer not in config.providers:
+            raise ValueError(
+                f"Unknown provider {prefer!r}; models.yaml defines: " + ", ".join(config.providers)
+            )
+    reserved = _RESERVED.intersection(params)
+    if reserved:
+        raise ValueError(f"{', '.join(sorted(reserved))} cannot be given as a parameter")
+    if isinstance(prompt, str):
+        messages: list[Any] = [{"role": "user", "content": prompt}]
+    elif not isinstance(prompt, Sequence):
+        raise TypeError("prompt must be a string or a list of chat messages (dicts)")
+    else:
+        messages = [dict(m) for m in prompt if isinstance(m, Mapping)]
+        if len(messages) != len(prompt):
+            raise TypeError("prompt must be a string or a list of chat messages (dicts)")
+    body = {"model": alias, "messages": messages, **params, "stream": stream}
+    try:
+        return ChatRequest.from_obj(body), alias, prefer
+    except InvalidRequest as exc:
+        raise ValueError(exc.message) from None

@@ -48,7 +48,8 @@ BROKEN = {
     ),
     "unknown type": (
         "providers:\n  a: {type: grpc, base_url: 'http://x'}\nmodels: {}\n",
-        "at providers.a.type: unknown provider type 'grpc'; one of huggingface, ollama, openai",
+        "at providers.a.type: unknown provider type 'grpc'; "
+        "one of anthropic, huggingface, ollama, openai",
     ),
     "bad yaml": ("providers: [\n", "invalid YAML"),
     "batch beyond concurrency": (
@@ -98,7 +99,8 @@ def test_env_interpolation_and_masked_secrets() -> None:
     assert a.spec.base_url == "http://h:1/v1"  # type: ignore[union-attr]
     assert a.api_key == Secret("sk-very-secret")
     assert "sk-very-secret" not in repr(config) and "sk-very-secret" not in str(a)
-    assert b.unavailable == "api_key is empty" and config.missing_env == ("CLI_TEST_UNSET",)
+    assert b.unavailable == "CLI_TEST_UNSET is not set"
+    assert config.missing_env == ("CLI_TEST_UNSET",)
 
 
 def test_empty_gateway_key_is_an_error(tmp_path: Path) -> None:

@@ -29,7 +29,6 @@ from .test_hardening_support import (
 )
 
 # Needs the pipeline to call `gateway.check_body(body)` and answer CORS (see the report).
-needs_pipeline = pytest.mark.xfail(strict=False, reason="needs core: pipeline call sites")
 MESSAGES: Any = [{"role": "user", "content": "hi"}]
 AUTH = {"authorization": f"Bearer {GATEWAY_CANARY}"}
 
@@ -83,7 +82,6 @@ def test_huge_and_numerous_headers_get_431(gw: GatewayServer, http: httpx.Client
             + b"[" * 5000
             + b"]" * 5000
             + b"}",
-            marks=needs_pipeline,
         ),
     ],
     ids=["invalid-utf8", "deep-json"],
@@ -136,7 +134,6 @@ def keyless(
     server.close()
 
 
-@needs_pipeline
 def test_keyless_gateway_is_not_drivable_by_a_web_page(keyless: GatewayServer) -> None:
     body = b'{"model":"m-echo","messages":[{"role":"user","content":"hi"}]}'
     with httpx.Client(base_url=keyless.url, timeout=30) as c:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import httpx
 import pytest
 
 from proxy.auth import Guard
@@ -13,6 +14,7 @@ from proxy.state import MemoryStore
 from proxy.state.flow import begin
 from proxy.wire import ChatRequest, Usage
 
+from .conftest import GatewayFactory
 from .test_state_mirror import FakeProvider
 
 CONFIG = """
@@ -118,3 +120,28 @@ async def test_unknown_aliases_are_not_kept_in_the_usage() -> None:
         turn.failed()
     stats = await store.stats()
     assert stats.aliases == {} and stats.keys["team"].requests == 3
+
+
+def test_every_chain_route_charges_the_token_limit(
+    start_gateway: GatewayFactory, fake_url: str
+) -> None:
+    gw = start_gateway(f"""
+server:
+  api_keys: [{{id: team, key: k1, rate_limit_tpm: 20}}]
+providers: {{up: {{type: openai, base_url: "{fake_url}/up/v1"}}}}
+models: {{echo: [{{provider: up, model: echo}}]}}
+""")
+    # 3 prompt + 4 completion tokens ("echo: one two three") a request: 20 admit three.
+    asks = [
+        ("/v1/messages", {"model": "echo", "max_tokens": 50,
+                          "messages": [{"role": "user", "content": "one two three"}]}),
+        ("/v1/responses", {"model": "echo", "input": "one two three"}),
+        ("/v1/chat/completions", {"model": "echo",
+                                  "messages": [{"role": "user", "content": "one two three"}]}),
+    ]  # fmt: skip
+    headers = {"authorization": "Bearer k1"}
+    with httpx.Client(base_url=gw.url, timeout=10) as http:
+        codes = [http.post(path, json=body, headers=headers).status_code for path, body in asks]
+        refused = http.post(asks[0][0], json=asks[0][1], headers=headers)
+    assert codes == [200, 200, 200]
+    assert refused.status_code == 429 and refused.headers["x-ratelimit-remaining-tokens"] == "0"

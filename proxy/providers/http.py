@@ -57,5 +57,7 @@ async def get_json(url: str, headers: dict[str, str], connect_s: float) -> Listi
         client.get(url, headers=headers, allow_redirects=False) as resp,
     ):
         if resp.status != 200:
-            raise UpstreamError(Reason.BAD_RESPONSE, f"HTTP {resp.status} from {url}")
+            raise UpstreamError(
+                Reason.BAD_RESPONSE, f"HTTP {resp.status} from {url}", status=resp.status
+            )
         return _listing.decode(await read_capped(resp, 8 * 1024 * 1024))
