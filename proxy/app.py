@@ -13,7 +13,7 @@ from .pipeline import Pipeline, Route
 from .render import AnthropicDialect
 
 ROUTES: list[Route] = [
-    Route("/v1/chat/completions", routes_chat.chat),
+    Route("/v1/chat/completions", routes_chat.chat, admits=True),
     Route("/v1/responses", routes_responses.create),
     Route("/v1/messages", routes_messages.create, dialect=AnthropicDialect()),
     Route("/v1/messages/count_tokens", routes_messages.count_tokens, dialect=AnthropicDialect()),

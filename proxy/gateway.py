@@ -25,13 +25,14 @@ from typing import Any
 
 from . import redact
 from .audit import AuditLog
-from .auth import Guard
+from .auth import Caller, Guard
 from .config import Config, ConfigError, load
 from .edge import BrowserGuard, ClientAddress, check_body
 from .engine import Engine
 from .logs import ProviderStates
 from .observe import Observer
 from .redact import Redactor
+from .state.gauge import degraded_gauge
 from .translate.responses_store import ResponseStore
 
 log = logging.getLogger("omnimind.gateway")
@@ -96,6 +97,8 @@ class Gateway:
         self.states = ProviderStates()
         self.engine = Engine(config, self.observer, redact=self.redact, states=self.states)
         self.guard = Guard(config)
+        self._on_degraded = degraded_gauge(self.observer.metrics.registry)
+        self.guard.watch(self._on_degraded)
         self.created = int(time.time())
         self.responses = ResponseStore()  # for the Responses API's previous_response_id
         self._background: set[asyncio.Task[Any]] = set()
@@ -110,11 +113,14 @@ class Gateway:
     def redactor(self) -> Redactor:
         return self.edge.redactor
 
-    async def authorize(self, headers: Mapping[str, str], client: str) -> str:
-        """The caller's gateway key id ("" without keys); raises 401 / 429."""
-        if self.guard.open:
-            return ""
-        return self.guard.check(headers, client)
+    async def authorize(
+        self, headers: Mapping[str, str], client: str, admit: bool = True
+    ) -> Caller:
+        """Who asks (401 if the key is wrong); with `admit`, also their limits (429)."""
+        caller = self.guard.identify(headers, client)
+        if admit:
+            await self.guard.admit(caller)
+        return caller
 
     def edge_check(self, scope: Mapping[str, Any], headers: Mapping[str, str]) -> None:
         """Checks on where a request comes from, before its key is looked at: without
@@ -162,6 +168,7 @@ class Gateway:
             return False
         guard = Guard(config)
         guard.inherit(self.guard)
+        guard.watch(self._on_degraded)
         self.observer.aliases = set(config.models)
         self.observer.log_content = config.server.log_content
         self.observer.redactor = self.log_filter.redactor = edge.redactor
@@ -238,5 +245,6 @@ class Gateway:
         with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
             asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
         await self.engine.aclose()
+        await self.guard.aclose()
         self.observer.audit.close()
         redact.uninstall(self.log_filter)

@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .auth import Caller
 from .errors import GatewayError, InvalidRequest, PayloadTooLarge
 from .gateway import Gateway
 from .policy import map_exception
@@ -86,6 +87,8 @@ class Context:
     headers: dict[str, str]
     client: str
     key_id: str = ""
+    caller: Caller | None = None  # who asked, and their limits (auth.Guard.identify)
+    admitted: bool = False  # the pipeline checked the limits (the route does not admit itself)
     body: bytes = b""
     path_arg: str = ""
     dialect: Dialect = field(default_factory=Dialect)
@@ -109,6 +112,7 @@ class Route:
     dialect: Dialect = field(default_factory=Dialect)
     auth: bool = True
     prefix: bool = False
+    admits: bool = False  # the handler admits itself (limits, chain health, cache: serve())
 
 
 class Pipeline:
@@ -161,7 +165,9 @@ class Pipeline:
                 raise InvalidRequest(duplicate)
             gateway.edge_check(scope, headers)
             if route.auth:
-                ctx.key_id = await gateway.authorize(headers, client)
+                ctx.admitted = not route.admits
+                ctx.caller = await gateway.authorize(headers, client, admit=ctx.admitted)
+                ctx.key_id = ctx.caller.key_id
             if method == "POST":
                 ctx.body = await _body(receive, gateway.config.server.max_body_bytes)
                 gateway.check_body(ctx.body)

@@ -16,7 +16,7 @@ import msgspec
 
 from .pipeline import Context, JsonReply, Reply, StreamReply
 from .providers import Op
-from .routes_chat import answer_headers, info
+from .routes_chat import tracked
 from .streaming import OwnedStream
 from .tokens import estimate_prompt
 from .translate import anthropic_wire as aw
@@ -31,19 +31,18 @@ async def create(ctx: Context) -> Reply:
     req = decode_request(ctx.body)
     chat = NativeChat(aw.encode(to_chat(req)), ctx.body)
     stops = req.stop_sequences if isinstance(req.stop_sequences, list) else None
-    engine = ctx.gateway.engine
+    t = await tracked(ctx, chat, Op.CHAT)  # the engine, inside a state turn (tokens, health)
+    answer = t.answer
     if chat.stream:
-        answer = await engine.stream(chat, Op.CHAT, info(ctx))
         stream = answer.stream
         assert stream is not None
         frames = _frames(stream, AnthropicStream(req.model, stops))
-        return StreamReply(frames, answer_headers(answer), ctx.error_frame, stream.aclose)
-    answer = await engine.complete(chat, Op.CHAT, info(ctx))
+        return StreamReply(frames, t.headers, ctx.error_frame, t.close)
     native = native_of(answer.body)  # an Anthropic upstream's own answer, relayed as is
     if native is not None:
-        return JsonReply(native, answer_headers(answer))
+        return JsonReply(native, t.headers)
     message = to_message(completion_decoder.decode(answer.body), stops)
-    return JsonReply(aw.encode(message), answer_headers(answer))
+    return JsonReply(aw.encode(message), t.headers)
 
 
 async def _frames(stream: OwnedStream, translator: AnthropicStream) -> AsyncIterator[bytes]:

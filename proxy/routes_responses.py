@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from .errors import GatewayError, InvalidRequest
 from .pipeline import Context, JsonReply, Reply, StreamReply
 from .providers import Op
-from .routes_chat import answer_headers, info
+from .routes_chat import tracked
 from .streaming import OwnedStream
 from .translate import responses_wire as rw
 from .translate.chat import ChatMessage, completion_decoder
@@ -49,9 +49,9 @@ async def create(ctx: Context) -> Reply:
         if req.store is not False and done.status != "failed":
             store.put(done.id, ctx.key_id, conversation + output_messages(done))
 
-    engine = ctx.gateway.engine
+    t = await tracked(ctx, chat, Op.CHAT)  # the engine, inside a state turn (tokens, health)
+    answer = t.answer
     if chat.stream:
-        answer = await engine.stream(chat, Op.CHAT, info(ctx))
         stream = answer.stream
         assert stream is not None
         translator = ResponsesStream(response)
@@ -61,11 +61,10 @@ async def create(ctx: Context) -> Reply:
             return translator.fail(ctx.gateway.redact(exc.message), code)
 
         frames = _frames(stream, translator, keep)
-        return StreamReply(frames, answer_headers(answer), failed, stream.aclose)
-    answer = await engine.complete(chat, Op.CHAT, info(ctx))
+        return StreamReply(frames, t.headers, failed, t.close)
     done = to_response(completion_decoder.decode(answer.body), response)
     keep(done)
-    return JsonReply(rw.encode(done), answer_headers(answer))
+    return JsonReply(rw.encode(done), t.headers)
 
 
 def _history(req: rw.ResponsesRequest, store: ResponseStore, key_id: str) -> list[ChatMessage]:
