@@ -41,7 +41,7 @@ class Metrics:
         )  # fmt: skip
         self.fallbacks = Counter(
             "omnimind_fallbacks", "Failed or skipped attempts that moved down the chain",
-            ["alias", "provider", "reason"], registry=r,
+            ["alias", "provider", "model", "reason"], registry=r,
         )  # fmt: skip
         self.tokens = Counter(
             "omnimind_tokens", "Tokens by provider, model and kind (prompt/completion)",
@@ -58,6 +58,11 @@ class Metrics:
         self.circuit = Gauge(
             "omnimind_provider_circuit_state", "Breaker: 0 closed, 1 half-open, 2 open",
             ["provider"], registry=r, multiprocess_mode="liveall",
+        )  # fmt: skip
+        self.deployment_circuit = Gauge(
+            "omnimind_deployment_circuit_state",
+            "Breaker of one provider's model: 0 closed, 1 half-open, 2 open",
+            ["provider", "model"], registry=r, multiprocess_mode="liveall",
         )  # fmt: skip
         self.audit_dropped = Gauge(
             "omnimind_audit_dropped_lines", "Audit lines dropped: the writer fell behind",
@@ -81,7 +86,7 @@ class Metrics:
         provider = rec.provider or "none"
         self._child(self.requests, alias_label, provider, rec.outcome).inc()
         for a in rec.attempts:
-            self._child(self.fallbacks, alias_label, a.provider, a.reason).inc()
+            self._child(self.fallbacks, alias_label, a.provider, a.model, a.reason).inc()
         if rec.provider:
             self._child(self.duration, provider).observe(rec.duration_ms / 1000)
             if rec.stream:
@@ -101,6 +106,8 @@ class Metrics:
         for name, h in health.items():
             self.available.labels(name).set(1 if h.available else 0)
             self.circuit.labels(name).set(_STATES.get(h.state, 0))
+            for model, d in getattr(h, "deployments", {}).items():
+                self.deployment_circuit.labels(name, model).set(_STATES.get(d.state, 0))
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             registry = CollectorRegistry()
             prom_multiprocess.MultiProcessCollector(registry)

@@ -411,7 +411,8 @@ def test_rejected_request_still_records_its_attempt(
     assert [(a["provider"], a["reason"], a["status"]) for a in line["attempts"]] == [
         ("rejecting", "client_error", 400)
     ]
-    labels = {"alias": "rejecting", "provider": "rejecting", "reason": "client_error"}
+    labels = {"alias": "rejecting", "model": "status-400", "provider": "rejecting"}
+    labels["reason"] = "client_error"  # the exposition's label order: sorted
     assert (metric(http, "omnimind_fallbacks_total", **labels) or 0) >= 1
 
 
