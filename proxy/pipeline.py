@@ -285,18 +285,8 @@ async def _relay(
     """Send each frame as it comes. A failure after the start becomes one final error frame
     (never a silent truncation); a client disconnect cancels the upstream; a shutdown
     past its grace period ends the stream with an error frame too."""
-    task = asyncio.current_task()
-    assert task is not None
-    gone = False
-
-    async def watch() -> None:
-        nonlocal gone
-        while (await receive())["type"] != "http.disconnect":
-            pass
-        gone = True
-        task.cancel()
-
-    watcher = asyncio.ensure_future(watch())
+    watch = _Disconnect(receive)
+    task = watch.task
     try:
         await send({"type": "http.response.start", "status": 200,
                     "headers": _SSE + _encode(reply.headers)})  # fmt: skip
@@ -309,16 +299,16 @@ async def _relay(
         except Exception as exc:  # noqa: BLE001 - committed: report it, end cleanly
             tail = reply.error_frame(stream_failure(exc, request_id, gateway))
         except asyncio.CancelledError:
-            if gone and task.uncancel() == 0:
+            if watch.gone and task.uncancel() == 0:
                 return  # the client went away: the upstream is closed below
-            if gone:
+            if watch.gone:
                 raise
             # The server is shutting down past its grace period: say so, end the stream.
             task.uncancel()
             tail = reply.error_frame(_ShuttingDown())
         await send({"type": "http.response.body", "body": tail})
     finally:
-        watcher.cancel()
+        watch.stop()
         await reply.close()
 
 
@@ -347,25 +337,36 @@ class _ShuttingDown(GatewayError):
         super().__init__("The gateway is shutting down; the stream was ended.")
 
 
-async def unless_disconnected(work: Awaitable[Any], receive: Receive) -> Any:
-    """Await `work`, cancelling it (and so its upstream call) if the client disconnects."""
-    task = asyncio.current_task()
-    assert task is not None
-    gone = False
+class _Disconnect:
+    """Cancels the current task when the client disconnects (`gone` says it did)."""
 
-    async def watch() -> None:
-        nonlocal gone
+    __slots__ = ("task", "gone", "_watcher")
+
+    def __init__(self, receive: Receive) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.task = task
+        self.gone = False
+        self._watcher = asyncio.ensure_future(self._watch(receive))
+
+    async def _watch(self, receive: Receive) -> None:
         while (await receive())["type"] != "http.disconnect":
             pass
-        gone = True
-        task.cancel()
+        self.gone = True
+        self.task.cancel()
 
-    watcher = asyncio.ensure_future(watch())
+    def stop(self) -> None:
+        self._watcher.cancel()
+
+
+async def unless_disconnected(work: Awaitable[Any], receive: Receive) -> Any:
+    """Await `work`, cancelling it (and so its upstream call) if the client disconnects."""
+    watch = _Disconnect(receive)
     try:
         return await work
     except asyncio.CancelledError:
-        if gone and task.uncancel() == 0:
+        if watch.gone and watch.task.uncancel() == 0:
             raise ClientGone from None
         raise
     finally:
-        watcher.cancel()
+        watch.stop()
