@@ -150,7 +150,9 @@ class LLMRouter:
         `params` (temperature, max_tokens, tools, response_format, ...) go into the request
         body as given. Provider faults come back as `success=False`, never as exceptions.
         """
-        request, alias, prefer = self._prepare(prompt, tier, preferred_provider, params, False)
+        request, alias, prefer = build_request(
+            self.config, prompt, tier, preferred_provider, params, False
+        )
         return await self._hop(self._complete(request, alias, prefer))
 
     def invoke_sync(
@@ -161,7 +163,9 @@ class LLMRouter:
         **params: Any,
     ) -> LLMResponse:
         """`invoke`, blocking: from sync code, worker threads or inside another loop."""
-        request, alias, prefer = self._prepare(prompt, tier, preferred_provider, params, False)
+        request, alias, prefer = build_request(
+            self.config, prompt, tier, preferred_provider, params, False
+        )
         return self._call(self._complete(request, alias, prefer))
 
     def stream(
@@ -178,7 +182,9 @@ class LLMRouter:
         Closing the generator early (`contextlib.aclosing`, or when it is collected after a
         `break`) closes the upstream stream.
         """
-        request, alias, prefer = self._prepare(prompt, tier, preferred_provider, params, True)
+        request, alias, prefer = build_request(
+            self.config, prompt, tier, preferred_provider, params, True
+        )
         return self._deltas(request, alias, prefer)
 
     async def _complete(self, request: ChatRequest, alias: str, prefer: str | None) -> LLMResponse:
@@ -224,16 +230,6 @@ class LLMRouter:
         finally:
             if not finished and not self.closed:
                 await self._hop(close_stream(chunks))
-
-    def _prepare(
-        self,
-        prompt: str | Sequence[Mapping[str, Any]],
-        tier: LLMModelTier | str,
-        preferred_provider: LLMProvider | str | None,
-        params: dict[str, Any],
-        stream: bool,
-    ) -> tuple[ChatRequest, str, str | None]:
-        return build_request(self.config, prompt, tier, preferred_provider, params, stream)
 
     def alias(self, tier: LLMModelTier | str) -> str:
         """The models.yaml alias for a tier (a `LLMModelTier`, its name, or an alias)."""
