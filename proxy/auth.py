@@ -1,67 +1,129 @@
-"""Who may call: gateway API keys (constant-time compare) and per-key rate limits."""
+"""Who may call, and how often: gateway API keys and per-key request/token limits.
+
+A request meets the guard twice around its upstream call:
+
+    caller = guard.identify(headers, client)      # sync, no I/O: 401 at once if the key is wrong
+    ...read and parse the body, pick the alias's chain...
+    admission = await guard.admit(caller, health_ids=..., cache_key=...)
+        # ONE state round trip: 429 (Retry-After, x-ratelimit-*) if over a limit; else
+        # the limits' headers, cooldowns other instances published, the cached answer
+    ...the chain (skipping what is cooling), or `admission.cached`...
+    guard.settle(admission, Outcome(...))         # ONE round trip (batched), not awaited
+
+`state.flow` does this for the chain routes (`routes_chat.serve`); the pipeline does
+identify + admit (limits only) for every other route.
+
+Limits, cooldowns, usage and the cache live in the state store (`proxy/state/`): this
+process's memory, or Redis shared by every worker and instance (`server.state`).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
-import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
-from .config import ApiKey, Config
+from .config import ApiKey, Config, StateSpec
 from .errors import RateLimited, Unauthorized
+from .state import Before, Cooldown, Outcome, StateStore, open_store
 
 
-class Bucket:
-    """A token bucket: `rpm` requests a minute, bursts of up to `rpm`."""
+@dataclass(frozen=True, slots=True)
+class Caller:
+    key_id: str  # "" when the gateway has no keys
+    bucket: str  # what the limits count against: the key id, or "addr:<client address>"
+    rpm: int | None
+    tpm: int | None
 
-    __slots__ = ("rate", "capacity", "tokens", "stamp")
 
-    def __init__(self, rpm: int) -> None:
-        self.rate = rpm / 60.0
-        self.capacity = float(rpm)
-        self.tokens = float(rpm)
-        self.stamp = time.monotonic()
-
-    def take(self) -> float:
-        """0 if a request may go now, else the seconds until one may."""
-        now = time.monotonic()
-        self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens >= 1:
-            self.tokens -= 1
-            return 0.0
-        return (1 - self.tokens) / self.rate
+@dataclass(slots=True)
+class Admission:
+    caller: Caller
+    headers: dict[str, str] = field(default_factory=dict)  # x-ratelimit-*, for the answer
+    cooling: dict[str, Cooldown] = field(default_factory=dict)  # health id -> cooldown
+    cached: bytes | None = None
+    cache_key: str | None = None
+    degraded: bool = False
 
 
 class Guard:
-    """Checks a request's key and rate; returns the key id for logs and metrics."""
+    """Checks keys and limits against `store`; one per config, the store outlives reloads."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, store: StateStore | None = None) -> None:
         self.keys: tuple[ApiKey, ...] = config.api_keys
         self._secrets = [(k, k.secret.reveal().encode()) for k in self.keys]
         self.default_rpm = config.server.rate_limit_rpm
-        self._buckets: dict[str, Bucket] = {}
-        self.open = not self.keys and not self.default_rpm  # nothing to check
+        self.default_tpm = config.server.rate_limit_tpm
+        self.state_spec: StateSpec = config.server.state
+        self.store: StateStore = store or open_store(self.state_spec)
+        self._retired: set[asyncio.Task[None]] = set()
+        self.open = not self.keys and not self.default_rpm and not self.default_tpm
 
     def inherit(self, previous: Guard) -> None:
-        """Keep the rate-limit state of keys that survive a reload."""
-        self._buckets = previous._buckets
+        """Keep the state (limits, cooldowns, cache) when a reload leaves `server.state` as is."""
+        if previous.state_spec == self.state_spec:
+            mine, self.store = self.store, previous.store
+            if mine is not previous.store:
+                self._close_later(mine)
+        else:
+            self._close_later(previous.store)
 
-    def check(self, headers: Mapping[str, str], client: str) -> str:
-        key = self._authenticate(headers) if self.keys else None
-        key_id = key.id if key else ""
-        rpm = key.rate_limit_rpm if key else self.default_rpm
-        if rpm:
-            bucket_id = key_id or f"addr:{client}"
-            bucket = self._buckets.get(bucket_id)
-            if bucket is None or bucket.capacity != rpm:
-                bucket = self._buckets[bucket_id] = Bucket(rpm)
-            wait = bucket.take()
-            if wait:
-                raise RateLimited(
-                    f"Rate limit of {rpm} requests per minute reached; retry in {wait:.1f}s.",
-                    headers={"retry-after": str(max(1, round(wait + 0.5)))},
-                )
-        return key_id
+    def _close_later(self, store: StateStore) -> None:
+        try:
+            task = asyncio.get_running_loop().create_task(store.aclose())
+        except RuntimeError:  # no loop: nothing was opened on one
+            return
+        self._retired.add(task)
+        task.add_done_callback(self._retired.discard)
+
+    def watch(self, on_degraded: Callable[[bool], None]) -> None:
+        """Be told when the shared state becomes unreachable (True) and is back (False)."""
+        if hasattr(self.store, "on_degraded"):
+            self.store.on_degraded = on_degraded
+        on_degraded(self.store.degraded)
+
+    def identify(self, headers: Mapping[str, str], client: str) -> Caller:
+        """The caller's key (401 if missing or wrong) and limits; no I/O."""
+        if not self.keys:
+            rpm, tpm = self.default_rpm, self.default_tpm
+            return Caller("", f"addr:{client}", rpm, tpm)
+        key = self._authenticate(headers)
+        return Caller(key.id, key.id, key.rate_limit_rpm, key.rate_limit_tpm)
+
+    async def admit(
+        self,
+        caller: Caller,
+        *,
+        health_ids: Sequence[str] = (),
+        cache_key: str | None = None,
+        limits: bool = True,
+    ) -> Admission:
+        """429 (RateLimited, with Retry-After and x-ratelimit-*) if over a limit.
+        `limits=False`: already admitted (by the pipeline); health and cache only."""
+        rpm, tpm = (caller.rpm, caller.tpm) if limits else (None, None)
+        if not (rpm or tpm or health_ids or cache_key):
+            return Admission(caller)
+        before = await self.store.before(
+            caller.bucket, rpm=rpm, tpm=tpm, health_ids=health_ids, cache_key=cache_key
+        )
+        if not before.admitted:
+            raise RateLimited(_refusal(caller, before), headers=before.headers())
+        return Admission(
+            caller, before.headers(), before.cooling, before.cached, cache_key, before.degraded
+        )
+
+    def settle(self, admission: Admission, outcome: Outcome) -> None:
+        """Record a finished request: tokens charged, usage, health events, cache entry.
+        The answer does not wait for it (the Redis store writes it with others, in a batch)."""
+        outcome.key_id = admission.caller.bucket  # usage is kept for keys, not addresses
+        outcome.tpm = admission.caller.tpm
+        self.store.after(outcome)
+
+    async def aclose(self) -> None:
+        if self._retired:
+            await asyncio.gather(*self._retired, return_exceptions=True)
+        await self.store.aclose()
 
     def _authenticate(self, headers: Mapping[str, str]) -> ApiKey:
         given = headers.get("x-api-key", "")
@@ -80,3 +142,21 @@ class Guard:
         if found is None:
             raise Unauthorized("Incorrect API key provided.")
         return found
+
+
+def _refusal(caller: Caller, before: Before) -> str:
+    if before.degraded:
+        return (
+            "Rate limits cannot be checked while the shared state is unreachable "
+            f"(server.state.on_error: closed); retry in {before.retry_after:.1f}s."
+        )
+    tokens = before.tokens
+    if tokens is not None and tokens.remaining == 0 and caller.tpm:
+        return (
+            f"Rate limit of {caller.tpm} tokens per minute reached; "
+            f"retry in {before.retry_after:.1f}s."
+        )
+    return (
+        f"Rate limit of {caller.rpm} requests per minute reached; "
+        f"retry in {before.retry_after:.1f}s."
+    )

@@ -69,7 +69,10 @@ class Walk:
                 if answer is not None or self.expired():
                     break
         if answer is None:
-            raise AllProvidersFailed(self.call.request.model, self.attempts, self.retry_after)
+            windows = [e.context_window for e in entries if e.context_window is not None]
+            raise AllProvidersFailed(
+                self.call.request.model, self.attempts, self.retry_after, max(windows, default=None)
+            )
         answer.attempts = self.attempts
         self.committed = answer
         return answer
@@ -124,18 +127,21 @@ class Walk:
             except Exception as exc:  # noqa: BLE001 - every failure is classified, none escapes
                 error = self._redacted(map_exception(exc))
                 held.health.failure(entry.model, error, ticket)
+                self._states(held, entry, str(error.reason))
                 self._failed(entry, error, _ms(started))
                 if not error.reason.falls_back:
                     raise UpstreamRejected(
-                        error.status or 400, error.message, param=error.param, code=error.code
-                    ) from None
+                        error.status or 400, error.message, param=error.param, code=error.code,
+                        attempts=self.attempts,
+                    ) from None  # fmt: skip
                 if not error.reason.retry_same:
                     return None
                 continue
             if answer.stream is None:
                 held.health.success(entry.model, answer.latency_ms)
-            else:
-                held.health.success(entry.model, None, answer.latency_ms)
+            else:  # the verdict comes when the stream ends (`_stream_closed`)
+                held.health.started(entry.model, answer.latency_ms)
+            self._states(held, entry)
             return answer
         return None
 
@@ -170,7 +176,10 @@ class Walk:
                     held.gate.release()
                     held.release()
 
-                stream = OwnedStream(first, chunks, release, self.deadline, self._stream_closed)
+                def closed(stream: OwnedStream) -> None:
+                    self._stream_closed(stream, held, entry, started)
+
+                stream = OwnedStream(first, chunks, release, self.deadline, closed)
                 committed = True
                 latency = _ms(started)
                 return Answer(entry.provider, entry.model, latency, [], stream=stream, entry=entry)
@@ -185,23 +194,36 @@ class Walk:
                 held.gate.release()
                 held.release()
 
-    def _stream_closed(self, stream: OwnedStream) -> None:
-        """A committed stream ended: its health verdict and its bookkeeping."""
-        answer = self.committed
-        if answer is None or answer.stream is not stream or answer.entry is None:
-            return  # a hedge's loser, closed before anything was served from it
-        entry = answer.entry
-        held = self.engine.pool.held.get(entry.provider)
+    def _stream_closed(self, stream: OwnedStream, held: Held, entry: Entry, started: float) -> None:
+        """A stream ended: the health verdict on its entry, and (if served) the bookkeeping.
+
+        Ended well: a success with the whole duration. Failed mid-way: a `stream_error`
+        against the deployment. Closed early (the client left, the deadline, a hedge lost):
+        no verdict, only the half-open probe slot it may hold is freed.
+        """
         error = stream.error
-        if held is not None and error is not None and error.reason is not Reason.DEADLINE:
+        if error is not None and error.reason is not Reason.DEADLINE:
             failure = UpstreamError(Reason.STREAM_ERROR, self.engine.redact(error.message))
             held.health.failure(entry.model, failure)
-        elif held is not None and stream.outcome == "ok":
-            held.health.finished(entry.model, (time.perf_counter() - self.ledger.started) * 1000)
+            self._states(held, entry, str(failure.reason))
+        elif stream.outcome == "ok":
+            held.health.success(entry.model, _ms(started))
+            self._states(held, entry)
+        else:
+            held.health.abandon(entry.model)
+        answer = self.committed
+        if answer is None or answer.stream is not stream:
+            return  # a hedge's loser, closed before anything was served from it
         stream.cost_usd = self.ledger.settle(
             self.attempts, outcome=stream.outcome, usage=stream.usage, entry=entry,
             error=f"{error.reason}: {error.message}"[:300] if error else "",
         )  # fmt: skip
+
+    def _states(self, held: Held, entry: Entry, why: str = "") -> None:
+        """Log a breaker that opened or closed (once per change, not per request)."""
+        states = self.engine.states
+        states.observe(entry.provider, held.health.host.state, why)
+        states.observe(entry.deployment, held.health.deployment(entry.model).state, why)
 
     def _redacted(self, error: UpstreamError) -> UpstreamError:
         redact = self.engine.redact
@@ -217,7 +239,7 @@ class Walk:
         self.attempts.append(
             Attempt(entry.provider, entry.model, error.reason, error.status, latency, error.message)
         )
-        log.warning(
+        log.info(
             "attempt failed: provider=%s model=%s reason=%s status=%s latency_ms=%.1f %s",
             entry.provider, entry.model, error.reason, error.status, latency, error.message,
             extra={"request_id": self.info.request_id},

@@ -13,14 +13,51 @@ import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Any
+from urllib.parse import urlsplit
 
 import msgspec
 import yaml
 
-PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
-PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
-NonNegativeFloat = Annotated[float, msgspec.Meta(ge=0)]
+from .spec import (
+    AliasSpec,
+    BaseProviderSpec,
+    BreakerSpec,
+    CacheSpec,
+    ConfigSpec,
+    EntrySpec,
+    KeySpec,
+    NonNegativeFloat,
+    PositiveFloat,
+    PositiveInt,
+    ServerSpec,
+    StateSpec,
+)
+
+__all__ = [  # stage 1 is re-exported: providers and tests import it from here
+    "AliasSpec",
+    "ApiKey",
+    "BaseProviderSpec",
+    "BreakerSpec",
+    "CacheSpec",
+    "Config",
+    "ConfigError",
+    "ConfigSpec",
+    "Entry",
+    "EntrySpec",
+    "KeySpec",
+    "NonNegativeFloat",
+    "PositiveFloat",
+    "PositiveInt",
+    "ProviderConfig",
+    "Secret",
+    "ServerSpec",
+    "StateSpec",
+    "build",
+    "default_path",
+    "load",
+    "parse",
+]
 
 
 class ConfigError(Exception):
@@ -51,90 +88,6 @@ class Secret:
         return "Secret('********')" if self._value else "Secret('')"
 
     __str__ = __repr__
-
-
-# ---- stage 1: the file's shape ---------------------------------------------------------
-
-
-class BreakerSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """Circuit breaker (see health.py): eject after `failures` consecutive hard failures."""
-
-    failures: PositiveInt = 5
-    cooldown: PositiveFloat = 30.0  # first ejection; doubles on each repeated ejection
-    max_cooldown: PositiveFloat = 300.0  # cap for ejections and for Retry-After
-    rate_limit_cooldown: NonNegativeFloat = 1.0  # a 429 without Retry-After
-
-
-class BaseProviderSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, tag_field="type"):
-    """What every provider type accepts; each provider module subclasses it with its tag."""
-
-    timeout: PositiveFloat = 60.0
-    connect_timeout: PositiveFloat = 5.0
-    first_token_timeout: PositiveFloat = 30.0
-    max_concurrency: PositiveInt | None = None
-    max_queue: Annotated[int, msgspec.Meta(ge=0)] = 128
-    retries: Annotated[int, msgspec.Meta(ge=0, le=5)] = 0  # same-provider retries, jittered
-    retry_backoff: PositiveFloat = 0.25
-    health_check_interval: PositiveFloat | None = None  # probe while idle, seconds
-    breaker: BreakerSpec = msgspec.field(default_factory=BreakerSpec)
-
-    def problem(self) -> tuple[str, str] | None:
-        """(key, message) if the values do not fit together."""
-        return None
-
-    def context_window(self, entry: EntrySpec) -> int | None:
-        """The window this provider knows for an entry (e.g. Ollama's num_ctx option)."""
-        return None
-
-    loads_gguf: ClassVar[bool] = False  # entries may name a `gguf_file`
-
-
-class EntrySpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    provider: str
-    model: str
-    timeout: PositiveFloat | None = None
-    connect_timeout: PositiveFloat | None = None
-    first_token_timeout: PositiveFloat | None = None
-    gguf_file: str | None = None
-    input_cost_per_mtok: NonNegativeFloat | None = None
-    output_cost_per_mtok: NonNegativeFloat | None = None
-    context_window: PositiveInt | None = None  # tokens: prompt + max_tokens must fit
-    max_tokens: PositiveInt | None = None  # default answer budget where the upstream needs one
-    kind: Literal["chat", "embedding"] | None = None  # what this entry's model does
-    truncate: bool = False  # embeddings: cut inputs longer than the window instead of a 400
-
-
-class AliasSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """The long form of an alias: its chain plus alias-level options."""
-
-    chain: list[EntrySpec]
-    hedge_after_ms: PositiveInt | None = None  # start the next entry too if no first chunk yet
-    kind: Literal["chat", "embedding"] | None = None  # else inferred from the entries
-
-
-class KeySpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """A gateway API key with a name (for logs and metrics) and its own rate limit."""
-
-    id: str
-    key: str
-    rate_limit_rpm: PositiveInt | None = None
-
-
-class ServerSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    request_timeout: PositiveFloat = 600.0
-    max_body_bytes: PositiveInt = 16 * 1024 * 1024
-    # JSON lines to stdout, stderr, a file path, or off (YAML reads a bare off as false)
-    audit_log: str | bool = "stdout"
-    log_content: bool = False  # put request messages into the audit log
-    api_keys: list[str | KeySpec] = []  # none: no key needed (fine on 127.0.0.1)
-    rate_limit_rpm: PositiveInt | None = None  # per key (per client address without keys)
-    metrics_auth: bool = False  # require a key for /metrics too
-
-
-class ConfigSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    providers: dict[str, BaseProviderSpec]
-    models: dict[str, list[EntrySpec] | AliasSpec]
-    server: ServerSpec = msgspec.field(default_factory=ServerSpec)
 
 
 # ---- stage 2: runtime objects ---------------------------------------------------------
@@ -179,6 +132,7 @@ class ApiKey:
     id: str
     secret: Secret
     rate_limit_rpm: int | None
+    rate_limit_tpm: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,11 +145,13 @@ class Config:
     hedges: dict[str, float] = field(default_factory=dict)  # alias -> hedge delay, seconds
     api_keys: tuple[ApiKey, ...] = ()
     kinds: dict[str, str] = field(default_factory=dict)  # alias -> "chat" | "embedding"
+    caches: dict[str, CacheSpec] = field(default_factory=dict)  # alias -> its response cache
 
     def secrets(self) -> list[str]:
         """Every configured credential, for the one redaction of outgoing text."""
         found = [s for p in self.providers.values() for s in p.secrets]
         found += [k.secret.reveal() for k in self.api_keys]
+        found.append(urlsplit(self.server.state.url).password or "")  # redis://:pw@host
         return [s for s in dict.fromkeys(found) if s]
 
 
@@ -298,10 +254,14 @@ def build(spec: ConfigSpec, path: str = "models.yaml") -> Config:
     models: dict[str, tuple[Entry, ...]] = {}
     hedges: dict[str, float] = {}
     kinds: dict[str, str] = {}
+    caches: dict[str, CacheSpec] = {}
     for alias, value in spec.models.items():
         entries = value if isinstance(value, list) else value.chain
         if isinstance(value, AliasSpec) and value.hedge_after_ms:
             hedges[alias] = value.hedge_after_ms / 1000
+        cache = value.cache if isinstance(value, AliasSpec) and value.cache else spec.server.cache
+        if cache is not None:
+            caches[alias] = cache
         if not entries:
             raise ConfigError(f"{path}: at models.{alias}: a chain needs at least one entry")
         declared = value.kind if isinstance(value, AliasSpec) else None
@@ -311,9 +271,12 @@ def build(spec: ConfigSpec, path: str = "models.yaml") -> Config:
             for i, e in enumerate(entries)
         )
     keys = _api_keys(spec.server, missing, path)
-    return Config(
-        path, providers, models, spec.server, tuple(dict.fromkeys(missing)), hedges, keys, kinds
+    state = spec.server.state
+    server = msgspec.structs.replace(
+        spec.server, state=msgspec.structs.replace(state, url=_expand(state.url, missing))
     )
+    missing_env = tuple(dict.fromkeys(missing))
+    return Config(path, providers, models, server, missing_env, hedges, keys, kinds, caches)
 
 
 def _kind(alias: str, declared: str | None, entries: list[EntrySpec], path: str) -> str:
@@ -339,7 +302,8 @@ def _api_keys(server: ServerSpec, missing: list[str], path: str) -> tuple[ApiKey
                 f"{path}: at server.api_keys[{i}]: the key resolves to an empty string "
                 "(is its environment variable set?)"
             )
-        keys.append(ApiKey(spec.id, secret, spec.rate_limit_rpm or server.rate_limit_rpm))
+        rpm = spec.rate_limit_rpm or server.rate_limit_rpm
+        keys.append(ApiKey(spec.id, secret, rpm, spec.rate_limit_tpm or server.rate_limit_tpm))
     return tuple(keys)
 
 
@@ -362,7 +326,8 @@ def _provider(name: str, spec: Any, missing: list[str], path: str) -> ProviderCo
         key = Secret(_expand(api_key, missing))
         changes["api_key"] = None
         if not key:
-            unavailable = "api_key is empty"
+            names = [m.group(1) for m in _VAR.finditer(api_key)]
+            unavailable = f"{' or '.join(names)} is not set" if names else "api_key is empty"
     problem = spec.problem()
     if problem is not None:
         raise ConfigError(f"{path}: at providers.{name}.{problem[0]}: {problem[1]}")

@@ -20,6 +20,7 @@ from .chain import Walk
 from .config import Config, Entry
 from .errors import AllProvidersFailed, GatewayError, InvalidRequest, ModelNotFound
 from .health import HealthSnapshot
+from .logs import ProviderStates
 from .observe import Observer, RequestRecord
 from .pool import ProviderPool
 from .providers import Call, Op
@@ -71,6 +72,7 @@ class Engine:
         observer: Observer | None = None,
         reuse: Engine | None = None,
         redact: Callable[[str], str] = str,
+        states: ProviderStates | None = None,
     ) -> None:
         self.config = config
         # Without an observer from the gateway: metrics and counters, no audit file.
@@ -78,6 +80,7 @@ class Engine:
         self.pool: ProviderPool = ProviderPool(config, reuse.pool if reuse is not None else None)
         self.reused = self.pool.reused
         self.redact = redact
+        self.states = states or ProviderStates()  # logs a breaker opening / closing once
         self.active = 0  # requests in flight
         self._probes: list[asyncio.Task[None]] = []
 

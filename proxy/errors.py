@@ -101,13 +101,24 @@ class RateLimited(GatewayError):
 
 
 class UpstreamRejected(GatewayError):
-    """The upstream said the request itself is wrong (400/413/422): no fallback."""
+    """The upstream said the request itself is wrong (400/413/422): no fallback.
+
+    `attempts` are the chain's attempts up to and including the rejecting one."""
 
     type = "invalid_request_error"
 
-    def __init__(self, status: int, message: str, *, param: str | None, code: str | None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None,
+        code: str | None,
+        attempts: list[Attempt] | None = None,
+    ) -> None:
         super().__init__(message, param=param, code=code)
         self.status = status
+        self.attempts = attempts or []  # the rejecting attempt is the last
 
 
 class UpstreamError(Exception):
@@ -159,7 +170,13 @@ def excerpt(text: str) -> str:
 class AllProvidersFailed(GatewayError):
     """Every entry of the chain failed; `attempts` keeps each provider's error in order."""
 
-    def __init__(self, alias: str, attempts: list[Attempt], retry_after: float | None) -> None:
+    def __init__(
+        self,
+        alias: str,
+        attempts: list[Attempt],
+        retry_after: float | None,
+        largest_window: int | None = None,
+    ) -> None:
         self.attempts = attempts
         reasons = [a.reason for a in attempts]
         headers: dict[str, str] = {}
@@ -174,7 +191,12 @@ class AllProvidersFailed(GatewayError):
             self.status, self.type, code = 504, "timeout_error", "upstream_timeout"
         else:
             self.status, self.type, code = 502, "server_error", "all_providers_failed"
-        if self.status == 400:
+        if code == "context_length_exceeded" and largest_window is not None:
+            message = (
+                f"No provider for model '{alias}' can fit this request: the largest context "
+                f"window in its chain is {largest_window} tokens; "
+            ) + "; ".join(f"{a.provider}: {excerpt(a.message)}" for a in attempts)
+        elif self.status == 400:
             message = f"No provider for model '{alias}' can serve this request: " + "; ".join(
                 f"{a.provider}: {excerpt(a.message)}" for a in attempts
             )

@@ -13,6 +13,10 @@ answers and missing models are one model's. A 429 (or a 503 with Retry-After) is
 failure: it cools that deployment for as long as it asked. An entry is skipped while
 either its deployment or its provider is open or cooling.
 
+A stream's verdict comes when it ends (`started` at its first chunk only marks the host
+reachable and keeps the time to first token): a failure after the first chunk counts
+against the deployment like any other, so one that always dies mid-answer is ejected.
+
 Failures of attempts admitted before an ejection count toward that ejection only
 (`epoch`): twenty requests timing out together eject once, not twenty times.
 """
@@ -217,15 +221,18 @@ class ProviderHealth:
         self.host.success(latency_ms, ttft_ms)
         self.deployment(model).success(latency_ms, ttft_ms)
 
-    def finished(self, model: str, duration_ms: float) -> None:
-        """A stream that started well ended well: its whole duration."""
-        self.host.latencies.append(duration_ms)
-        self.deployment(model).latencies.append(duration_ms)
+    def started(self, model: str, ttft_ms: float) -> None:
+        """A stream's first chunk came: the host answers; the verdict waits for its end."""
+        self.reachable = True
+        self.host.ttfts.append(ttft_ms)
+        self.deployment(model).ttfts.append(ttft_ms)
 
     def failure(self, model: str, error: UpstreamError, ticket: Ticket | None = None) -> None:
         deployment = self.deployment(model)
         if error.reason in (Reason.CONNECT_ERROR, Reason.CONNECT_TIMEOUT):
             self.reachable = False
+        elif error.status is not None:  # it answered, if only with an error status
+            self.reachable = True
         if error.reason.scope is Scope.PROVIDER:
             self.host.failure(error, ticket.provider_epoch if ticket else None)
             deployment.abandon()

@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .auth import Caller
 from .errors import GatewayError, InvalidRequest, PayloadTooLarge
 from .gateway import Gateway
 from .policy import map_exception
@@ -86,6 +87,8 @@ class Context:
     headers: dict[str, str]
     client: str
     key_id: str = ""
+    caller: Caller | None = None  # who asked, and their limits (auth.Guard.identify)
+    admitted: bool = False  # the pipeline checked the limits (the route does not admit itself)
     body: bytes = b""
     path_arg: str = ""
     dialect: Dialect = field(default_factory=Dialect)
@@ -109,6 +112,7 @@ class Route:
     dialect: Dialect = field(default_factory=Dialect)
     auth: bool = True
     prefix: bool = False
+    admits: bool = False  # the handler admits itself (limits, chain health, cache: serve())
 
 
 class Pipeline:
@@ -146,8 +150,11 @@ class Pipeline:
         ctx = Context(gateway, request_id, headers, client)
         routes, ctx.path_arg = self._route(scope["path"])
         method = scope["method"]
+        if method == "OPTIONS" and scope["path"].startswith("/v1/"):  # CORS preflight
+            status, allowed = gateway.preflight(headers)
+            return await _send(send, status, {**allowed, "x-request-id": request_id}, b"")
         route = next((r for r in routes if r.method == method), None)
-        dialect = ctx.dialect = (route or (routes[0] if routes else None) or _DEFAULT).dialect
+        ctx.dialect = (route or (routes[0] if routes else None) or _DEFAULT).dialect
         reply: Reply
         try:
             if route is None:
@@ -158,24 +165,26 @@ class Pipeline:
                 raise InvalidRequest(duplicate)
             gateway.edge_check(scope, headers)
             if route.auth:
-                ctx.key_id = await gateway.authorize(headers, client)
+                ctx.admitted = not route.admits
+                ctx.caller = await gateway.authorize(headers, client, admit=ctx.admitted)
+                ctx.key_id = ctx.caller.key_id
             if method == "POST":
                 ctx.body = await _body(receive, gateway.config.server.max_body_bytes)
+                gateway.check_body(ctx.body)
                 reply = await unless_disconnected(route.handler(ctx), receive)
             else:
                 reply = await route.handler(ctx)
         except GatewayError as exc:
-            status, extra, body = dialect.render(exc, gateway.redact)
-            return await _send(send, status, {**extra, "x-request-id": request_id}, body)
+            return await _error(send, ctx, exc)
         except ClientGone:
             log.info("client disconnected; upstream call cancelled (request %s)", request_id)
-            status, extra, body = dialect.render(_ClientClosed(), gateway.redact)
-            return await _send(send, 499, {"x-request-id": request_id}, body)
+            return await _error(send, ctx, _ClientClosed())
         except Exception:
             log.exception("internal error (request %s)", request_id)
-            status, extra, body = dialect.render(internal_error(), gateway.redact)
-            return await _send(send, status, {"x-request-id": request_id}, body)
+            return await _error(send, ctx, internal_error())
         reply.headers["x-request-id"] = request_id
+        if "origin" in headers:
+            reply.headers.update(gateway.cors_headers(headers))
         if isinstance(reply, JsonReply):
             return await _send(send, reply.status, reply.headers, reply.body, reply.content_type)
         await _relay(reply, send, receive, request_id, gateway)
@@ -237,12 +246,16 @@ async def _body(receive: Receive, limit: int) -> bytes:
             raise PayloadTooLarge(f"Request body is larger than the limit of {limit} bytes.")
         parts.append(part)
         if not message.get("more_body"):
-            body = parts[0] if len(parts) == 1 else b"".join(parts)
-            try:
-                body.decode("utf-8")
-            except UnicodeDecodeError:
-                raise InvalidRequest("The request body is not valid UTF-8.") from None
-            return body
+            return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+async def _error(send: Send, ctx: Context, exc: GatewayError) -> None:
+    """The one place an error leaves: rendered in the route's shape, redacted."""
+    status, headers, body = ctx.dialect.render(exc, ctx.gateway.redact)
+    headers["x-request-id"] = ctx.request_id
+    if "origin" in ctx.headers:
+        headers.update(ctx.gateway.cors_headers(ctx.headers))
+    await _send(send, status, headers, body)
 
 
 async def _send(
@@ -272,18 +285,8 @@ async def _relay(
     """Send each frame as it comes. A failure after the start becomes one final error frame
     (never a silent truncation); a client disconnect cancels the upstream; a shutdown
     past its grace period ends the stream with an error frame too."""
-    task = asyncio.current_task()
-    assert task is not None
-    gone = False
-
-    async def watch() -> None:
-        nonlocal gone
-        while (await receive())["type"] != "http.disconnect":
-            pass
-        gone = True
-        task.cancel()
-
-    watcher = asyncio.ensure_future(watch())
+    watch = _Disconnect(receive)
+    task = watch.task
     try:
         await send({"type": "http.response.start", "status": 200,
                     "headers": _SSE + _encode(reply.headers)})  # fmt: skip
@@ -296,15 +299,16 @@ async def _relay(
         except Exception as exc:  # noqa: BLE001 - committed: report it, end cleanly
             tail = reply.error_frame(stream_failure(exc, request_id, gateway))
         except asyncio.CancelledError:
-            if gone and task.uncancel() == 0:
+            if watch.gone and task.uncancel() == 0:
                 return  # the client went away: the upstream is closed below
-            if not gone:  # the server is shutting down: say so before the stream ends
-                tail = reply.error_frame(_ShuttingDown())
-                await asyncio.shield(send({"type": "http.response.body", "body": tail}))
-            raise
+            if watch.gone:
+                raise
+            # The server is shutting down past its grace period: say so, end the stream.
+            task.uncancel()
+            tail = reply.error_frame(_ShuttingDown())
         await send({"type": "http.response.body", "body": tail})
     finally:
-        watcher.cancel()
+        watch.stop()
         await reply.close()
 
 
@@ -333,25 +337,36 @@ class _ShuttingDown(GatewayError):
         super().__init__("The gateway is shutting down; the stream was ended.")
 
 
-async def unless_disconnected(work: Awaitable[Any], receive: Receive) -> Any:
-    """Await `work`, cancelling it (and so its upstream call) if the client disconnects."""
-    task = asyncio.current_task()
-    assert task is not None
-    gone = False
+class _Disconnect:
+    """Cancels the current task when the client disconnects (`gone` says it did)."""
 
-    async def watch() -> None:
-        nonlocal gone
+    __slots__ = ("task", "gone", "_watcher")
+
+    def __init__(self, receive: Receive) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.task = task
+        self.gone = False
+        self._watcher = asyncio.ensure_future(self._watch(receive))
+
+    async def _watch(self, receive: Receive) -> None:
         while (await receive())["type"] != "http.disconnect":
             pass
-        gone = True
-        task.cancel()
+        self.gone = True
+        self.task.cancel()
 
-    watcher = asyncio.ensure_future(watch())
+    def stop(self) -> None:
+        self._watcher.cancel()
+
+
+async def unless_disconnected(work: Awaitable[Any], receive: Receive) -> Any:
+    """Await `work`, cancelling it (and so its upstream call) if the client disconnects."""
+    watch = _Disconnect(receive)
     try:
         return await work
     except asyncio.CancelledError:
-        if gone and task.uncancel() == 0:
+        if watch.gone and watch.task.uncancel() == 0:
             raise ClientGone from None
         raise
     finally:
-        watcher.cancel()
+        watch.stop()

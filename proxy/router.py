@@ -43,7 +43,7 @@ from typing import Any, TypeVar
 
 from .config import Config, default_path, load
 from .engine import Engine, Info
-from .errors import GatewayError, InvalidRequest
+from .errors import GatewayError
 from .gateway import Gateway
 from .policy import map_exception
 from .providers import Op
@@ -53,15 +53,16 @@ from .seed import (
     LLMProvider,
     LLMResponse,
     answered,
+    build_request,
     delta_text,
     failed,
+    tier_alias,
 )
 from .streaming import close_stream
 from .wire import ChatRequest
 
 T = TypeVar("T")
 
-_RESERVED = frozenset({"model", "messages", "stream"})
 _CLOSE_TIMEOUT = 10.0
 
 
@@ -149,7 +150,9 @@ class LLMRouter:
         `params` (temperature, max_tokens, tools, response_format, ...) go into the request
         body as given. Provider faults come back as `success=False`, never as exceptions.
         """
-        request, alias, prefer = self._prepare(prompt, tier, preferred_provider, params, False)
+        request, alias, prefer = build_request(
+            self.config, prompt, tier, preferred_provider, params, False
+        )
         return await self._hop(self._complete(request, alias, prefer))
 
     def invoke_sync(
@@ -160,7 +163,9 @@ class LLMRouter:
         **params: Any,
     ) -> LLMResponse:
         """`invoke`, blocking: from sync code, worker threads or inside another loop."""
-        request, alias, prefer = self._prepare(prompt, tier, preferred_provider, params, False)
+        request, alias, prefer = build_request(
+            self.config, prompt, tier, preferred_provider, params, False
+        )
         return self._call(self._complete(request, alias, prefer))
 
     def stream(
@@ -177,7 +182,9 @@ class LLMRouter:
         Closing the generator early (`contextlib.aclosing`, or when it is collected after a
         `break`) closes the upstream stream.
         """
-        request, alias, prefer = self._prepare(prompt, tier, preferred_provider, params, True)
+        request, alias, prefer = build_request(
+            self.config, prompt, tier, preferred_provider, params, True
+        )
         return self._deltas(request, alias, prefer)
 
     async def _complete(self, request: ChatRequest, alias: str, prefer: str | None) -> LLMResponse:
@@ -214,7 +221,7 @@ class LLMRouter:
             error = map_exception(exc)
             raise LLMError(
                 LLMResponse(
-                    False, "".join(text), answer.provider, answer.model, answer.latency_ms,
+                    False, "".join(text), answer.provider, answer.model, round(answer.latency_ms),
                     error=f"The stream from {answer.provider} ({answer.model}) failed after it "
                     f"started: {error}",
                     attempts=answer.attempts,
@@ -224,52 +231,9 @@ class LLMRouter:
             if not finished and not self.closed:
                 await self._hop(close_stream(chunks))
 
-    def _prepare(
-        self,
-        prompt: str | Sequence[Mapping[str, Any]],
-        tier: LLMModelTier | str,
-        preferred_provider: LLMProvider | str | None,
-        params: dict[str, Any],
-        stream: bool,
-    ) -> tuple[ChatRequest, str, str | None]:
-        alias = self.alias(tier)
-        prefer = None
-        if preferred_provider is not None:
-            prefer = str(preferred_provider)
-            if prefer not in self.config.providers:
-                raise ValueError(
-                    f"Unknown provider {prefer!r}; models.yaml defines: "
-                    + ", ".join(self.config.providers)
-                )
-        reserved = _RESERVED.intersection(params)
-        if reserved:
-            raise ValueError(f"{', '.join(sorted(reserved))} cannot be given as a parameter")
-        if isinstance(prompt, str):
-            messages: list[Any] = [{"role": "user", "content": prompt}]
-        elif not isinstance(prompt, Sequence):
-            raise TypeError("prompt must be a string or a list of chat messages (dicts)")
-        else:
-            messages = [dict(m) for m in prompt if isinstance(m, Mapping)]
-            if len(messages) != len(prompt):
-                raise TypeError("prompt must be a string or a list of chat messages (dicts)")
-        body = {"model": alias, "messages": messages, **params, "stream": stream}
-        try:
-            return ChatRequest.from_obj(body), alias, prefer
-        except InvalidRequest as exc:
-            raise ValueError(exc.message) from None
-
     def alias(self, tier: LLMModelTier | str) -> str:
         """The models.yaml alias for a tier (a `LLMModelTier`, its name, or an alias)."""
-        value = str(tier)
-        if value not in self.config.models:
-            named = LLMModelTier.__members__.get(value.upper())
-            if named is not None and named.value in self.config.models:
-                return named.value
-            raise ValueError(
-                f"Unknown tier or model alias {value!r}; models.yaml defines: "
-                + ", ".join(self.config.models)
-            )
-        return value
+        return tier_alias(self.config, tier)
 
     # -- state ------------------------------------------------------------------------------
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import msgspec
 
 from .pipeline import Context, JsonReply, Reply
+from .state.gauge import usage_exposition
 
 _encode = msgspec.json.Encoder().encode
 METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -37,6 +38,7 @@ async def stats(ctx: Context) -> Reply:
     gateway = ctx.gateway
     body = gateway.observer.stats.snapshot()
     body["providers"] = {p.id: p.available for p in gateway.engine.provider_status()}
+    body["state"] = await gateway.guard.store.stats()  # usage and spend of every instance
     return JsonReply(_encode(body))
 
 
@@ -46,6 +48,9 @@ async def metrics(ctx: Context) -> Reply:
         await gateway.authorize(ctx.headers, ctx.client)
     health = {p.id: p for p in gateway.engine.provider_status()}
     text = gateway.observer.metrics.exposition(health)
+    store = gateway.guard.store
+    if store.backend != "memory" and not store.degraded:
+        text += usage_exposition(await store.stats())
     return JsonReply(gateway.redact(text.decode()).encode(), content_type=METRICS_TYPE)
 
 
@@ -56,5 +61,7 @@ async def health(ctx: Context) -> Reply:
 async def ready(ctx: Context) -> Reply:
     loaded = ctx.gateway.ready()
     status = 200 if all(loaded.values()) else 503
-    body = {"status": "ready" if status == 200 else "loading", "preload": loaded}
+    store = ctx.gateway.guard.store  # degraded: serving on, without the shared state
+    body = {"status": "ready" if status == 200 else "loading", "preload": loaded,
+            "state": {"backend": store.backend, "degraded": store.degraded}}  # fmt: skip
     return JsonReply(_encode(body), status=status)

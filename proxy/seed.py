@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 
-from .errors import AllProvidersFailed, Attempt, GatewayError, UpstreamRejected
+from .config import Config
+from .errors import AllProvidersFailed, Attempt, GatewayError, InvalidRequest, UpstreamRejected
 from .streaming import Answer
+from .wire import ChatRequest
 
 
 class LLMModelTier(enum.StrEnum):
@@ -43,7 +46,8 @@ class LLMProvider(enum.StrEnum):
 class LLMResponse:
     """One answer, or one structured failure (`success=False`, `error` says why).
 
-    `latency_ms` is the answering provider's (for a failure: the whole call's);
+    `latency_ms` is the answering provider's, in whole milliseconds as in the seed's
+    dataclass (for a failure: the whole call's);
     `attempts` are the entries that failed or were skipped before it, in order.
     """
 
@@ -51,7 +55,7 @@ class LLMResponse:
     text: str = ""
     provider: str = ""
     model: str = ""
-    latency_ms: float = 0.0
+    latency_ms: int = 0
     tokens_used: int = 0
     error: str | None = None
     attempts: list[Attempt] = field(default_factory=list)
@@ -122,7 +126,8 @@ def answered(answer: Answer) -> LLMResponse:
     message = choices[0].message if choices else None
     if message is None:
         error = f"{answer.provider} ({answer.model}) answered without a message"
-        return LLMResponse(False, "", answer.provider, answer.model, answer.latency_ms, 0, error)
+        latency = round(answer.latency_ms)
+        return LLMResponse(False, "", answer.provider, answer.model, latency, 0, error)
     usage = answer.usage
     tokens = (
         0 if usage is None else usage.total_tokens or usage.prompt_tokens + usage.completion_tokens
@@ -132,7 +137,7 @@ def answered(answer: Answer) -> LLMResponse:
         text=_text(message),
         provider=answer.provider,
         model=answer.model,
-        latency_ms=answer.latency_ms,
+        latency_ms=round(answer.latency_ms),
         tokens_used=tokens,
         attempts=answer.attempts,
         tool_calls=message.tool_calls or [],
@@ -154,8 +159,63 @@ def failed(exc: GatewayError, alias: str, started: float) -> LLMResponse:
         attempts = exc.attempts
         error = f"All providers for '{alias}' failed: {_describe(attempts)}"
     elif isinstance(exc, UpstreamRejected):
+        attempts = exc.attempts
         error = f"The upstream rejected the request ({exc.status}): {exc.message}"
     else:
         error = exc.message
-    latency = (time.perf_counter() - started) * 1000
+    latency = round((time.perf_counter() - started) * 1000)
     return LLMResponse(False, latency_ms=latency, error=error, attempts=attempts)
+
+
+# ---- building requests -------------------------------------------------------------------
+
+_RESERVED = frozenset({"model", "messages", "stream"})
+
+
+def tier_alias(config: Config, tier: LLMModelTier | str) -> str:
+    """The models.yaml alias for a tier (a `LLMModelTier`, its name, or an alias)."""
+    value = str(tier)
+    if value not in config.models:
+        named = LLMModelTier.__members__.get(value.upper())
+        if named is not None and named.value in config.models:
+            return named.value
+        raise ValueError(
+            f"Unknown tier or model alias {value!r}; models.yaml defines: "
+            + ", ".join(config.models)
+        )
+    return value
+
+
+def build_request(
+    config: Config,
+    prompt: str | Sequence[Mapping[str, Any]],
+    tier: LLMModelTier | str,
+    preferred_provider: LLMProvider | str | None,
+    params: dict[str, Any],
+    stream: bool,
+) -> tuple[ChatRequest, str, str | None]:
+    """A seed call as the engine's request (built directly, no JSON round trip)."""
+    alias = tier_alias(config, tier)
+    prefer = None
+    if preferred_provider is not None:
+        prefer = str(preferred_provider)
+        if prefer not in config.providers:
+            raise ValueError(
+                f"Unknown provider {prefer!r}; models.yaml defines: " + ", ".join(config.providers)
+            )
+    reserved = _RESERVED.intersection(params)
+    if reserved:
+        raise ValueError(f"{', '.join(sorted(reserved))} cannot be given as a parameter")
+    if isinstance(prompt, str):
+        messages: list[Any] = [{"role": "user", "content": prompt}]
+    elif not isinstance(prompt, Sequence):
+        raise TypeError("prompt must be a string or a list of chat messages (dicts)")
+    else:
+        messages = [dict(m) for m in prompt if isinstance(m, Mapping)]
+        if len(messages) != len(prompt):
+            raise TypeError("prompt must be a string or a list of chat messages (dicts)")
+    body = {"model": alias, "messages": messages, **params, "stream": stream}
+    try:
+        return ChatRequest.from_obj(body), alias, prefer
+    except InvalidRequest as exc:
+        raise ValueError(exc.message) from None

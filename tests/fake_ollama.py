@@ -3,7 +3,9 @@
 `POST /api/chat` streams NDJSON (`done: false` lines, then a final `done: true` line with
 `done_reason`, token counts and nanosecond durations) or answers one object; errors are
 `{"error": "..."}` bodies; `GET /api/tags` lists the pulled models. Every request is
-recorded (`requests`; chat bodies also in `seen`). The model picks a behaviour:
+recorded (`requests`; chat bodies also in `seen`; `active` counts those being answered
+now). An `options.drip_ms` (the emulator's own) spaces the streamed lines by that many
+milliseconds. The model picks a behaviour:
 
     echo          answers "echo: <last user text>" (+ " [images: N]" when images came);
                   any pulled model without a behaviour of its own does the same
@@ -64,14 +66,24 @@ class FakeOllama:
     embedded: list[dict[str, Any]] = field(default_factory=list)  # /api/embed bodies
     requests: list[Seen] = field(default_factory=list)
     tags_status: int = 200  # anything else: /api/tags fails
+    active: int = 0  # requests being answered right now
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[self._count])
         app.router.add_post("/api/chat", self.chat)
         app.router.add_post("/api/generate", self.generate)
         app.router.add_post("/api/embed", self.embed)
         app.router.add_get("/api/tags", self.tags)
         return app
+
+    @web.middleware
+    async def _count(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        self.active += 1
+        try:
+            response: web.StreamResponse = await handler(request)
+            return response
+        finally:
+            self.active -= 1
 
     def _record(self, request: web.Request) -> None:
         headers = {k.lower(): v for k, v in request.headers.items()}
@@ -118,7 +130,7 @@ class FakeOllama:
                 await resp.write_eof()
                 return resp
             await _send(resp, _line(name, word if i == 0 else " " + word))
-            await asyncio.sleep(0)
+            await asyncio.sleep((body.get("options") or {}).get("drip_ms", 0) / 1000)
         if calls:
             line = _line(name, "")
             line["message"]["tool_calls"] = calls

@@ -5,6 +5,8 @@ Routes: `POST /{tag}/v1/chat/completions`, where `tag` names the configured prov
 
     echo                 answers "echo: <last user text>" (streamed word by word)
     status-<code>        answers <code> with an OpenAI error body (429 adds Retry-After: 7)
+    context-length       answers 400 as OpenAI does to a prompt over the model's window
+    llamacpp-500         answers 500 with a llama.cpp-style error whose message is long
     hang                 never answers (until the client goes away)
     slow-<ms>            waits <ms> before the headers, then echoes
     slow-first-<ms>      sends headers at once, the first chunk after <ms> (non-stream: waits)
@@ -197,6 +199,9 @@ class FakeOpenAI:
             return resp
         if not stream and model == "error-mid":  # some upstreams say 200 with an error body
             return web.Response(body=_error_event(), content_type="application/json")
+        if model in CANNED_ERRORS:
+            status, error = CANNED_ERRORS[model]
+            return web.json_response({"error": error}, status=status)
         if model == "bad-json":
             if stream:
                 return await self._sse(request, [b"{not json"], done=True)
@@ -469,3 +474,18 @@ def _error_event() -> bytes:
             }
         }
     ).encode()
+
+
+# Errors as real upstreams word them (OpenAI; llama.cpp's server validating a request).
+CANNED_ERRORS: dict[str, tuple[int, dict[str, Any]]] = {
+    "context-length": (400, {
+        "message": "This model's maximum context length is 8192 tokens. However, your messages "
+        "resulted in 9000 tokens. Please reduce the length of the messages.",
+        "type": "invalid_request_error", "param": "messages", "code": "context_length_exceeded",
+    }),
+    "llamacpp-500": (500, {
+        "code": 500, "type": "server_error",
+        "message": "Failed to parse messages: Unsupported content part type: \"input_audio\" "
+        + "(the chat template of this model only accepts text parts) " * 4,
+    }),
+}  # fmt: skip

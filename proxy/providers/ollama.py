@@ -51,7 +51,7 @@ from ..wire import (
     now,
 )
 from .base import Call, Completion, Op, Probe
-from .http import Listing, get_json, read_capped, session
+from .http import Listing, get_json, read_capped, session, timeouts
 from .ollama_ops import OllamaOps
 from .ollama_wire import (
     Line,
@@ -212,12 +212,7 @@ class Adapter:
         body = self._body(call, stream)
         if self._spec.check_models:
             await self._check_pulled(entry.model, entry.connect_timeout)
-        timeout = aiohttp.ClientTimeout(
-            total=None,
-            sock_connect=entry.connect_timeout,
-            # Streams: the gap allowed between lines once they flow.
-            sock_read=entry.timeout if stream else None,
-        )
+        timeout = timeouts(entry, stream)
         return await self._client().post(
             self._chat_url, data=body, headers=self._headers, timeout=timeout,
             allow_redirects=False,

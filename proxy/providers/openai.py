@@ -21,7 +21,7 @@ from ..policy import status_error
 from ..reasons import Reason
 from ..wire import UsageView
 from .base import Call, Completion, Op, Probe
-from .http import Listing, get_json, read_capped, session
+from .http import Listing, get_json, read_capped, session, timeouts
 from .sse import iter_sse
 
 _usage_decoder = msgspec.json.Decoder(UsageView)
@@ -51,12 +51,7 @@ class Adapter:
 
     def _post(self, call: Call, stream: bool) -> aiohttp.client._RequestContextManager:
         entry = call.entry
-        timeout = aiohttp.ClientTimeout(
-            total=None,
-            sock_connect=entry.connect_timeout,
-            # Streams: the gap allowed between chunks once the first has come.
-            sock_read=entry.timeout if stream else None,
-        )
+        timeout = timeouts(entry, stream)
         if self._session is None:
             self._session = session()
         headers = {**self._headers, "X-Request-Id": str(uuid.uuid4())}  # our id, not the client's
