@@ -25,10 +25,10 @@ from typing import Any, Literal
 import msgspec
 
 from .errors import InvalidRequest
-from .pipeline import Context, JsonReply, Reply
+from .pipeline import Context, Reply
 from .providers import Op
-from .routes_chat import answer_headers, info
-from .wire import ApiRequest
+from .routes_chat import serve
+from .wire import ApiRequest, Raw
 
 MAX_INPUTS = 2048  # OpenAI's limit on the number of inputs in one request
 
@@ -146,6 +146,10 @@ class EmbeddingApiRequest(ApiRequest):
     __slots__ = ("checked",)
     required = "input"
 
+    def __init__(self, raw: bytes | None = None, fields: dict[str, Raw] | None = None) -> None:
+        super().__init__(raw, fields)
+        self.stream = self.include_usage = False  # embeddings are one answer
+
     def check(self) -> None:
         super().check()
         self.checked = parse_embedding_request(self.raw)
@@ -206,7 +210,6 @@ def embedding_list(
 
 
 async def route(ctx: Context) -> Reply:
-    """`POST /v1/embeddings`: one answer from the alias's chain (embeddings never stream)."""
-    request = EmbeddingApiRequest(ctx.body)
-    answer = await ctx.gateway.engine.complete(request, Op.EMBEDDING, info(ctx))
-    return JsonReply(answer.body, answer_headers(answer))
+    """`POST /v1/embeddings`: one answer from the alias's chain, like chat's (embeddings are
+    never streamed; an identical request may be answered from the cache)."""
+    return await serve(ctx, EmbeddingApiRequest(ctx.body), Op.EMBEDDING)

@@ -37,7 +37,7 @@ from ..policy import client_error, status_error
 from ..reasons import Reason
 from ..wire import Usage, encode
 from .base import Call, Completion, Op
-from .http import read_capped
+from .http import read_capped, timeouts
 
 MAX_LINE = 16 * 1024 * 1024
 MAX_BODY = 256 * 1024 * 1024  # a whole answer: 2048 embeddings of 4096 numbers fit
@@ -209,11 +209,7 @@ class OllamaOps:
     ) -> aiohttp.ClientResponse:
         if self._ready is not None:
             await self._ready(entry)
-        timeout = aiohttp.ClientTimeout(
-            total=None,
-            sock_connect=entry.connect_timeout,
-            sock_read=entry.timeout if stream else None,
-        )
+        timeout = timeouts(entry, stream)
         return await self._session().post(
             url, data=encode(body), headers=self._headers, timeout=timeout, allow_redirects=False
         )
