@@ -39,7 +39,7 @@ def text_completion(obj: dict[str, Any]) -> dict[str, Any]:
     but say `finish_reason: null` until the last (as OpenAI's own stream does, though the
     schema lists only strings): such a chunk is checked with its final reason filled in."""
     filled = [{**c, "finish_reason": c["finish_reason"] or "stop"} for c in obj["choices"]]
-    schemas.validate({**obj, "choices": filled}, "CreateCompletionResponse")
+    schemas.text_completion({**obj, "choices": filled})
     return obj
 
 
