@@ -11,6 +11,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import msgspec
 
@@ -63,6 +64,7 @@ class ProviderStatus(msgspec.Struct):
     errors: int
     last_error: object
     deployments: dict[str, HealthSnapshot]
+    local: dict[str, Any] | None = None  # a local provider's models: engine, load, batching
 
 
 class Engine:
@@ -159,6 +161,7 @@ class Engine:
                     in_flight=held.gate.in_use,
                     queued=held.gate.waiting,
                     deployments={m: h.snapshot() for m, h in held.health.deployments.items()},
+                    local=_local_stats(held.adapter),
                     **{f: getattr(host, f) for f in host.__struct_fields__},
                 )
             )
@@ -202,3 +205,8 @@ class Engine:
 
 
 _NO_ENTRY = Entry(provider="", model="", timeout=1.0, connect_timeout=1.0, first_token_timeout=1.0)
+
+
+def _local_stats(adapter: Any) -> dict[str, Any] | None:
+    stats = getattr(adapter, "stats", None)
+    return stats() if callable(stats) else None

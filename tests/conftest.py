@@ -35,6 +35,14 @@ def fake_url(fake: FakeOpenAI) -> str:
 GatewayFactory = Callable[[str], UvicornServer]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def weights_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Converted local weights go to a fresh folder, not the user's ~/.cache (hf_cache)."""
+    folder = tmp_path_factory.mktemp("omnimind-cache")
+    os.environ["OMNIMIND_CACHE_DIR"] = str(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random Llama with SmolLM2's tokenizer and chat template (tests/tiny_model.py)."""

@@ -18,7 +18,6 @@ test_resilience.py (OpenAI) and test_ollama.py (Ollama).
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -168,9 +167,9 @@ def anthropic_fake() -> Iterator[tuple[FakeAnthropic, str]]:
 
 
 def _generating() -> int:
-    from proxy.providers.hf_generate import GENERATE_THREAD
+    from proxy.providers.hf_worker import rows_in_flight
 
-    return sum(t.name == GENERATE_THREAD for t in threading.enumerate())
+    return rows_in_flight()
 
 
 def _backend(name: str, request: pytest.FixtureRequest) -> Backend:

@@ -20,12 +20,12 @@ from typing import Any
 import httpx
 import openai
 import pytest
-import torch
 
 from proxy.config import Entry, ProviderConfig
 from proxy.providers.base import Call
-from proxy.providers.hf_generate import GENERATE_THREAD, TextFeed, find_stop, partial_stop
+from proxy.providers.hf_generate import TextFeed, find_stop, partial_stop
 from proxy.providers.hf_provider import HuggingFaceProvider
+from proxy.providers.hf_worker import GENERATE_THREAD
 from proxy.providers.huggingface import Spec as HuggingFaceSpec
 from proxy.wire import ChatRequest
 
@@ -96,7 +96,14 @@ def http(gw: UvicornServer) -> Iterator[httpx.Client]:
         yield c
 
 
-def _generating() -> int:
+def _rows(http: httpx.Client) -> int:
+    """Rows the local model's worker is decoding now (its counters in /v1/providers)."""
+    providers = http.get("/v1/providers").json()["data"]
+    local = next(p["local"] for p in providers if p["id"] == "hf")
+    return sum(int(m["active"]) for m in local["models"].values())
+
+
+def _workers() -> int:
     return sum(t.name == GENERATE_THREAD for t in threading.enumerate())
 
 
@@ -125,12 +132,11 @@ def _stream_text(client: openai.OpenAI, **kwargs: Any) -> tuple[str, str | None]
 
 
 def _feed(tokenizer: Any, text: str, stops: tuple[str, ...] = ()) -> tuple[list[str], TextFeed]:
-    """Hand `text`'s token ids to a TextFeed one at a time, as generate() does."""
+    """Hand `text`'s token ids to a TextFeed one at a time, as the worker does."""
     deltas: list[str] = []
     feed = TextFeed(tokenizer, stops, threading.Event(), deltas.append)
-    feed.put(torch.tensor([[1, 2, 3]]))  # generate() hands over the prompt first
     for token in tokenizer(text, add_special_tokens=False)["input_ids"]:
-        feed.put(torch.tensor([token]))
+        feed.add([token])
     feed.end()
     return deltas, feed
 
@@ -319,9 +325,9 @@ async def test_concurrent_first_requests_share_one_load(
             for _ in range(4)
         ))  # fmt: skip
     assert all(a.usage and a.usage.completion_tokens == 4 for a in answers)
-    messages = [r.getMessage() for r in caplog.records if r.name == "omnimind.huggingface"]
-    assert sum(m.startswith("loading model") for m in messages) == 1
-    assert sum(m.startswith("loaded model") for m in messages) == 1
+    status = await asyncio.to_thread(httpx.get, f"{gw.url}/v1/providers")
+    providers = status.json()["data"]
+    assert next(p["local"]["loads"] for p in providers if p["id"] == "local") == 1
 
 
 def test_preload_loads_before_the_first_request(
@@ -341,34 +347,33 @@ def test_preload_loads_before_the_first_request(
         return answer.body
 
     assert json.loads(asyncio.run(use()))["usage"]["completion_tokens"] == 3
-    messages = [r.getMessage() for r in caplog.records if r.name == "omnimind.huggingface"]
-    assert sum(m.startswith("loading model") for m in messages) == 1  # one model, loaded once
+    assert provider.loads == 1  # one model, loaded once
 
 
 # ---- cancellation, queueing, liveness ------------------------------------------------------
 
 
-def test_closing_a_stream_stops_generation(client: openai.OpenAI) -> None:
-    settle(_generating, 0)  # earlier tests' workers have exited
+def test_closing_a_stream_stops_generation(client: openai.OpenAI, http: httpx.Client) -> None:
+    settle(lambda: _rows(http), 0)  # earlier tests' rows have ended
     stream = client.chat.completions.create(
         model="tiny", messages=MESSAGES, stream=True, max_tokens=LONG
     )
     for n, _ in enumerate(stream):
         if n == 5:
             break
-    assert _generating() == 1
+    assert _rows(http) == 1
     stream.close()
-    assert settle(_generating, 0, within=5) == 0
+    assert settle(lambda: _rows(http), 0, within=5) == 0
     started = time.monotonic()
     client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=3)
     assert time.monotonic() - started < 3  # the model is free again at once
 
 
-def test_client_gone_stops_a_non_stream_generation(gw: UvicornServer) -> None:
+def test_client_gone_stops_a_non_stream_generation(gw: UvicornServer, http: httpx.Client) -> None:
     body = {"model": "tiny", "messages": MESSAGES, "max_tokens": LONG}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{gw.url}/v1/chat/completions", json=body, timeout=1.0)
-    assert settle(_generating, 0, within=5) == 0
+    assert settle(lambda: _rows(http), 0, within=5) == 0
 
 
 def test_full_queue_falls_back(client: openai.OpenAI, http: httpx.Client) -> None:
@@ -405,7 +410,7 @@ def _queued(http: httpx.Client) -> int:
 
 
 def test_health_stays_fast_while_generating(client: openai.OpenAI, http: httpx.Client) -> None:
-    settle(_generating, 0)
+    settle(lambda: _rows(http), 0)
     stream = client.chat.completions.create(
         model="tiny", messages=MESSAGES, stream=True, max_tokens=LONG
     )
@@ -415,7 +420,7 @@ def test_health_stays_fast_while_generating(client: openai.OpenAI, http: httpx.C
         started = time.perf_counter()
         assert http.get("/health").status_code == 200
         slowest = max(slowest, time.perf_counter() - started)
-    assert _generating() == 1  # the generation was running all along
+    assert _rows(http) == 1  # the generation was running all along
     stream.close()
     assert slowest < 0.5
 

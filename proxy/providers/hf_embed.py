@@ -350,6 +350,10 @@ class LocalAdapter:
     def ready(self) -> bool:
         return bool(self._generating.ready()) and self._embedder.ready()
 
+    def stats(self) -> dict[str, Any]:
+        stats: dict[str, Any] = self._generating.stats()
+        return stats
+
     async def complete(self, call: Call) -> Completion:
         if call.op is Op.EMBEDDING:
             try:

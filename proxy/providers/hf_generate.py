@@ -1,44 +1,30 @@
-"""One local generation: request parameters, and `model.generate` on a worker thread.
+"""One local chat request: its parameters, its prompt ids, and its text as it is decoded.
 
-A streamer (`TextFeed`) decodes the generated ids into text deltas, holds back an
-incomplete UTF-8 sequence (a trailing U+FFFD) and any tail that could be the start of a
-stop string, cuts the text at the first stop string, and hands each delta to the event
-loop with `call_soon_threadsafe`. A `StoppingCriteria` checks a `threading.Event` before
-every token, so a closed stream, a timeout or a disconnected client stops the thread
-within one decoding step.
+`parse_params` validates what the request asks (a request wrong everywhere is a client
+error); `prompt_ids` applies the chat template before the job is queued, so a prompt the
+template refuses fails only itself. `TextFeed` turns generated ids into text deltas
+incrementally (each token decodes a short window, not the whole answer), holds back an
+incomplete UTF-8 sequence and any tail that could start a stop string, and cuts the text
+at the first stop string. `Generation` is the request's end of it on the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import threading
-import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import jinja2
-import torch
-from transformers import (
-    GenerationConfig,
-    StoppingCriteria,
-    StoppingCriteriaList,
-)
 
 from ..errors import InvalidRequest, UpstreamError
 from ..policy import CLIENT_ERROR
-from ..wire import (
-    ChatBody,
-    Usage,
-)
+from ..wire import ChatBody, Usage
 from .base import Call
-from .hf_weights import LoadedModel, describe, log
-
-GENERATE_THREAD = "omnimind-hf-generate"
+from .hf_grammar import OutputRule, output_rule
 
 _ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
-_RNG_LOCK = threading.Lock()  # torch's global generator: one sampling generate() at a time
 
 
 # ---- the request -----------------------------------------------------------------------------
@@ -54,6 +40,7 @@ class Params:
     top_p: float | None = None
     seed: int | None = None
     stops: tuple[str, ...] = ()
+    rule: OutputRule | None = None  # JSON output or a forced tool call (constrained decoding)
 
     @property
     def sample(self) -> bool:
@@ -92,7 +79,12 @@ def parse_params(call: Call, default_max_tokens: int) -> Params:
     if body.n is not None and body.n > 1:
         # A fine request, just not one this adapter serves: the chain moves on.
         raise UpstreamError("unsupported", "n > 1 is not supported by local inference")
+    try:
+        rule = output_rule(_raw(body.response_format), body.tools, body.tool_choice)
+    except ValueError as exc:
+        raise _client_error(str(exc), "response_format") from None
     return Params(
+        rule=rule,
         messages=messages,
         max_new_tokens=limit or default_max_tokens,
         temperature=body.temperature or 0.0,
@@ -102,38 +94,28 @@ def parse_params(call: Call, default_max_tokens: int) -> Params:
     )
 
 
-def encode_prompt(loaded: LoadedModel, messages: list[dict[str, str]]) -> dict[str, Any]:
-    """The chat template applied to the messages: input ids and attention mask on the device."""
-    tokenizer = loaded.tokenizer
+def _raw(value: Any) -> Any:
+    if value is None or isinstance(value, dict):
+        return value
+    return {f: getattr(value, f) for f in value.__struct_fields__ if getattr(value, f) is not None}
+
+
+def prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """The chat template applied to the messages, as token ids (a base model: a transcript)."""
     if tokenizer.chat_template:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        try:
+            text = tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=False
+            )
+        except jinja2.TemplateError as exc:  # this model's template refuses these messages
+            message = f"the chat template rejects the messages: {exc}"
+            raise UpstreamError("unsupported", message) from None
         special = False  # the template writes its own BOS and role markers
-    else:  # a base model: a plain transcript
+    else:
         text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
         special = True
-    inputs = tokenizer(text, add_special_tokens=special, return_tensors="pt")
-    return {
-        k: v.to(loaded.device) for k, v in inputs.items() if k in ("input_ids", "attention_mask")
-    }
-
-
-def generation_config(loaded: LoadedModel, params: Params) -> GenerationConfig:
-    """Explicit settings, so neither the model's defaults nor transformers' warnings surprise."""
-    options: dict[str, Any] = {
-        "max_new_tokens": params.max_new_tokens,
-        "eos_token_id": list(loaded.eos_ids),
-        "pad_token_id": loaded.pad_id,
-        "do_sample": params.sample,
-    }
-    if params.sample:
-        options["temperature"] = params.temperature
-        options["top_p"] = params.top_p if params.top_p is not None else 1.0
-        # OpenAI's API has no top_k: only a model that asks for one gets it.
-        options["top_k"] = loaded.model.generation_config.top_k or 0
-    return GenerationConfig(**options)
-
-
-# ---- the worker thread -------------------------------------------------------------------------
+    ids: list[int] = tokenizer(text, add_special_tokens=special)["input_ids"]
+    return ids
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,19 +131,8 @@ class Done:
         return Usage(self.prompt_tokens, self.completion_tokens, total)
 
 
-class _Halt(StoppingCriteria):
-    """Stops generate() before its next token once `event` is set."""
-
-    def __init__(self, event: threading.Event) -> None:
-        self.event = event
-
-    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
-        halted = self.event.is_set()
-        return torch.full((input_ids.shape[0],), halted, dtype=torch.bool, device=input_ids.device)
-
-
 class TextFeed:
-    """A generate() streamer: generated ids in, text deltas out (to `emit`), cut at stops."""
+    """Generated ids in, text deltas out (to `emit`), cut at stops."""
 
     def __init__(
         self, tokenizer: Any, stops: tuple[str, ...], halt: threading.Event,
@@ -173,29 +144,35 @@ class TextFeed:
         self.halt = halt
         self.emit = emit
         self.ids: list[int] = []
-        self.sent = 0  # characters of the decoded text already emitted
-        self.prompt_seen = False
+        self.text = ""  # decoded so far (complete characters only)
+        self.sent = 0  # characters of `text` already emitted
+        self.prefix = 0  # ids[prefix:read] decode to the tail of `text` already taken
+        self.read = 0
         self.stop_hit = False
 
-    def put(self, value: torch.Tensor) -> None:
-        if not self.prompt_seen:  # generate() first hands over the prompt
-            self.prompt_seen = True
-            return
-        self.add(int(t) for t in value.reshape(-1).tolist())
-
     def add(self, ids: Iterable[int]) -> None:
-        """Newly generated ids (after the prompt)."""
+        """Newly generated ids."""
         if self.stop_hit or self.halt.is_set():
-            return  # generate() runs one more step after a stop; that token is not ours
+            return
         self.ids.extend(ids)
+        self._decode()
         self._advance(final=False)
 
     def end(self) -> None:
         if not self.stop_hit:
+            self._decode(final=True)
             self._advance(final=True)
 
+    def _decode(self, final: bool = False) -> None:
+        """Take the text of the ids since `read`, decoded with a few ids before them."""
+        before = self.tokenizer.decode(self.ids[self.prefix : self.read], skip_special_tokens=True)
+        after = self.tokenizer.decode(self.ids[self.prefix :], skip_special_tokens=True)
+        if len(after) > len(before) and (final or not after.endswith("\ufffd")):
+            self.text += after[len(before) :]
+            self.prefix, self.read = self.read, len(self.ids)
+
     def _advance(self, final: bool) -> None:
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        text = self.text
         ready = len(text)
         cut = find_stop(text, self.stops, max(0, self.sent - self.longest))
         if cut is not None:
@@ -203,8 +180,7 @@ class TextFeed:
             self.halt.set()
             ready = cut
         elif not final:
-            ready = len(text.rstrip("\ufffd"))  # an incomplete UTF-8 sequence: wait for more
-            ready -= partial_stop(text[:ready], self.stops)
+            ready -= partial_stop(text[self.sent :], self.stops)
         if ready > self.sent:
             self.emit(text[self.sent : ready])
             self.sent = ready
@@ -227,102 +203,31 @@ def partial_stop(text: str, stops: tuple[str, ...]) -> int:
     return best
 
 
-@contextlib.contextmanager
-def random_state(params: Params) -> Iterator[None]:
-    if not params.sample:
-        yield
-        return
-    with _RNG_LOCK:
-        if params.seed is not None:
-            torch.manual_seed(params.seed % 2**64)
-        yield
-
-
-def _acquire(lock: threading.Lock, halt: threading.Event) -> bool:
-    """Take the model's lock, unless the request is given up while waiting for it."""
-    while not lock.acquire(timeout=0.05):
-        if halt.is_set():
-            return False
-    return True
-
-
-def generate(
-    loaded: LoadedModel, params: Params, halt: threading.Event, emit: Callable[[str], None]
-) -> Done | None:
-    """Run one generation (blocking); text goes to `emit`. None when halted from outside."""
-    if not _acquire(loaded.lock, halt):
-        return None
-    try:
-        if halt.is_set():
-            return None
-        return generate_unlocked(loaded, params, halt, emit)
-    finally:
-        loaded.lock.release()
-
-
-def generate_unlocked(
-    loaded: LoadedModel, params: Params, halt: threading.Event, emit: Callable[[str], None]
-) -> Done | None:
-    """`generate()` for a caller that holds the model's lock."""
-    inputs = encode_prompt(loaded, params.messages)
-    feed = TextFeed(loaded.tokenizer, params.stops, halt, emit)
-    started = time.perf_counter()
-    with random_state(params), torch.inference_mode():
-        loaded.model.generate(
-            **inputs,
-            generation_config=generation_config(loaded, params),
-            streamer=feed,
-            stopping_criteria=StoppingCriteriaList([_Halt(halt)]),
-        )
-    count = len(feed.ids)
-    log.debug("generated %d tokens in %.2f s", count, time.perf_counter() - started)
-    if feed.stop_hit or (feed.ids and feed.ids[-1] in loaded.eos_ids):
-        reason = "stop"
-    elif halt.is_set():
-        return None  # given up by the request: nobody waits for the end
-    else:
-        reason = "length"
-    return Done(reason, int(inputs["input_ids"].shape[1]), count)
-
-
-def _generation_error(exc: Exception) -> UpstreamError:
-    if isinstance(exc, jinja2.TemplateError):  # this model's template refuses these messages
-        return UpstreamError("unsupported", f"the chat template rejects the messages: {exc}")
-    return UpstreamError("server_error", f"generation failed: {describe(exc)}")
-
-
-Event = str | Done | UpstreamError
-# generate() or a stand-in with its signature (`hf_batch.generate_batched`, partially applied)
-Runner = Callable[[LoadedModel, Params, threading.Event, Callable[[str], None]], Done | None]
+Event = str | Done | BaseException
 
 
 class Generation:
-    """One request's generate() on its own thread, read from the event loop as events."""
+    """One request's side of a job: its text and end arrive here from the model's worker."""
 
-    def __init__(
-        self,
-        loaded: LoadedModel,
-        params: Params,
-        on_exit: Callable[[Generation], None],
-        run: Runner | None = None,
-    ) -> None:
+    def __init__(self) -> None:
         self.loop = asyncio.get_running_loop()
-        self._generate: Runner = run or generate
         self.events: asyncio.Queue[Event] = asyncio.Queue()
         self.halt = threading.Event()
-        self.loaded = loaded
-        self._params = params
-        self._on_exit = on_exit
-        self.thread = threading.Thread(target=self._run, name=GENERATE_THREAD, daemon=True)
 
-    def start(self) -> None:
-        self.thread.start()
+    def emit(self, text: str) -> None:
+        self._push(text)
+
+    def finish(self, result: Done | BaseException | None) -> None:
+        if result is not None:
+            self._push(result)
 
     async def next(self) -> str | Done:
         """The next text delta, or `Done`; raises the generation's error."""
         event = await self.events.get()
         if isinstance(event, UpstreamError):
             raise event
+        if isinstance(event, BaseException):
+            raise _generation_error(event)
         return event
 
     def stop(self) -> None:
@@ -334,12 +239,9 @@ class Generation:
         except RuntimeError:  # the loop is closed: nobody listens any more
             self.halt.set()
 
-    def _run(self) -> None:
-        try:
-            done = self._generate(self.loaded, self._params, self.halt, self._push)
-            if done is not None:
-                self._push(done)
-        except Exception as exc:  # noqa: BLE001 - handed to the request as an UpstreamError
-            self._push(_generation_error(exc))
-        finally:
-            self._on_exit(self)
+
+def _generation_error(exc: BaseException) -> UpstreamError:
+    if isinstance(exc, MemoryError):
+        return UpstreamError("server_error", f"generation failed: out of memory: {exc}")
+    text = " ".join(str(exc).split())[:300]
+    return UpstreamError("server_error", f"generation failed: {type(exc).__name__}: {text}")

@@ -1,72 +1,72 @@
 """The local `transformers` adapter (loaded only when a config asks for one; see huggingface.py).
 
-Weights. `entry.model` is a hub id ("HuggingFaceTB/SmolLM2-135M-Instruct"; HF_TOKEN or
-HUGGING_FACE_HUB_TOKEN is passed for gated models), a local directory (absolute, relative
-or `~`), or `package:<python_pkg>`: the folder of an installed Python package that holds
-the files. `entry.gguf_file` names a GGUF file in that folder (transformers dequantizes it).
-
 Loading. Models are cached per (model, gguf_file). The first call for a model starts one
 loader thread whose result is a `concurrent.futures.Future`; every caller, concurrent or
-later, awaits that same future (`asyncio.wrap_future`), so a model loads exactly once and
-the event loop never blocks. The future is loop-agnostic, which lets `preload()` start a
-load before any event loop runs. A failed load is remembered: calls within
-`RETRY_LOAD_AFTER` seconds fail fast with the same `unavailable` error, the next one
-after that tries again.
+later, awaits that same future, so a model loads exactly once and the event loop never
+blocks. `preload()` starts a load before any event loop runs. A failed load is
+remembered: calls within `RETRY_LOAD_AFTER` seconds fail fast with the same
+`unavailable` error, the next one after that tries again. Weights come from
+`hf_weights` (and its converted-weights cache, `hf_cache`).
 
-Generation. Each request runs `model.generate` on its own short-lived thread. A streamer
-(`TextFeed`) decodes the generated ids into text deltas, holds back an incomplete UTF-8
-sequence (a trailing U+FFFD) and any tail that could be the start of a stop string, cuts
-the text at the first stop string, and hands each delta to the event loop with
-`call_soon_threadsafe`. The first chunk of a stream is sent only when the first token (or
-the end) is in, so a load or prompt failure still falls back to the next chain entry.
+Generation. Each loaded model has one worker thread (`hf_worker`) that decodes every
+request for it, batched continuously up to `max_batch` rows. A request is validated and
+its prompt templated here, before it is queued; its text comes back through a
+`Generation`. The first chunk of a stream is sent only when the first token (or the end)
+is in, so a load or prompt failure still falls back to the next chain entry.
 
-Cancellation. `stream()` and `complete()` set a `threading.Event` in `finally`; a
-`StoppingCriteria` checks it before every token, so a closed stream, a timeout or a
-disconnected client stops the worker thread within one decoding step. A stop string sets
-the same event (the one token decoded after it is dropped). `aclose()` stops
-and joins the workers. A loader thread cannot be interrupted: it finishes its load.
+Structured output. `response_format` (`json_object`, `json_schema`) and a forced tool
+call (`tool_choice` naming a function, or `"required"`) constrain decoding with a grammar
+(`hf_grammar`): the answer is JSON that matches the schema; a forced tool call comes back
+as `tool_calls` with `finish_reason: "tool_calls"`. A schema the grammar library cannot
+compile is the client's error (400). With `tool_choice: "auto"` the answer is plain text.
+
+Cancellation. `stream()` and `complete()` set the request's halt event in `finally`; the
+worker drops a halted row before its next step, so a closed stream, a timeout or a
+disconnected client frees its row within one decoding step. `aclose()` stops the workers.
 
 Requests. A request wrong everywhere (unknown role, no messages, temperature or top_p out
 of range, invalid JSON types) is a `client_error` (400, no fallback). A valid request this
-adapter cannot serve (`n` > 1, messages the chat template refuses) is `unavailable`, so
-the chain moves on. `tools` and `response_format` are not acted on.
-
-Concurrency. The engine's gate (`max_concurrency`, default 1) limits calls; besides, a
-model runs one `generate()` at a time (a lock per model), and sampling requests hold one
-process-wide lock so that `seed` (torch's global generator) reproduces the same answer.
+adapter cannot serve (`n` > 1, messages the chat template refuses) is `unsupported`, so
+the chain moves on.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import functools
 import os
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 
 from ..config import Entry, ProviderConfig
 from ..errors import UpstreamError
+from ..policy import CLIENT_ERROR
 from ..wire import (
     ChatCompletion,
     Choice,
     Chunk,
     ChunkChoice,
     Delta,
+    DeltaToolCall,
+    OutFunction,
     OutMessage,
+    OutToolCall,
     Usage,
     completion_id,
     encode,
     now,
 )
 from .base import Call, Completion
-from .hf_batch import generate_batched
-from .hf_generate import Generation, parse_params
+from .hf_generate import Done, Generation, Params, TextFeed, parse_params, prompt_ids
+from .hf_grammar import GrammarError, Grammars, tool_call_from_text
 from .hf_weights import LoadedModel, LoadError, ModelKey, describe, load_model, log
+from .hf_worker import Job, Sampling, Worker
 from .huggingface import Spec as HuggingFaceSpec
 
 RETRY_LOAD_AFTER = 60.0  # seconds a failed load answers `unavailable` before it is tried again
@@ -95,11 +95,8 @@ class HuggingFaceProvider:
         self._token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
         self._slots: dict[ModelKey, _Slot] = {}
         self._slots_lock = threading.Lock()
-        self._running: set[Generation] = set()
-        self._run = functools.partial(
-            generate_batched, max_batch=spec.max_batch, wait=spec.batch_wait_ms / 1000
-        )
         self._closed = False
+        self.loads = 0  # models loaded (a counter for tests and /v1/providers)
 
     # -- loading
 
@@ -117,6 +114,22 @@ class HuggingFaceProvider:
         with self._slots_lock:
             futures = [slot.future for slot in self._slots.values()]
         return all(f.done() and f.exception() is None for f in futures)
+
+    def stats(self) -> dict[str, Any]:
+        """Per loaded model: how it was loaded and what its worker has done."""
+        with self._slots_lock:
+            slots = list(self._slots.items())
+        out: dict[str, Any] = {}
+        for key, slot in slots:
+            if slot.future.done() and slot.future.exception() is None:
+                loaded = slot.future.result()
+                out[str(key)] = {
+                    "engine": loaded.fingerprint,
+                    "from_cache": loaded.from_cache,
+                    "load_seconds": round(loaded.load_seconds, 3),
+                    **asdict(loaded.worker.stats),
+                }
+        return {"loads": self.loads, "models": out}
 
     async def load(self, entry: Entry) -> LoadedModel:
         """The entry's model, loaded on first use (once, however many callers wait for it)."""
@@ -142,32 +155,39 @@ class HuggingFaceProvider:
 
     def _load_into(self, key: ModelKey, slot: _Slot) -> None:
         started = time.perf_counter()
+        spec = self._spec
         try:
-            loaded = load_model(key, self._spec.device, self._spec.dtype, self._token)
+            loaded = load_model(
+                key, spec.device, spec.dtype, self._token, spec.quantize, spec.max_batch
+            )
+            sampling = Sampling(frozenset(loaded.eos_ids), loaded.top_k)
+            loaded.worker = Worker(loaded.runner, sampling)
         except Exception as exc:  # noqa: BLE001 - any failure makes the model unavailable
             message = f"cannot load model {key}: {describe(exc)}"
             log.error("%s (after %.1f s)", message, time.perf_counter() - started)
             slot.failed_at = time.monotonic()
             slot.future.set_exception(LoadError(message))
             return
+        self.loads += 1
         slot.future.set_result(loaded)
         if self._closed:  # closed while loading: let it go
             self._forget()
 
     # -- serving
 
-    async def _begin(self, call: Call) -> Generation:
+    async def _begin(self, call: Call) -> tuple[Generation, LoadedModel, Params]:
         if self._closed:
             raise UpstreamError("unavailable", "provider is closed")
         params = parse_params(call, self._spec.max_new_tokens)
         loaded = await self.load(call.entry)
-        generation = Generation(loaded, params, self._running.discard, self._run)
-        self._running.add(generation)
-        generation.start()
-        return generation
+        prompt, matcher = await asyncio.to_thread(_prepare, loaded, params)
+        generation = Generation()
+        feed = TextFeed(loaded.tokenizer, params.stops, generation.halt, generation.emit)
+        loaded.worker.submit(Job(prompt, params, feed, generation.finish, matcher))
+        return generation, loaded, params
 
     async def complete(self, call: Call) -> Completion:
-        generation = await self._begin(call)
+        generation, loaded, params = await self._begin(call)
         parts: list[str] = []
         try:
             event = await generation.next()
@@ -176,55 +196,86 @@ class HuggingFaceProvider:
                 event = await generation.next()
         finally:
             generation.stop()
-        usage = event.usage()
-        message = OutMessage(content="".join(parts))
+        text = "".join(parts)
+        message, finish = _message(params, text, event)
         body = ChatCompletion(
             id=completion_id(),
             created=now(),
             model=call.entry.model,
-            choices=[Choice(index=0, message=message, finish_reason=event.finish_reason)],
-            usage=usage,
-            system_fingerprint=generation.loaded.fingerprint,
+            choices=[Choice(index=0, message=message, finish_reason=finish)],
+            usage=event.usage(),
+            system_fingerprint=loaded.fingerprint,
         )
-        return Completion(encode(body), usage)
+        return Completion(encode(body), event.usage())
 
     async def stream(self, call: Call) -> AsyncIterator[bytes]:
-        generation = await self._begin(call)
+        generation, _, params = await self._begin(call)
+        tool_call = params.rule is not None and params.rule.kind == "tool_call"
         try:
             # The first token (or the end) is in: only now is the answer committed.
             event = await generation.next()
             chunk = _Chunks(completion_id(), now(), call.entry.model)
-            yield chunk.delta(Delta(role="assistant", content=""))
+            yield chunk.delta(Delta(role="assistant", content=None if tool_call else ""))
+            parts: list[str] = []
             while isinstance(event, str):
-                yield chunk.delta(Delta(content=event))
+                if tool_call:
+                    parts.append(event)
+                else:
+                    yield chunk.delta(Delta(content=event))
                 event = await generation.next()
-            yield chunk.delta(Delta(), event.finish_reason)
+            message, finish = _message(params, "".join(parts), event)
+            if message.tool_calls:
+                yield chunk.delta(Delta(tool_calls=[_indexed(t) for t in message.tool_calls]))
+            yield chunk.delta(Delta(), finish)
             if call.request.include_usage:
                 yield chunk.usage(event.usage())
         finally:
             generation.stop()
 
     async def aclose(self) -> None:
-        """Stop generations, wait for their threads, drop the models."""
+        """Stop the workers (and the rows they decode), drop the models."""
         self._closed = True
-        running = list(self._running)
-        for generation in running:
-            generation.stop()
-        if running:
-            await asyncio.to_thread(_join, [g.thread for g in running], 10.0)
-        self._forget()
+        await asyncio.to_thread(self._forget)
 
     def _forget(self) -> None:
         with self._slots_lock:
-            self._slots.clear()
+            slots, self._slots = list(self._slots.values()), {}
+        for slot in slots:
+            if slot.future.done() and slot.future.exception() is None:
+                slot.future.result().worker.close()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
 
-def _join(threads: list[threading.Thread], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    for thread in threads:
-        thread.join(max(0.0, deadline - time.monotonic()))
+def _prepare(loaded: LoadedModel, params: Params) -> tuple[list[int], Any]:
+    """The prompt's ids and, for constrained output, a fresh grammar matcher."""
+    prompt = prompt_ids(loaded.tokenizer, params.messages)
+    if params.rule is None:
+        return prompt, None
+    with loaded.grammars_lock:
+        if loaded.grammars is None:
+            loaded.grammars = Grammars(loaded.tokenizer, loaded.runner.vocab, loaded.eos_ids)
+    try:
+        return prompt, loaded.grammars.matcher(params.rule)
+    except GrammarError as exc:
+        raise UpstreamError(CLIENT_ERROR, str(exc), 400, param="response_format") from None
+
+
+def _message(params: Params, text: str, done: Done) -> tuple[OutMessage, str]:
+    """The answer's message and finish reason: text, or the forced tool call it encodes."""
+    rule = params.rule
+    if rule is None or rule.kind != "tool_call" or done.finish_reason != "stop":
+        return OutMessage(content=text), done.finish_reason
+    name, arguments = tool_call_from_text(rule, text)
+    call = OutToolCall(
+        id=f"call_{uuid.uuid4().hex[:24]}", function=OutFunction(name=name, arguments=arguments)
+    )
+    return OutMessage(content=None, tool_calls=[call]), "tool_calls"
+
+
+def _indexed(call: OutToolCall) -> DeltaToolCall:
+    function = {"name": call.function.name, "arguments": call.function.arguments}
+    return DeltaToolCall(index=0, id=call.id, type="function", function=function)
 
 
 # ---- answer payloads ---------------------------------------------------------------------------

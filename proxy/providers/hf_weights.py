@@ -9,6 +9,8 @@ the files, found without importing it. `entry.gguf_file` names a GGUF file in th
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import importlib.util
 import logging
 import threading
@@ -18,10 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-)
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+from . import hf_cache, hf_fast
+from .hf_runner import HFRunner
 
 log = logging.getLogger("omnimind.huggingface")
 
@@ -55,24 +58,27 @@ class LoadError(Exception):
 
 @dataclass(slots=True)
 class LoadedModel:
-    """A model and its tokenizer, ready to generate; one `generate()` at a time (`lock`)."""
+    """A model ready to generate: tokenizer, the forward passes, and its one worker thread."""
 
-    model: Any
     tokenizer: Any
     device: str
     dtype: torch.dtype
     eos_ids: tuple[int, ...]
-    pad_id: int | None
     load_seconds: float
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    # Requests waiting to share a batch (`hf_batch`), guarded by `waiting_changed`.
-    waiting: list[Any] = field(default_factory=list)
-    waiting_changed: threading.Condition = field(default_factory=threading.Condition)
+    runner: Any  # hf_fast.FastDecoder or hf_runner.HFRunner
+    packing: str  # "int8" or "none"
+    from_cache: bool
+    top_k: int = 0
+    worker: Any = None  # hf_worker.Worker, started by the provider
+    grammars: Any = None  # hf_grammar.Grammars, built on the first constrained request
+    grammars_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def fingerprint(self) -> str:
         """OpenAI's `system_fingerprint`: the backend configuration the answer came from."""
-        return f"transformers-{self.device}-{_dtype_name(self.dtype)}"
+        engine = "fast" if type(self.runner).__name__ == "FastDecoder" else "transformers"
+        packing = "-int8" if self.packing == "int8" else ""
+        return f"{engine}-{self.device}-{_dtype_name(self.dtype)}{packing}"
 
 
 def resolve_source(model: str) -> str:
@@ -124,37 +130,109 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     return torch.float32
 
 
-def load_model(key: ModelKey, device: str, dtype: str, token: str | None) -> LoadedModel:
-    """Load tokenizer and model (blocking: call it on a worker thread)."""
+def load_model(
+    key: ModelKey, device: str, dtype: str, token: str | None, quantize: str, slots: int
+) -> LoadedModel:
+    """Tokenizer and forward passes (blocking: call it on a worker thread).
+
+    From the converted-weights cache when it has these weights (`hf_cache`); else from the
+    source, converted, saved to the cache and read back from it, so that a first start and
+    a restart end up with the same model (and the first start's float32 copy is freed).
+    """
     started = time.perf_counter()
     source = resolve_source(key.model)
     if key.gguf_file and Path(source).is_dir() and not (Path(source) / key.gguf_file).is_file():
         raise LoadError(f"no file {key.gguf_file} in {source}")
     where = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, where)
-    log.info("loading model %s from %s on %s as %s", key, source, where, _dtype_name(torch_dtype))
+    packing = _packing(quantize, where)
+    stored = torch.bfloat16 if packing == "int8" else torch_dtype
+    entry = hf_cache.entry_for(source, key.gguf_file, stored)
+    from_cache = entry is not None and hf_cache.is_complete(entry)
+    log.info("loading model %s from %s", key, entry if from_cache else source)
     kwargs: dict[str, Any] = {"token": token} if token else {}
-    if key.gguf_file:
+    if entry is not None and not from_cache:
+        if key.gguf_file:
+            kwargs["gguf_file"] = key.gguf_file
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        try:
+            hf_cache.save(entry, model, tokenizer, stored)
+        except OSError as exc:
+            log.warning("cannot cache converted weights in %s: %s", entry.parent, exc)
+            entry = None
+        del model
+        kwargs.pop("gguf_file", None)
+    folder = str(entry) if entry is not None else source
+    if entry is None and key.gguf_file:
         kwargs["gguf_file"] = key.gguf_file
-    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-    log.info("model %s: tokenizer loaded after %.1f s", key, time.perf_counter() - started)
-    model: Any = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
-    model.to(where)
-    model.eval()
-    eos_ids = _eos_ids(model, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
-    seconds = time.perf_counter() - started
-    params = sum(p.numel() for p in model.parameters()) / 1e6
+    loaded = _build(folder, where, torch_dtype, packing, slots, kwargs)
+    gc.collect()
+    _release_freed_memory()
+    loaded.from_cache = from_cache
+    loaded.load_seconds = time.perf_counter() - started
     log.info(
-        "loaded model %s in %.1f s: %.1fM parameters on %s as %s",
-        key, seconds, params, where, _dtype_name(torch_dtype),
+        "model %s ready in %.1f s (%s, %s%s)", key, loaded.load_seconds, loaded.fingerprint,
+        "converted weights from the cache" if from_cache else "converted now", "",
     )  # fmt: skip
-    return LoadedModel(model, tokenizer, where, torch_dtype, eos_ids, pad_id, seconds)
+    return loaded
 
 
-def _eos_ids(model: Any, tokenizer: Any) -> tuple[int, ...]:
+def _release_freed_memory() -> None:
+    """Hand the conversion's freed buffers back to the OS (glibc keeps them otherwise)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
+def _packing(quantize: str, device: str) -> str:
+    if quantize == "auto":
+        engines = torch.backends.quantized.supported_engines
+        return "int8" if device == "cpu" and ("fbgemm" in engines or "x86" in engines) else "none"
+    if quantize == "int8" and device != "cpu":
+        raise LoadError(f"quantize: int8 runs on the CPU only, not on {device}")
+    return quantize
+
+
+def _build(
+    folder: str, where: str, dtype: torch.dtype, packing: str, slots: int, kwargs: dict[str, Any]
+) -> LoadedModel:
+    tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+    config = AutoConfig.from_pretrained(folder, **kwargs)
+    generation = _generation_config(folder, kwargs)
+    runner: Any
+    model: Any
+    single_file = Path(folder) / "model.safetensors"
+    if hf_fast.supports(config) and single_file.is_file() and "gguf_file" not in kwargs:
+        with safe_open(str(single_file), "pt", device="cpu") as tensors:
+            weights = hf_fast.Weights(tensors)
+            runner = hf_fast.FastDecoder(config, weights, packing, where, dtype, slots)
+    elif hf_fast.supports(config):  # a hub id or a sharded checkpoint: through transformers
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
+        weights = hf_fast.Weights(model.state_dict())
+        runner = hf_fast.FastDecoder(config, weights, packing, where, dtype, slots)
+        del model, weights
+    else:
+        packing = "none"
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
+        model.to(where).eval()
+        runner = HFRunner(model, where, slots)
+    eos_ids = _eos_ids(generation, tokenizer)
+    top_k = int(getattr(generation, "top_k", 0) or 0) if generation is not None else 0
+    return LoadedModel(tokenizer, where, dtype, eos_ids, 0.0, runner, packing, False, top_k)
+
+
+def _generation_config(folder: str, kwargs: dict[str, Any]) -> Any:
+    try:
+        return GenerationConfig.from_pretrained(folder, **kwargs)
+    except OSError:  # the checkpoint has none
+        return None
+
+
+def _eos_ids(generation: Any, tokenizer: Any) -> tuple[int, ...]:
     ids: list[int] = []
-    configured = model.generation_config.eos_token_id
+    configured = generation.eos_token_id if generation is not None else None
     if isinstance(configured, int):
         ids.append(configured)
     elif configured:

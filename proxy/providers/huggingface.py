@@ -13,9 +13,7 @@ asks for a local model, so a gateway without the `local` extra still reads any c
 
 from __future__ import annotations
 
-from typing import Annotated, Any, ClassVar
-
-import msgspec
+from typing import Any, ClassVar, Literal
 
 from ..config import BaseProviderSpec, PositiveFloat, PositiveInt, ProviderConfig
 from .base import Probe
@@ -31,8 +29,8 @@ class Spec(BaseProviderSpec, tag="huggingface"):
     timeout: PositiveFloat = 300.0
     first_token_timeout: PositiveFloat = 120.0
     max_concurrency: PositiveInt | None = 1
-    max_batch: PositiveInt = 1  # > 1: waiting requests share one generate() (needs concurrency)
-    batch_wait_ms: Annotated[float, msgspec.Meta(ge=0, le=1000)] = 10.0  # for a batch to fill
+    max_batch: PositiveInt = 1  # rows decoded together; a request joins at the next step
+    quantize: Literal["auto", "int8", "none"] = "auto"  # auto: int8 matmuls on the CPU
     loads_gguf: ClassVar[bool] = True
 
     def problem(self) -> tuple[str, str] | None:

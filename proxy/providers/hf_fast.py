@@ -1,0 +1,242 @@
+"""A lean decoder for Llama-shaped models: packed weights, slot KV cache, no `generate()`.
+
+`transformers` stays the loader (config, tokenizer, GGUF de-quantisation); decoding runs
+here. Per layer: one fused q/k/v matmul, rotary embedding, the new key and value written
+into the row's slot of a KV cache, one `scaled_dot_product_attention`, one fused gate/up
+matmul. Each row of a batch has its own position and length, so a request can join a batch
+that is decoding (continuous batching) and leave it at any step: rows are slots `0..B-1`
+of the cache, and a row that leaves gives its slot to the last row (`release`).
+
+Weights (`Packing`). `int8`: the matmuls whose inputs are well-behaved (q/k/v, o,
+gate/up and the output head) use fbgemm's int8 kernels with per-channel weight scales and
+activations quantised per call; `down_proj`, whose input has outlier channels, keeps
+bfloat16 weights. The token embedding is kept in bfloat16 and widened per lookup. `none`:
+every weight in the compute dtype. What each costs is measured by `bench.hf_bench`.
+
+Supported: `model_type` llama, mistral (no sliding window) and qwen2, with the default
+rotary embedding; other models run on `hf_runner.HFRunner`.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any
+
+import torch
+import torch.nn.functional as F  # noqa: N812 - torch's own spelling
+
+SUPPORTED = frozenset({"llama", "mistral", "qwen2"})
+INT8_PARTS = frozenset(os.environ.get("OMNIMIND_INT8_PARTS", "qkv,o,gate_up,head").split(","))
+Tensor = torch.Tensor
+
+
+def supports(config: Any) -> bool:
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    window = getattr(config, "sliding_window", None) if config.model_type != "qwen2" else None
+    if config.model_type == "qwen2" and getattr(config, "use_sliding_window", False):
+        return False
+    return (
+        config.model_type in SUPPORTED
+        and rope.get("rope_type", rope.get("type", "default")) == "default"
+        and window is None
+        and getattr(config, "hidden_act", "silu") == "silu"
+    )
+
+
+class Dense:
+    """`x @ w.T + b` with the weight stored in its own dtype (bfloat16 to halve its reads)."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
+        self.weight = weight.contiguous()
+        self.bias = None if bias is None else bias.to(weight.dtype)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if x.dtype == self.weight.dtype:
+            return F.linear(x, self.weight, self.bias)
+        return F.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
+
+
+class Int8:
+    """fbgemm's dynamic int8 linear: int8 weights (per output channel), float in and out.
+
+    fbgemm picks one activation scale for the whole input, which would make a row's answer
+    depend on the rows batched with it. So each row is scaled to [-1, 1] first and two
+    extra input columns (+1 and -1, against zero weights) pin the range: every call then
+    quantises with the same scale, row by row, and a row's result is the same in any batch.
+    """
+
+    def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
+        weight = torch.cat([weight.float(), torch.zeros(weight.shape[0], 2)], 1)
+        scales = (weight.abs().amax(1) / 127).clamp(min=1e-8).double()
+        zeros = torch.zeros(weight.shape[0], dtype=torch.long)
+        with warnings.catch_warnings():  # "quantized tensors are deprecated": the kernel is not
+            warnings.simplefilter("ignore")
+            quantized = torch.quantize_per_channel(weight, scales, zeros, 0, torch.qint8)
+            self.packed = torch.ops.quantized.linear_prepack(quantized, None)
+        self.bias = None if bias is None else bias.float()
+        self.ends = torch.tensor([1.0, -1.0])
+
+    def __call__(self, x: Tensor) -> Tensor:
+        scale = x.abs().amax(-1, keepdim=True).clamp(min=1e-30)
+        pinned = torch.cat([x / scale, self.ends.expand(*x.shape[:-1], 2)], -1)
+        out = torch.ops.quantized.linear_dynamic(pinned, self.packed, False) * scale
+        return out if self.bias is None else out + self.bias
+
+
+def _linear(part: str, packing: str, weight: Tensor, bias: Tensor | None, dtype: Any) -> Any:
+    if packing == "int8" and part in INT8_PARTS:
+        return Int8(weight, bias)
+    if packing == "int8":
+        return Dense(weight.to(torch.bfloat16), bias)
+    return Dense(weight.to(dtype), bias)
+
+
+class Layer:
+    def __init__(self, weights: Weights, i: int, packing: str, dtype: Any) -> None:
+        attn, mlp = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
+        self.norm1 = weights.get(f"model.layers.{i}.input_layernorm.weight").to(dtype)
+        self.norm2 = weights.get(f"model.layers.{i}.post_attention_layernorm.weight").to(dtype)
+        qkv = weights.fused(attn, ("q_proj", "k_proj", "v_proj"))
+        self.qkv = _linear("qkv", packing, *qkv, dtype)
+        self.o = _linear("o", packing, *weights.fused(attn, ("o_proj",)), dtype)
+        self.gate_up = _linear(
+            "gate_up", packing, *weights.fused(mlp, ("gate_proj", "up_proj")), dtype
+        )
+        self.down = _linear("down", packing, *weights.fused(mlp, ("down_proj",)), dtype)
+
+
+class Weights:
+    """A checkpoint's tensors by `transformers` names (a state dict or a safetensors file)."""
+
+    def __init__(self, tensors: Any) -> None:
+        self.tensors = tensors
+
+    def get(self, name: str) -> Tensor:
+        """A tensor of its own (not a view of the file's mapping, which is closed after use)."""
+        if hasattr(self.tensors, "get_tensor"):
+            return self.tensors.get_tensor(name).clone()
+        tensor: Tensor = self.tensors[name]
+        return tensor
+
+    def has(self, name: str) -> bool:
+        keys = self.tensors.keys()
+        return name in keys
+
+    def fused(self, prefix: str, parts: tuple[str, ...]) -> tuple[Tensor, Tensor | None]:
+        """The parts' weights stacked into one matrix (and their biases, where any has one)."""
+        weight = torch.cat([self.get(f"{prefix}{p}.weight") for p in parts])
+        if not any(self.has(f"{prefix}{p}.bias") for p in parts):
+            return weight, None
+        biases = [
+            self.get(f"{prefix}{p}.bias") if self.has(f"{prefix}{p}.bias") else
+            torch.zeros(self.get(f"{prefix}{p}.weight").shape[0]) for p in parts
+        ]  # fmt: skip
+        return weight, torch.cat([b.float() for b in biases])
+
+
+class FastDecoder:
+    """The model as packed tensors plus a KV cache of `slots` rows that grows on demand."""
+
+    def __init__(
+        self, config: Any, weights: Weights, packing: str, device: str, dtype: Any, slots: int
+    ) -> None:
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.inner = config.intermediate_size
+        self.eps = config.rms_norm_eps
+        self.max_positions = config.max_position_embeddings
+        self.device, self.dtype, self.slots = device, dtype, slots
+        rope = getattr(config, "rope_parameters", None) or {}
+        theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+        steps = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device)
+        self.inv_freq = 1.0 / (theta ** (steps / self.head_dim))
+        with torch.no_grad():
+            self.layers = [
+                Layer(weights, i, packing, dtype) for i in range(config.num_hidden_layers)
+            ]
+            embed = weights.get("model.embed_tokens.weight")
+            head = weights.get("lm_head.weight") if weights.has("lm_head.weight") else embed
+            self.head = _linear("head", packing, head, None, dtype)
+            self.embed = embed.to(torch.bfloat16 if packing == "int8" else dtype)
+            self.norm = weights.get("model.norm.weight").to(dtype)
+        self.vocab = int(head.shape[0])
+        self.capacity = 0
+        self.keys: list[Tensor] = []
+        self.values: list[Tensor] = []
+
+    # -- the cache
+
+    def reserve(self, length: int) -> None:
+        """Make room for `length` positions in every slot (doubling, up to the model's limit)."""
+        if length <= self.capacity:
+            return
+        capacity = min(max(256, self.capacity * 2, length), max(length, self.max_positions))
+        shape = (self.slots, self.kv_heads, capacity, self.head_dim)
+        grown = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        grown_values = [torch.zeros_like(k) for k in grown]
+        for old, new in zip(self.keys + self.values, grown + grown_values, strict=False):
+            new[:, :, : self.capacity] = old  # nothing to copy on the first call
+        self.keys, self.values, self.capacity = grown, grown_values, capacity
+
+    def move(self, source: int, target: int) -> None:
+        """Copy slot `source`'s cache into slot `target` (a row took over a freed slot)."""
+        for cache in self.keys + self.values:
+            cache[target] = cache[source]
+
+    # -- the forward passes
+
+    def prefill(self, slot: int, ids: list[int]) -> Tensor:
+        """Run a prompt into `slot` from position 0; the logits after its last token."""
+        self.reserve(len(ids) + 1)
+        tokens = torch.tensor([ids], device=self.device)
+        positions = torch.arange(len(ids), device=self.device)[None]
+        return self._forward(tokens, positions, slot, None)[0]
+
+    def decode(self, tokens: list[int], positions: list[int]) -> Tensor:
+        """One step for rows `0..B-1`: row i's token at its position; logits [B, vocab]."""
+        self.reserve(max(positions) + 1)
+        ids = torch.tensor(tokens, device=self.device)[:, None]
+        pos = torch.tensor(positions, device=self.device)[:, None]
+        width = max(positions) + 1
+        mask = torch.arange(width, device=self.device)[None, :] <= pos
+        return self._forward(ids, pos, None, mask[:, None, None, :])
+
+    def _forward(self, ids: Tensor, pos: Tensor, slot: int | None, mask: Tensor | None) -> Tensor:
+        rows, length = ids.shape
+        heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
+        x = F.embedding(ids, self.embed).to(self.dtype)
+        angles = pos[..., None].float() * self.inv_freq
+        cos = torch.cat([angles.cos(), angles.cos()], -1)[:, None].to(self.dtype)
+        sin = torch.cat([angles.sin(), angles.sin()], -1)[:, None].to(self.dtype)
+        half = dim // 2
+        batch = torch.arange(rows, device=self.device)
+        for layer, keys, values in zip(self.layers, self.keys, self.values, strict=True):
+            qkv = layer.qkv(self._norm(x, layer.norm1))
+            rotary = qkv[..., : (heads + kv_heads) * dim].view(rows, length, heads + kv_heads, dim)
+            rotary = rotary.transpose(1, 2)  # q and k rotated together
+            rotary = rotary * cos + torch.cat([-rotary[..., half:], rotary[..., :half]], -1) * sin
+            q, k = rotary.split([heads, kv_heads], 1)
+            v = qkv[..., (heads + kv_heads) * dim :].view(rows, length, kv_heads, dim)
+            v = v.transpose(1, 2)
+            if slot is not None:  # a prompt: causal attention within it
+                keys[slot, :, :length] = k[0]
+                values[slot, :, :length] = v[0]
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            else:
+                keys[batch, :, pos[:, 0]] = k[:, :, 0]
+                values[batch, :, pos[:, 0]] = v[:, :, 0]
+                width = mask.shape[-1] if mask is not None else length
+                out = F.scaled_dot_product_attention(
+                    q, keys[:rows, :, :width], values[:rows, :, :width], attn_mask=mask,
+                    enable_gqa=True,
+                )  # fmt: skip
+            x = x + layer.o(out.transpose(1, 2).reshape(rows, length, heads * dim))
+            gate, up = layer.gate_up(self._norm(x, layer.norm2)).split(self.inner, -1)
+            x = x + layer.down(F.silu(gate) * up)
+        last = self._norm(x[:, -1], self.norm)
+        return self.head(last).float()
+
+    def _norm(self, x: Tensor, weight: Tensor) -> Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * weight

@@ -1,0 +1,283 @@
+"""One worker thread per local model: a queue of jobs, decoded together (continuous batching).
+
+A job arrives with its prompt already templated and tokenised (`hf_generate.prepare`), so
+a prompt the template refuses fails only its own request. The worker takes queued jobs
+whenever a batch row is free, between two decoding steps: a request that arrives while
+others are decoding joins them at the next step instead of waiting for them to finish.
+Each step decodes one token for every row; each row has its own position, sampling
+settings (a seeded row samples from its own generator, so its answer does not depend on
+its neighbours), token budget, stop strings, output grammar and cancellation. A row that
+ends leaves at once and its cache slot is reused.
+
+The worker sleeps on a condition while there is nothing to do: no polling. A failure in
+one row's prompt fails that row; a failure of a whole step fails the rows in it.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from ..errors import UpstreamError
+from .hf_generate import Done, Params, TextFeed
+
+log = logging.getLogger("omnimind.huggingface")
+GENERATE_THREAD = "omnimind-hf-generate"
+_RUNNING: weakref.WeakSet[Worker] = weakref.WeakSet()  # for `rows_in_flight` alone
+
+
+def rows_in_flight() -> int:
+    """Rows decoding or queued in every worker of this process (tests, diagnostics)."""
+    return sum(w.stats.active + w.stats.waiting for w in list(_RUNNING))
+
+
+class Runner(Protocol):
+    """The model's forward passes over a cache of `slots` rows (`hf_fast`, `hf_runner`)."""
+
+    slots: int
+    vocab: int
+    max_positions: int
+
+    def prefill(self, slot: int, ids: list[int]) -> torch.Tensor: ...
+
+    def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor: ...
+
+    def move(self, source: int, target: int) -> None: ...
+
+
+@dataclass(eq=False, slots=True)
+class Job:
+    """One request for the worker: its prompt ids, settings, and where its output goes."""
+
+    prompt: list[int]
+    params: Params
+    feed: TextFeed
+    finish: Callable[[Done | BaseException | None], None]  # None: halted, nobody waits
+    matcher: Any = None  # an `hf_grammar` matcher, when the output is constrained
+
+
+@dataclass(slots=True)
+class WorkerStats:
+    """Counters a test or an operator can read (never parsed from the log)."""
+
+    jobs: int = 0
+    joined: int = 0  # jobs that joined rows already decoding
+    steps: int = 0
+    tokens: int = 0
+    widest: int = 0  # the most rows decoded in one step
+    active: int = 0  # rows decoding now
+    waiting: int = 0  # jobs queued for a free row
+
+
+@dataclass(eq=False, slots=True)
+class _Row:
+    job: Job
+    slot: int
+    position: int  # where the last sampled token goes into the cache
+    token: int = 0
+    generated: int = 0
+    rng: torch.Generator | None = None
+    result: Done | None = None
+    ended: bool = False
+
+
+@dataclass(slots=True)
+class Sampling:
+    eos_ids: frozenset[int]
+    top_k: int = 0  # the model's own generation config may ask for one; OpenAI's API has none
+
+
+class Worker:
+    def __init__(self, runner: Runner, sampling: Sampling, name: str = GENERATE_THREAD) -> None:
+        self.runner = runner
+        self.sampling = sampling
+        self.stats = WorkerStats()
+        self._queue: collections.deque[Job] = collections.deque()
+        self._changed = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+        _RUNNING.add(self)
+
+    def submit(self, job: Job) -> None:
+        with self._changed:
+            if self._closed:
+                raise UpstreamError("unavailable", "provider is closed")
+            self._queue.append(job)
+            self.stats.waiting = len(self._queue)
+            self._changed.notify()
+
+    def close(self, timeout: float = 10.0) -> None:
+        with self._changed:
+            self._closed = True
+            self._changed.notify()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+    # -- the loop
+
+    def _loop(self) -> None:
+        rows: list[_Row] = []
+        while True:
+            with self._changed:
+                while not (self._queue or rows or self._closed):
+                    self._changed.wait()
+                if self._closed:
+                    break
+                room = self.runner.slots - len(rows)
+                joining = [self._queue.popleft() for _ in range(min(room, len(self._queue)))]
+                self.stats.waiting = len(self._queue)
+                self.stats.active = len(rows) + len(joining)
+            for job in joining:
+                row = self._start(job, len(rows), bool(rows))
+                if row is not None:
+                    rows.append(row)
+            self.stats.active = len(rows)
+            if rows:
+                self._step(rows)
+                rows = self._retire(rows)
+                self.stats.active = len(rows)
+        self.stats.active = self.stats.waiting = 0
+        closed = UpstreamError("unavailable", "provider is closed")
+        for row in rows:
+            row.job.finish(closed)
+        with self._changed:
+            waiting, self._queue = list(self._queue), collections.deque()
+        for job in waiting:
+            job.finish(closed)
+
+    def _start(self, job: Job, slot: int, joining: bool) -> _Row | None:
+        """Run the job's prompt into `slot` and take its first token; None if it ended."""
+        if job.feed.halt.is_set():
+            job.finish(None)
+            return None
+        self.stats.jobs += 1
+        self.stats.joined += joining
+        row = _Row(job, slot, len(job.prompt), rng=_generator(job.params))
+        try:
+            if len(job.prompt) >= self.runner.max_positions:
+                raise UpstreamError(
+                    "context_too_long",
+                    f"the prompt is {len(job.prompt)} tokens; this model reads at most "
+                    f"{self.runner.max_positions}",
+                )
+            with torch.inference_mode():
+                logits = self.runner.prefill(slot, job.prompt)
+            self._take(row, logits)
+        except Exception as exc:  # noqa: BLE001 - this job's failure only
+            job.finish(exc)
+            return None
+        if row.ended:
+            self._end(row)
+            return None
+        return row
+
+    def _step(self, rows: list[_Row]) -> None:
+        self.stats.steps += 1
+        self.stats.widest = max(self.stats.widest, len(rows))
+        try:
+            with torch.inference_mode():
+                logits = self.runner.decode([r.token for r in rows], [r.position for r in rows])
+        except Exception as exc:  # noqa: BLE001 - every row of the step fails with it
+            log.error("local generation failed: %s", exc)
+            for row in rows:
+                row.ended = True
+                row.job.finish(exc)
+            return
+        for i, row in enumerate(rows):
+            row.position += 1
+            try:
+                self._take(row, logits[i])
+            except Exception as exc:  # noqa: BLE001 - e.g. a grammar that cannot go on
+                row.ended = True
+                row.job.finish(exc)
+                continue
+            if row.ended:
+                self._end(row)
+
+    def _take(self, row: _Row, logits: torch.Tensor) -> None:
+        """Sample the row's next token from `logits` and hand it on; decide if the row ends."""
+        job = row.job
+        if job.feed.halt.is_set():
+            row.ended = True
+            return
+        if job.matcher is not None:
+            job.matcher.mask(logits)
+        token = _sample(logits, job.params, row.rng, self.sampling.top_k)
+        self.stats.tokens += 1
+        row.token = token
+        if job.matcher is not None:
+            job.matcher.accept(token)
+        if token in self.sampling.eos_ids:
+            row.result = self._done(row, "stop")
+            return
+        row.generated += 1
+        job.feed.add([token])
+        if job.feed.stop_hit or (job.matcher is not None and job.matcher.finished()):
+            row.result = self._done(row, "stop")
+        elif row.generated >= job.params.max_new_tokens:
+            row.result = self._done(row, "length")
+        elif row.position + 1 >= self.runner.max_positions:
+            row.result = self._done(row, "length")
+
+    def _done(self, row: _Row, reason: str) -> Done:
+        row.ended = True
+        return Done(reason, len(row.job.prompt), row.generated)
+
+    def _end(self, row: _Row) -> None:
+        job = row.job
+        if row.result is None:  # halted: the request is gone
+            job.finish(None)
+            return
+        try:
+            job.feed.end()
+        finally:
+            job.finish(row.result)
+
+    def _retire(self, rows: list[_Row]) -> list[_Row]:
+        """The rows still decoding, moved into slots `0..n-1` (a freed slot takes the last)."""
+        alive = [r for r in rows if not r.ended]
+        taken = {r.slot for r in alive}
+        free = [s for s in range(len(alive)) if s not in taken]
+        for row in alive:
+            if row.slot >= len(alive):
+                target = free.pop(0)
+                with torch.inference_mode():
+                    self.runner.move(row.slot, target)
+                row.slot = target
+        alive.sort(key=lambda r: r.slot)
+        return alive
+
+
+def _generator(params: Params) -> torch.Generator | None:
+    if not params.sample:
+        return None
+    rng = torch.Generator()
+    if params.seed is not None:
+        rng.manual_seed(params.seed % 2**64)
+    else:
+        rng.seed()
+    return rng
+
+
+def _sample(logits: torch.Tensor, params: Params, rng: torch.Generator | None, top_k: int) -> int:
+    if rng is None:
+        return int(logits.argmax())
+    scores = logits.float() / params.temperature
+    if top_k:
+        kth = torch.topk(scores, min(top_k, scores.shape[-1])).values[-1]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    probs = torch.softmax(scores, -1)
+    if params.top_p is not None and params.top_p < 1:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        cut = torch.cumsum(sorted_probs, -1) - sorted_probs > params.top_p
+        sorted_probs[cut] = 0
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return int(torch.multinomial(probs.cpu(), 1, generator=rng))
