@@ -341,11 +341,23 @@ class LocalAdapter:
         self._ops: frozenset[Op] = getattr(generating, "ops", frozenset({Op.CHAT}))
 
     def preload(self, entries: Iterable[Entry]) -> None:
+        """Chat models first; embedding models once those are in (two loads at once on a
+        small CPU would each take as long as both)."""
         entries = list(entries)
-        for entry in entries:
-            if entry.kind == "embedding":
-                self._embedder.preload(entry.model)
         self._generating.preload([e for e in entries if e.kind != "embedding"])
+        models = [e.model for e in entries if e.kind == "embedding"]
+        if models:
+            threading.Thread(
+                target=self._preload_embeddings, args=(models,), name="omnimind-hf-preload",
+                daemon=True,
+            ).start()  # fmt: skip
+
+    def _preload_embeddings(self, models: list[str]) -> None:
+        settle = getattr(self._generating, "settle", None)
+        if settle is not None:
+            settle()
+        for model in models:
+            self._embedder.preload(model)
 
     def ready(self) -> bool:
         return bool(self._generating.ready()) and self._embedder.ready()

@@ -19,8 +19,10 @@ rotary embedding; other models run on `hf_runner.HFRunner`.
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -153,9 +155,9 @@ class FastDecoder:
         steps = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device)
         self.inv_freq = 1.0 / (theta ** (steps / self.head_dim))
         with torch.no_grad():
-            self.layers = [
-                Layer(weights, i, packing, dtype) for i in range(config.num_hidden_layers)
-            ]
+            with ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool:  # packing
+                build = functools.partial(Layer, weights, packing=packing, dtype=dtype)
+                self.layers = list(pool.map(build, range(config.num_hidden_layers)))
             embed = weights.get("model.embed_tokens.weight")
             head = weights.get("lm_head.weight") if weights.has("lm_head.weight") else embed
             self.head = _linear("head", packing, head, None, dtype)

@@ -32,7 +32,7 @@ _ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "functio
 
 @dataclass(frozen=True, slots=True)
 class Params:
-    """What one chat request asks of `generate()`, validated."""
+    """What one chat request asks of the model, validated."""
 
     messages: list[dict[str, str]]
     max_new_tokens: int

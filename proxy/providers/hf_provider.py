@@ -109,6 +109,12 @@ class HuggingFaceProvider:
             if entry.provider == self.name:
                 self._slot(ModelKey(entry.model, entry.gguf_file))
 
+    def settle(self, timeout: float = 600.0) -> None:
+        """Wait (blocking) until every load under way has ended, loaded or failed."""
+        with self._slots_lock:
+            futures = [slot.future for slot in self._slots.values()]
+        concurrent.futures.wait(futures, timeout)
+
     def ready(self) -> bool:
         """Every model asked for so far is loaded (a failed load is not ready)."""
         with self._slots_lock:

@@ -12,9 +12,11 @@ from __future__ import annotations
 import ctypes
 import gc
 import importlib.util
+import json
 import logging
 import threading
 import time
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -199,7 +201,7 @@ def _build(
     folder: str, where: str, dtype: torch.dtype, packing: str, slots: int, kwargs: dict[str, Any]
 ) -> LoadedModel:
     tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
-    config = AutoConfig.from_pretrained(folder, **kwargs)
+    config = _config(folder, kwargs)
     generation = _generation_config(folder, kwargs)
     runner: Any
     model: Any
@@ -221,6 +223,17 @@ def _build(
     eos_ids = _eos_ids(generation, tokenizer)
     top_k = int(getattr(generation, "top_k", 0) or 0) if generation is not None else 0
     return LoadedModel(tokenizer, where, dtype, eos_ids, 0.0, runner, packing, False, top_k)
+
+
+def _config(folder: str, kwargs: dict[str, Any]) -> Any:
+    """The model's config. A saved checkpoint's config.json is read as plain attributes when
+    the fast decoder can run it: `AutoConfig` imports modules that cost a second or two."""
+    saved = Path(folder) / "config.json"
+    if saved.is_file() and "gguf_file" not in kwargs:
+        plain = types.SimpleNamespace(**json.loads(saved.read_text()))
+        if hf_fast.supports(plain):
+            return plain
+    return AutoConfig.from_pretrained(folder, **kwargs)
 
 
 def _generation_config(folder: str, kwargs: dict[str, Any]) -> Any:
