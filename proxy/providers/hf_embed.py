@@ -30,10 +30,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
-import os
 import threading
 import time
-from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,13 +39,10 @@ from typing import Any
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from ..config import Entry, ProviderConfig
-from ..embeddings import EmbeddingRequest, embedding_list, embedding_request
-from ..errors import InvalidRequest, UpstreamError
-from ..policy import client_error
-from ..reasons import Reason
+from ..embeddings import EmbeddingRequest, embedding_list
+from ..errors import UpstreamError
 from ..wire import Usage, encode
-from .base import Call, Completion, Op
+from .base import Completion
 from .hf_weights import LoadError, describe, log, resolve_device, resolve_dtype, resolve_source
 
 RETRY_LOAD_AFTER = 60.0
@@ -326,72 +321,6 @@ class LocalEmbedder:
         for slot in slots:
             if slot.future.done() and slot.future.exception() is None:
                 slot.future.result().executor.shutdown(wait=False, cancel_futures=True)
-
-
-class LocalAdapter:
-    """The `huggingface` provider: embeddings served here, chat (and raw completions, where
-    the generating adapter declares `Op.COMPLETION` in its `ops`) by the generating one."""
-
-    def __init__(self, generating: Any, config: ProviderConfig) -> None:
-        spec = config.spec
-        self.name = config.name
-        self._generating = generating
-        token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
-        self._embedder = LocalEmbedder(spec.device, spec.dtype, token)
-        self._ops: frozenset[Op] = getattr(generating, "ops", frozenset({Op.CHAT}))
-
-    def preload(self, entries: Iterable[Entry]) -> None:
-        """Chat models first; embedding models once those are in (two loads at once on a
-        small CPU would each take as long as both)."""
-        entries = list(entries)
-        self._generating.preload([e for e in entries if e.kind != "embedding"])
-        models = [e.model for e in entries if e.kind == "embedding"]
-        if models:
-            threading.Thread(
-                target=self._preload_embeddings, args=(models,), name="omnimind-hf-preload",
-                daemon=True,
-            ).start()  # fmt: skip
-
-    def _preload_embeddings(self, models: list[str]) -> None:
-        settle = getattr(self._generating, "settle", None)
-        if settle is not None:
-            settle()
-        for model in models:
-            self._embedder.preload(model)
-
-    def ready(self) -> bool:
-        return bool(self._generating.ready()) and self._embedder.ready()
-
-    def stats(self) -> dict[str, Any]:
-        stats: dict[str, Any] = self._generating.stats()
-        return stats
-
-    async def complete(self, call: Call) -> Completion:
-        if call.op is Op.EMBEDDING:
-            try:
-                checked = embedding_request(call.request)
-            except InvalidRequest as exc:
-                raise client_error(exc.message, exc.param) from None
-            options = EmbedOptions(truncate=call.entry.truncate)
-            return await self._embedder.embed(checked, call.entry.model, options)
-        self._check(call.op)
-        result: Completion = await self._generating.complete(call)
-        return result
-
-    def stream(self, call: Call) -> AsyncIterator[bytes]:
-        if call.op is Op.EMBEDDING:
-            raise UpstreamError(Reason.UNSUPPORTED, "embeddings are not streamed")
-        self._check(call.op)
-        chunks: AsyncIterator[bytes] = self._generating.stream(call)
-        return chunks
-
-    def _check(self, op: Op) -> None:
-        if op not in self._ops:
-            raise UpstreamError(Reason.UNSUPPORTED, f"local inference does not serve {op} yet")
-
-    async def aclose(self) -> None:
-        await self._embedder.aclose()
-        await self._generating.aclose()
 
 
 def _run(

@@ -43,7 +43,7 @@ class Spec(BaseProviderSpec, tag="huggingface"):
 
 
 def Adapter(config: ProviderConfig) -> Any:  # noqa: N802 - the registry's constructor name
-    from .hf_embed import LocalAdapter  # torch: only when a config asks for it
+    from .hf_adapter import LocalAdapter  # torch: only when a config asks for it
     from .hf_provider import HuggingFaceProvider
 
     return LocalAdapter(HuggingFaceProvider(config), config)

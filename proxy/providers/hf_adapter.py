@@ -1,0 +1,84 @@
+"""The `huggingface` provider's adapter: chat (and raw completions, where the generating
+provider declares them) by `hf_provider`, embeddings by `hf_embed`, one provider to the chain.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
+
+from ..config import Entry, ProviderConfig
+from ..embeddings import embedding_request
+from ..errors import InvalidRequest, UpstreamError
+from ..policy import client_error
+from ..reasons import Reason
+from .base import Call, Completion, Op
+from .hf_embed import EmbedOptions, LocalEmbedder
+
+
+class LocalAdapter:
+    """The `huggingface` provider: embeddings served here, chat (and raw completions, where
+    the generating adapter declares `Op.COMPLETION` in its `ops`) by the generating one."""
+
+    def __init__(self, generating: Any, config: ProviderConfig) -> None:
+        spec = config.spec
+        self.name = config.name
+        self._generating = generating
+        token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
+        self._embedder = LocalEmbedder(spec.device, spec.dtype, token)
+        self._ops: frozenset[Op] = getattr(generating, "ops", frozenset({Op.CHAT}))
+
+    def preload(self, entries: Iterable[Entry]) -> None:
+        """Chat models first; embedding models once those are in (two loads at once on a
+        small CPU would each take as long as both)."""
+        entries = list(entries)
+        self._generating.preload([e for e in entries if e.kind != "embedding"])
+        models = [e.model for e in entries if e.kind == "embedding"]
+        if models:
+            threading.Thread(
+                target=self._preload_embeddings, args=(models,), name="omnimind-hf-preload",
+                daemon=True,
+            ).start()  # fmt: skip
+
+    def _preload_embeddings(self, models: list[str]) -> None:
+        settle = getattr(self._generating, "settle", None)
+        if settle is not None:
+            settle()
+        for model in models:
+            self._embedder.preload(model)
+
+    def ready(self) -> bool:
+        return bool(self._generating.ready()) and self._embedder.ready()
+
+    def stats(self) -> dict[str, Any]:
+        stats: dict[str, Any] = self._generating.stats()
+        return stats
+
+    async def complete(self, call: Call) -> Completion:
+        if call.op is Op.EMBEDDING:
+            try:
+                checked = embedding_request(call.request)
+            except InvalidRequest as exc:
+                raise client_error(exc.message, exc.param) from None
+            options = EmbedOptions(truncate=call.entry.truncate)
+            return await self._embedder.embed(checked, call.entry.model, options)
+        self._check(call.op)
+        result: Completion = await self._generating.complete(call)
+        return result
+
+    def stream(self, call: Call) -> AsyncIterator[bytes]:
+        if call.op is Op.EMBEDDING:
+            raise UpstreamError(Reason.UNSUPPORTED, "embeddings are not streamed")
+        self._check(call.op)
+        chunks: AsyncIterator[bytes] = self._generating.stream(call)
+        return chunks
+
+    def _check(self, op: Op) -> None:
+        if op not in self._ops:
+            raise UpstreamError(Reason.UNSUPPORTED, f"local inference does not serve {op} yet")
+
+    async def aclose(self) -> None:
+        await self._embedder.aclose()
+        await self._generating.aclose()
