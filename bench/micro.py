@@ -17,12 +17,13 @@ import uvloop
 from aiohttp import StreamReader
 from aiohttp.base_protocol import BaseProtocol
 
+from proxy import pipeline
 from proxy.observe import Observer, RequestRecord
 from proxy.providers.sse import iter_sse
 from proxy.wire import ChatRequest
 
 from .load import chat_body
-from .tuned import _route, unless_disconnected
+from .tuned import unless_disconnected
 from .upstream import SSE_RESPONSE
 
 _SSE = SSE_RESPONSE.split(b"\r\n\r\n", 1)[1]  # 10 events and [DONE]
@@ -140,8 +141,7 @@ async def _cases(n: int) -> list[tuple[str, float, float, str]]:
         await asyncio.sleep(0)
         return 1
 
-    watch = getattr(_route, "unless_disconnected", None) or _route._unless_disconnected
-    watched = await _time(lambda: watch(work(), receive), n)
+    watched = await _time(lambda: pipeline.unless_disconnected(work(), receive), n)
     lazy = await _time(lambda: unless_disconnected(work(), receive), n)
     how = "a watcher armed only after 50 ms (bench/tuned.py)"
     out.append(("per request: disconnect watcher task", watched, lazy, how))

@@ -23,13 +23,9 @@ from typing import Any
 
 import uvicorn
 
+from proxy import pipeline as _route  # where every route's disconnect watcher lives
 from proxy.app import create_app
 from proxy.config import load
-
-try:  # where the chat route's disconnect watcher lives
-    from proxy import fastpath as _route
-except ImportError:  # before the chat route moved out of Litestar
-    from proxy import app as _route  # type: ignore[no-redef]
 
 WATCH_AFTER = 0.05
 

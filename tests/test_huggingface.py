@@ -22,7 +22,6 @@ import pytest
 
 from proxy.config import Entry, ProviderConfig
 from proxy.providers.base import Call
-from proxy.providers.hf_generate import TextFeed, find_stop, partial_stop
 from proxy.providers.hf_provider import HuggingFaceProvider
 from proxy.providers.hf_worker import GENERATE_THREAD
 from proxy.providers.huggingface import Spec as HuggingFaceSpec
@@ -124,47 +123,6 @@ def _stream_text(client: openai.OpenAI, **kwargs: Any) -> tuple[str, str | None]
             parts.append(chunk.choices[0].delta.content or "")
             finish = chunk.choices[0].finish_reason or finish
     return "".join(parts), finish
-
-
-# ---- decoding, unit by unit --------------------------------------------------------------
-
-
-def _feed(tokenizer: Any, text: str, stops: tuple[str, ...] = ()) -> tuple[list[str], TextFeed]:
-    """Hand `text`'s token ids to a TextFeed one at a time, as the worker does."""
-    deltas: list[str] = []
-    feed = TextFeed(tokenizer, stops, threading.Event(), deltas.append)
-    for token in tokenizer(text, add_special_tokens=False)["input_ids"]:
-        feed.add([token])
-    feed.end()
-    return deltas, feed
-
-
-@pytest.mark.parametrize("text", ["Grüße 🤖 aus Köln", "日本語のテキスト", "a🤖🤖b"])
-def test_text_feed_never_splits_a_character(tokenizer: Any, text: str) -> None:
-    deltas, feed = _feed(tokenizer, text)
-    assert "".join(deltas) == text
-    assert not any("\ufffd" in d for d in deltas)
-    assert not feed.stop_hit
-
-
-def test_text_feed_cuts_at_a_stop_spanning_tokens(tokenizer: Any) -> None:
-    deltas, feed = _feed(tokenizer, "The answer is 42. THE END of the story", ("THE END", "zzz"))
-    assert "".join(deltas) == "The answer is 42. "
-    assert feed.stop_hit and feed.halt.is_set()
-
-
-def test_text_feed_releases_what_was_not_a_stop(tokenizer: Any) -> None:
-    deltas, feed = _feed(tokenizer, "We are ENDED here", ("ENDING",))
-    assert "".join(deltas) == "We are ENDED here"
-    assert not feed.stop_hit
-
-
-def test_stop_helpers() -> None:
-    assert find_stop("abc STOP def stop", ("stop", "STOP")) == 4
-    assert find_stop("abc", ("x",)) is None
-    assert partial_stop("hello ST", ("STOP",)) == 2
-    assert partial_stop("hello", ("STOP", "lo!")) == 2
-    assert partial_stop("hello", ()) == 0
 
 
 # ---- answers -----------------------------------------------------------------------------

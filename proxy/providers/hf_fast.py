@@ -111,15 +111,16 @@ class Layer:
 class Weights:
     """A checkpoint's tensors by `transformers` names (a state dict or a safetensors file)."""
 
-    def __init__(self, tensors: Any) -> None:
+    def __init__(self, tensors: Any, device: str = "cpu") -> None:
         self.tensors = tensors
+        self.device = device
 
     def get(self, name: str) -> Tensor:
         """A tensor of its own (not a view of the file's mapping, which is closed after use)."""
         if hasattr(self.tensors, "get_tensor"):
-            return self.tensors.get_tensor(name).clone()
+            return self.tensors.get_tensor(name).to(self.device, copy=True)
         tensor: Tensor = self.tensors[name]
-        return tensor
+        return tensor.to(self.device)
 
     def has(self, name: str) -> bool:
         keys = self.tensors.keys()
@@ -132,7 +133,7 @@ class Weights:
             return weight, None
         biases = [
             self.get(f"{prefix}{p}.bias") if self.has(f"{prefix}{p}.bias") else
-            torch.zeros(self.get(f"{prefix}{p}.weight").shape[0]) for p in parts
+            torch.zeros(self.get(f"{prefix}{p}.weight").shape[0], device=self.device) for p in parts
         ]  # fmt: skip
         return weight, torch.cat([b.float() for b in biases])
 
@@ -241,4 +242,7 @@ class FastDecoder:
         return self.head(last).float()
 
     def _norm(self, x: Tensor, weight: Tensor) -> Tensor:
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * weight
+        wide = x.float()  # as transformers does: the statistics in float32 on any device
+        return (wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + self.eps)).to(
+            x.dtype
+        ) * weight

@@ -7,6 +7,7 @@ with the same queue, continuous batching, sampling and cancellation around it.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -21,23 +22,27 @@ class HFRunner:
         self.vocab = int(model.get_output_embeddings().weight.shape[0])
         self.max_positions = int(getattr(model.config, "max_position_embeddings", 0) or 2**31)
         self._caches: list[DynamicCache | None] = [None] * slots
+        accepted = inspect.signature(model.forward).parameters
+        # transformers 5 names the argument `cache`; earlier versions `past_key_values`
+        self._cache_arg = "cache" if "cache" in accepted else "past_key_values"
+        self._positions = "position_ids" in accepted
 
     def prefill(self, slot: int, ids: list[int]) -> torch.Tensor:
         cache = DynamicCache(config=self.model.config)
         tokens = torch.tensor([ids], device=self.device)
-        out = self.model(input_ids=tokens, past_key_values=cache, use_cache=True)
+        out = self.model(input_ids=tokens, use_cache=True, **{self._cache_arg: cache})
         self._caches[slot] = cache
         return out.logits[0, -1].float()
 
     def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
         rows = []
         for slot, (token, position) in enumerate(zip(tokens, positions, strict=True)):
+            where = torch.tensor([[position]], device=self.device)
             out = self.model(
                 input_ids=torch.tensor([[token]], device=self.device),
-                position_ids=torch.tensor([[position]], device=self.device),
-                cache_position=torch.tensor([position], device=self.device),
-                past_key_values=self._caches[slot],
                 use_cache=True,
+                **({"position_ids": where} if self._positions else {}),
+                **{self._cache_arg: self._caches[slot]},
             )
             rows.append(out.logits[0, -1].float())
         return torch.stack(rows)

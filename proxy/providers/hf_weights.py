@@ -208,11 +208,11 @@ def _build(
     single_file = Path(folder) / "model.safetensors"
     if hf_fast.supports(config) and single_file.is_file() and "gguf_file" not in kwargs:
         with safe_open(str(single_file), "pt", device="cpu") as tensors:
-            weights = hf_fast.Weights(tensors)
+            weights = hf_fast.Weights(tensors, where)
             runner = hf_fast.FastDecoder(config, weights, packing, where, dtype, slots)
     elif hf_fast.supports(config):  # a hub id or a sharded checkpoint: through transformers
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
-        weights = hf_fast.Weights(model.state_dict())
+        weights = hf_fast.Weights(model.state_dict(), where)
         runner = hf_fast.FastDecoder(config, weights, packing, where, dtype, slots)
         del model, weights
     else:

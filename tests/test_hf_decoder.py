@@ -1,0 +1,173 @@
+"""The local decoder's parts, unit by unit: text deltas, the lean decoder against
+`transformers`, batch invariance, the converted-weights cache, and the fallback runner.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+from proxy.config import Entry, ProviderConfig
+from proxy.providers import hf_cache
+from proxy.providers.base import Call
+from proxy.providers.hf_fast import FastDecoder, Weights
+from proxy.providers.hf_generate import TextFeed, find_stop, partial_stop, prompt_ids
+from proxy.providers.hf_provider import HuggingFaceProvider
+from proxy.providers.hf_weights import ModelKey, load_model
+from proxy.providers.huggingface import Spec
+from proxy.wire import ChatRequest
+
+from .tiny_model import build_tiny_model
+
+PROMPTS = ["Tell me about cats.", "Describe the sea in many more words than that."]
+
+
+@pytest.fixture(scope="module")
+def wordy_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama whose greedy answers differ by prompt (wide random weights)."""
+    return build_tiny_model(tmp_path_factory.mktemp("wordy"), init_range=0.3)
+
+
+# ---- decoding, unit by unit --------------------------------------------------------------
+
+
+def _feed(tokenizer: Any, text: str, stops: tuple[str, ...] = ()) -> tuple[list[str], TextFeed]:
+    """Hand `text`'s token ids to a TextFeed one at a time, as the worker does."""
+    deltas: list[str] = []
+    feed = TextFeed(tokenizer, stops, threading.Event(), deltas.append)
+    for token in tokenizer(text, add_special_tokens=False)["input_ids"]:
+        feed.add([token])
+    feed.end()
+    return deltas, feed
+
+
+@pytest.mark.parametrize("text", ["Grüße 🤖 aus Köln", "日本語のテキスト", "a🤖🤖b"])
+def test_text_feed_never_splits_a_character(tokenizer: Any, text: str) -> None:
+    deltas, feed = _feed(tokenizer, text)
+    assert "".join(deltas) == text
+    assert not any("\ufffd" in d for d in deltas)
+    assert not feed.stop_hit
+
+
+def test_text_feed_cuts_at_a_stop_spanning_tokens(tokenizer: Any) -> None:
+    deltas, feed = _feed(tokenizer, "The answer is 42. THE END of the story", ("THE END", "zzz"))
+    assert "".join(deltas) == "The answer is 42. "
+    assert feed.stop_hit and feed.halt.is_set()
+
+
+def test_text_feed_releases_what_was_not_a_stop(tokenizer: Any) -> None:
+    deltas, feed = _feed(tokenizer, "We are ENDED here", ("ENDING",))
+    assert "".join(deltas) == "We are ENDED here"
+    assert not feed.stop_hit
+
+
+def test_stop_helpers() -> None:
+    assert find_stop("abc STOP def stop", ("stop", "STOP")) == 4
+    assert find_stop("abc", ("x",)) is None
+    assert partial_stop("hello ST", ("STOP",)) == 2
+    assert partial_stop("hello", ("STOP", "lo!")) == 2
+    assert partial_stop("hello", ()) == 0
+
+
+# ---- the lean decoder ----------------------------------------------------------------------
+
+
+def _reference(folder: Path) -> Any:
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def _ids(tokenizer: Any, prompt: str) -> list[int]:
+    return prompt_ids(tokenizer, [{"role": "user", "content": prompt}])
+
+
+@torch.inference_mode()
+def test_fast_decoder_matches_transformers(wordy_dir: Path) -> None:
+    """Prompt and step logits equal transformers' for two rows of different lengths."""
+    model = _reference(wordy_dir)
+    tokenizer = AutoTokenizer.from_pretrained(wordy_dir)
+    decoder = FastDecoder(
+        model.config, Weights(model.state_dict()), "none", "cpu", torch.float32, slots=2
+    )
+    rows = [_ids(tokenizer, p) for p in PROMPTS]
+    tokens = []
+    for slot, ids in enumerate(rows):
+        ours = decoder.prefill(slot, ids)
+        theirs = model(torch.tensor([ids])).logits[0, -1]
+        torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+        tokens.append(int(ours.argmax()))
+    for _ in range(4):  # both rows step together, each at its own position
+        logits = decoder.decode(tokens, [len(ids) for ids in rows])
+        for i, ids in enumerate(rows):
+            ids.append(tokens[i])
+            theirs = model(torch.tensor([ids])).logits[0, -1]
+            torch.testing.assert_close(logits[i], theirs, atol=1e-4, rtol=1e-4)
+        tokens = [int(t) for t in logits.argmax(-1)]
+
+
+@torch.inference_mode()
+def test_int8_rows_do_not_depend_on_their_batch(wordy_dir: Path) -> None:
+    model = _reference(wordy_dir)
+    tokenizer = AutoTokenizer.from_pretrained(wordy_dir)
+    weights = Weights({k: v.to(torch.bfloat16) for k, v in model.state_dict().items()})
+    decoder = FastDecoder(model.config, weights, "int8", "cpu", torch.float32, slots=2)
+    ids = _ids(tokenizer, PROMPTS[0])
+    alone_first = decoder.prefill(0, ids)
+    alone = decoder.decode([5], [len(ids)])[0]
+    decoder.prefill(0, ids)
+    decoder.prefill(1, _ids(tokenizer, PROMPTS[1]))
+    together = decoder.decode([5, 9], [len(ids), len(_ids(tokenizer, PROMPTS[1]))])[0]
+    assert torch.equal(alone, together)  # bit for bit
+    assert alone_first.shape == (decoder.vocab,)
+
+
+# ---- the converted-weights cache ---------------------------------------------------------------
+
+
+def test_a_second_load_reads_the_cache_and_a_changed_file_does_not(wordy_dir: Path) -> None:
+    key = ModelKey(str(wordy_dir))
+    first = load_model(key, "cpu", "auto", None, "auto", 1)
+    second = load_model(key, "cpu", "auto", None, "auto", 1)
+    assert (first.from_cache, second.from_cache) == (False, True)
+    entry = hf_cache.entry_for(str(wordy_dir), None, torch.bfloat16)
+    assert entry is not None and hf_cache.is_complete(entry)
+    assert os.environ["OMNIMIND_CACHE_DIR"] in str(entry)  # the tests' folder, not ~/.cache
+    ids = _ids(first.tokenizer, PROMPTS[0])
+    with torch.inference_mode():
+        assert torch.equal(first.runner.prefill(0, ids), second.runner.prefill(0, ids))
+    config = wordy_dir / "config.json"
+    os.utime(config, ns=(config.stat().st_atime_ns, config.stat().st_mtime_ns + 10**9))
+    assert hf_cache.entry_for(str(wordy_dir), None, torch.bfloat16) != entry  # never stale
+
+
+# ---- any other architecture: transformers' own forward pass -----------------------------------
+
+
+async def test_a_model_the_fast_decoder_cannot_run_is_served_by_transformers(
+    tmp_path: Path, tokenizer: Any
+) -> None:
+    folder = tmp_path / "tiny-gpt2"
+    tokenizer.save_pretrained(folder)
+    config = GPT2Config(
+        vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=512,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    provider = HuggingFaceProvider(ProviderConfig("local", Spec(max_batch=2, max_concurrency=2)))
+    entry = Entry("local", str(folder), 60.0, 5.0, 60.0)
+    body = {"model": "m", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6}
+    try:
+        call = Call(ChatRequest(json.dumps(body).encode()), entry)
+        answer = json.loads((await provider.complete(call)).body)
+        stats = provider.stats()["models"][str(folder)]
+    finally:
+        await provider.aclose()
+    assert answer["usage"]["completion_tokens"] == 6
+    assert stats["engine"].startswith("transformers-cpu")
