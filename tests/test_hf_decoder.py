@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import threading
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from proxy.config import Entry, ProviderConfig
+from proxy.errors import UpstreamError
 from proxy.providers import hf_cache
 from proxy.providers.base import Call
 from proxy.providers.hf_fast import FastDecoder, Weights
@@ -22,6 +24,7 @@ from proxy.providers.hf_generate import TextFeed, find_stop, partial_stop, promp
 from proxy.providers.hf_provider import HuggingFaceProvider
 from proxy.providers.hf_weights import ModelKey, load_model
 from proxy.providers.huggingface import Spec
+from proxy.reasons import Reason
 from proxy.wire import ChatRequest
 
 from .tiny_model import build_tiny_model
@@ -171,3 +174,28 @@ async def test_a_model_the_fast_decoder_cannot_run_is_served_by_transformers(
         await provider.aclose()
     assert answer["usage"]["completion_tokens"] == 6
     assert stats["engine"].startswith("transformers-cpu")
+
+
+async def test_a_prompt_longer_than_the_window_is_context_too_long(
+    tmp_path: Path, tiny_dir: Path
+) -> None:
+    """The model's own window (config.json) is checked before the prompt runs: the chain then
+    moves on with `context_too_long` instead of the worker failing."""
+    folder = tmp_path / "short-window"
+    shutil.copytree(tiny_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["max_position_embeddings"] = 40
+    (folder / "config.json").write_text(json.dumps(config))
+    provider = HuggingFaceProvider(ProviderConfig("local", Spec()))
+    entry = Entry("local", str(folder), 60.0, 5.0, 60.0)
+    long = {"role": "user", "content": "word " * 60}
+    body = {"model": "m", "messages": [long], "max_tokens": 4}
+    try:
+        with pytest.raises(UpstreamError) as failed:
+            await provider.complete(Call(ChatRequest(json.dumps(body).encode()), entry))
+        short = {**body, "messages": [{"role": "user", "content": "Hi"}]}
+        answer = await provider.complete(Call(ChatRequest(json.dumps(short).encode()), entry))
+    finally:
+        await provider.aclose()
+    assert failed.value.reason == Reason.CONTEXT_TOO_LONG
+    assert json.loads(answer.body)["usage"]["completion_tokens"] >= 1  # the worker lives on
