@@ -5,13 +5,15 @@ here. Per layer: one fused q/k/v matmul, rotary embedding, the new key and value
 into the row's slot of a KV cache, one `scaled_dot_product_attention`, one fused gate/up
 matmul. Each row of a batch has its own position and length, so a request can join a batch
 that is decoding (continuous batching) and leave it at any step: rows are slots `0..B-1`
-of the cache, and a row that leaves gives its slot to the last row (`release`).
+of the cache, and a row that leaves gives its slot to the last row (`move`).
 
-Weights (`Packing`). `int8`: the matmuls whose inputs are well-behaved (q/k/v, o,
-gate/up and the output head) use fbgemm's int8 kernels with per-channel weight scales and
-activations quantised per call; `down_proj`, whose input has outlier channels, keeps
-bfloat16 weights. The token embedding is kept in bfloat16 and widened per lookup. `none`:
-every weight in the compute dtype. What each costs is measured by `bench.hf_bench`.
+Weights (`packing`). `int8`: every matmul (q/k/v, o, gate/up, down and the output head)
+uses fbgemm's int8 kernels with per-channel weight scales and activations quantised per
+row (`Int8`), so a row's outlier channels cost only that row some resolution. bfloat16
+weights for `down_proj` were tried: CPUs without bfloat16 instructions multiply them
+slowly, a 38-token prompt took 150 ms instead of 60. The token embedding is kept in
+bfloat16 and widened per lookup. `none`: every weight in the compute dtype. What each
+costs is measured by `bench.hf_bench`.
 
 Supported: `model_type` llama, mistral (no sliding window) and qwen2, with the default
 rotary embedding; other models run on `hf_runner.HFRunner`.
@@ -29,7 +31,6 @@ import torch
 import torch.nn.functional as F  # noqa: N812 - torch's own spelling
 
 SUPPORTED = frozenset({"llama", "mistral", "qwen2"})
-INT8_PARTS = frozenset(os.environ.get("OMNIMIND_INT8_PARTS", "qkv,o,gate_up,head").split(","))
 Tensor = torch.Tensor
 
 
@@ -86,12 +87,8 @@ class Int8:
         return out if self.bias is None else out + self.bias
 
 
-def _linear(part: str, packing: str, weight: Tensor, bias: Tensor | None, dtype: Any) -> Any:
-    if packing == "int8" and part in INT8_PARTS:
-        return Int8(weight, bias)
-    if packing == "int8":
-        return Dense(weight.to(torch.bfloat16), bias)
-    return Dense(weight.to(dtype), bias)
+def _linear(packing: str, weight: Tensor, bias: Tensor | None, dtype: Any) -> Any:
+    return Int8(weight, bias) if packing == "int8" else Dense(weight.to(dtype), bias)
 
 
 class Layer:
@@ -100,12 +97,10 @@ class Layer:
         self.norm1 = weights.get(f"model.layers.{i}.input_layernorm.weight").to(dtype)
         self.norm2 = weights.get(f"model.layers.{i}.post_attention_layernorm.weight").to(dtype)
         qkv = weights.fused(attn, ("q_proj", "k_proj", "v_proj"))
-        self.qkv = _linear("qkv", packing, *qkv, dtype)
-        self.o = _linear("o", packing, *weights.fused(attn, ("o_proj",)), dtype)
-        self.gate_up = _linear(
-            "gate_up", packing, *weights.fused(mlp, ("gate_proj", "up_proj")), dtype
-        )
-        self.down = _linear("down", packing, *weights.fused(mlp, ("down_proj",)), dtype)
+        self.qkv = _linear(packing, *qkv, dtype)
+        self.o = _linear(packing, *weights.fused(attn, ("o_proj",)), dtype)
+        self.gate_up = _linear(packing, *weights.fused(mlp, ("gate_proj", "up_proj")), dtype)
+        self.down = _linear(packing, *weights.fused(mlp, ("down_proj",)), dtype)
 
 
 class Weights:
@@ -161,7 +156,7 @@ class FastDecoder:
                 self.layers = list(pool.map(build, range(config.num_hidden_layers)))
             embed = weights.get("model.embed_tokens.weight")
             head = weights.get("lm_head.weight") if weights.has("lm_head.weight") else embed
-            self.head = _linear("head", packing, head, None, dtype)
+            self.head = _linear(packing, head, None, dtype)
             self.embed = embed.to(torch.bfloat16 if packing == "int8" else dtype)
             self.norm = weights.get("model.norm.weight").to(dtype)
         self.vocab = int(head.shape[0])
