@@ -160,22 +160,23 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         try:
             hf_cache.save(entry, model, tokenizer, stored)
-        except OSError as exc:
+        except OSError as exc:  # serve the model converted here, without a second conversion
             log.warning("cannot cache converted weights in %s: %s", entry.parent, exc)
-            entry = None
-        del model
-        kwargs.pop("gguf_file", None)
-    folder = str(entry) if entry is not None else source
-    if entry is None and key.gguf_file:
-        kwargs["gguf_file"] = key.gguf_file
-    loaded = _build(folder, where, torch_dtype, packing, slots, kwargs)
+            loaded = _build(source, where, torch_dtype, packing, slots, kwargs, model, tokenizer)
+        else:
+            del model
+            loaded = _build(str(entry), where, torch_dtype, packing, slots, {})
+    else:
+        if entry is None and key.gguf_file:
+            kwargs["gguf_file"] = key.gguf_file
+        loaded = _build(str(entry or source), where, torch_dtype, packing, slots, kwargs)
     gc.collect()
     _release_freed_memory()
     loaded.from_cache = from_cache
     loaded.load_seconds = time.perf_counter() - started
     log.info(
-        "model %s ready in %.1f s (%s, %s%s)", key, loaded.load_seconds, loaded.fingerprint,
-        "converted weights from the cache" if from_cache else "converted now", "",
+        "model %s ready in %.1f s (%s, %s)", key, loaded.load_seconds, loaded.fingerprint,
+        "converted weights from the cache" if from_cache else "converted now",
     )  # fmt: skip
     return loaded
 
@@ -198,26 +199,36 @@ def _packing(quantize: str, device: str) -> str:
 
 
 def _build(
-    folder: str, where: str, dtype: torch.dtype, packing: str, slots: int, kwargs: dict[str, Any]
+    folder: str,
+    where: str,
+    dtype: torch.dtype,
+    packing: str,
+    slots: int,
+    kwargs: dict[str, Any],
+    model: Any = None,
+    tokenizer: Any = None,
 ) -> LoadedModel:
-    tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
-    config = _config(folder, kwargs)
-    generation = _generation_config(folder, kwargs)
+    """Tokenizer and runner from `folder`, or from `model` and `tokenizer` already in memory."""
+    if tokenizer is None:
+        tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+    config = _config(folder, kwargs) if model is None else model.config
+    generation = _generation_config(folder, kwargs) if model is None else model.generation_config
     runner: Any
-    model: Any
     single_file = Path(folder) / "model.safetensors"
     if hf_fast.supports(config) and single_file.is_file() and "gguf_file" not in kwargs:
         with safe_open(str(single_file), "pt", device="cpu") as tensors:
             weights = hf_fast.Weights(tensors, where)
             runner = hf_fast.FastDecoder(config, weights, packing, where, dtype, slots)
     elif hf_fast.supports(config):  # a hub id or a sharded checkpoint: through transformers
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
+        if model is None:
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
         weights = hf_fast.Weights(model.state_dict(), where)
         runner = hf_fast.FastDecoder(config, weights, packing, where, dtype, slots)
         del model, weights
     else:
         packing = "none"
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
+        if model is None:
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
         model.to(where).eval()
         runner = HFRunner(model, where, slots)
     eos_ids = _eos_ids(generation, tokenizer)
