@@ -20,7 +20,14 @@ from proxy.errors import UpstreamError
 from proxy.providers import hf_cache
 from proxy.providers.base import Call
 from proxy.providers.hf_fast import FastDecoder, Weights
-from proxy.providers.hf_generate import TextFeed, find_stop, partial_stop, prompt_ids
+from proxy.providers.hf_generate import (
+    Generation,
+    TextFeed,
+    find_stop,
+    partial_stop,
+    prompt_ids,
+)
+from proxy.providers.hf_grammar import GrammarError
 from proxy.providers.hf_provider import HuggingFaceProvider
 from proxy.providers.hf_weights import ModelKey, load_model
 from proxy.providers.huggingface import Spec
@@ -149,6 +156,20 @@ def test_a_second_load_reads_the_cache_and_a_changed_file_does_not(wordy_dir: Pa
     assert hf_cache.entry_for(str(wordy_dir), None, torch.bfloat16) != entry  # never stale
 
 
+def test_a_cache_that_cannot_be_written_still_serves_the_conversion(
+    wordy_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the cache folder would go")
+    monkeypatch.setenv("OMNIMIND_CACHE_DIR", str(blocked))
+    loaded = load_model(ModelKey(str(wordy_dir)), "cpu", "auto", None, "auto", 1)
+    assert not loaded.from_cache and blocked.is_file()
+    with torch.inference_mode():
+        assert loaded.runner.prefill(0, _ids(loaded.tokenizer, PROMPTS[0])).shape == (
+            loaded.runner.vocab,
+        )
+
+
 # ---- any other architecture: transformers' own forward pass -----------------------------------
 
 
@@ -199,3 +220,18 @@ async def test_a_prompt_longer_than_the_window_is_context_too_long(
         await provider.aclose()
     assert failed.value.reason == Reason.CONTEXT_TOO_LONG
     assert json.loads(answer.body)["usage"]["completion_tokens"] >= 1  # the worker lives on
+
+
+async def test_a_grammar_failing_mid_decode_is_the_clients_error() -> None:
+    """A schema that compiles but cannot be followed to its end is a 400, never a provider
+    fault (which would count against the local model's health)."""
+    generation = Generation()
+    generation.finish(GrammarError("minItems cannot be met"))
+    with pytest.raises(UpstreamError) as failed:
+        await generation.next()
+    assert (failed.value.reason, failed.value.status) == (Reason.CLIENT_ERROR, 400)
+    generation = Generation()
+    generation.finish(RuntimeError("a kernel failed"))
+    with pytest.raises(UpstreamError) as failed:
+        await generation.next()
+    assert failed.value.reason == Reason.SERVER_ERROR

@@ -130,6 +130,21 @@ def test_a_streamed_forced_tool_call(client: openai.OpenAI) -> None:
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
 
 
+def test_a_forced_tool_call_cut_by_max_tokens_is_text_streamed_or_not(
+    client: openai.OpenAI,
+) -> None:
+    options: dict[str, Any] = {"tools": [WEATHER], "tool_choice": "required", "max_tokens": 3}
+    answer = client.chat.completions.create(model="tiny", messages=ASK, **options)
+    assert answer.choices[0].finish_reason == "length"
+    assert answer.choices[0].message.content and not answer.choices[0].message.tool_calls
+    chunks = list(
+        client.chat.completions.create(model="tiny", messages=ASK, stream=True, **options)
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == answer.choices[0].message.content  # not dropped from the stream
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+
+
 def test_auto_tool_choice_stays_plain_text(client: openai.OpenAI) -> None:
     answer = client.chat.completions.create(
         model="tiny", messages=ASK, tools=[WEATHER], tool_choice="auto", max_tokens=5

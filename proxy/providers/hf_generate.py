@@ -22,7 +22,8 @@ from ..errors import InvalidRequest, UpstreamError
 from ..policy import CLIENT_ERROR
 from ..wire import ChatBody, Usage
 from .base import Call
-from .hf_grammar import OutputRule, output_rule
+from .hf_grammar import GrammarError, OutputRule, output_rule
+from .hf_weights import describe
 
 _ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 
@@ -240,8 +241,12 @@ class Generation:
             self.halt.set()
 
 
+def schema_error(exc: GrammarError) -> UpstreamError:
+    """The request's output rule cannot be compiled or followed: the client's fault (400)."""
+    return UpstreamError(CLIENT_ERROR, str(exc), 400, param="response_format")
+
+
 def _generation_error(exc: BaseException) -> UpstreamError:
-    if isinstance(exc, MemoryError):
-        return UpstreamError("server_error", f"generation failed: out of memory: {exc}")
-    text = " ".join(str(exc).split())[:300]
-    return UpstreamError("server_error", f"generation failed: {type(exc).__name__}: {text}")
+    if isinstance(exc, GrammarError):  # met mid-decode (e.g. an unsatisfiable minItems)
+        return schema_error(exc)
+    return UpstreamError("server_error", f"generation failed: {describe(exc)}")

@@ -46,7 +46,6 @@ import torch
 
 from ..config import Entry, ProviderConfig
 from ..errors import UpstreamError
-from ..policy import CLIENT_ERROR
 from ..wire import (
     ChatCompletion,
     Choice,
@@ -63,7 +62,15 @@ from ..wire import (
     now,
 )
 from .base import Call, Completion
-from .hf_generate import Done, Generation, Params, TextFeed, parse_params, prompt_ids
+from .hf_generate import (
+    Done,
+    Generation,
+    Params,
+    TextFeed,
+    parse_params,
+    prompt_ids,
+    schema_error,
+)
 from .hf_grammar import GrammarError, Grammars, tool_call_from_text
 from .hf_weights import LoadedModel, LoadError, ModelKey, describe, load_model, log
 from .hf_worker import Job, Sampling, Worker
@@ -232,6 +239,8 @@ class HuggingFaceProvider:
             message, finish = _message(params, "".join(parts), event)
             if message.tool_calls:
                 yield chunk.delta(Delta(tool_calls=[_indexed(t) for t in message.tool_calls]))
+            elif message.content:  # a tool call cut short comes back as text, as non-stream
+                yield chunk.delta(Delta(content=message.content))
             yield chunk.delta(Delta(), finish)
             if call.request.include_usage:
                 yield chunk.usage(event.usage())
@@ -264,7 +273,7 @@ def _prepare(loaded: LoadedModel, params: Params) -> tuple[list[int], Any]:
     try:
         return prompt, loaded.grammars.matcher(params.rule)
     except GrammarError as exc:
-        raise UpstreamError(CLIENT_ERROR, str(exc), 400, param="response_format") from None
+        raise schema_error(exc) from None
 
 
 def _message(params: Params, text: str, done: Done) -> tuple[OutMessage, str]:
@@ -272,7 +281,10 @@ def _message(params: Params, text: str, done: Done) -> tuple[OutMessage, str]:
     rule = params.rule
     if rule is None or rule.kind != "tool_call" or done.finish_reason != "stop":
         return OutMessage(content=text), done.finish_reason
-    name, arguments = tool_call_from_text(rule, text)
+    try:
+        name, arguments = tool_call_from_text(rule, text)
+    except ValueError:  # cut by one of the request's own stop strings: the text as it is
+        return OutMessage(content=text), done.finish_reason
     call = OutToolCall(
         id=f"call_{uuid.uuid4().hex[:24]}", function=OutFunction(name=name, arguments=arguments)
     )
