@@ -36,28 +36,27 @@ Tensor = torch.Tensor
 
 def supports(config: Any) -> bool:
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    window = getattr(config, "sliding_window", None) if config.model_type != "qwen2" else None
-    if config.model_type == "qwen2" and getattr(config, "use_sliding_window", False):
-        return False
+    if config.model_type == "qwen2":  # qwen2 names a window it only uses when told to
+        sliding = bool(getattr(config, "use_sliding_window", False))
+    else:
+        sliding = getattr(config, "sliding_window", None) is not None
     return (
         config.model_type in SUPPORTED
         and rope.get("rope_type", rope.get("type", "default")) == "default"
-        and window is None
+        and not sliding
         and getattr(config, "hidden_act", "silu") == "silu"
     )
 
 
 class Dense:
-    """`x @ w.T + b` with the weight stored in its own dtype (bfloat16 to halve its reads)."""
+    """`x @ w.T + b` in the compute dtype (packing `none`, and every device but the CPU)."""
 
     def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
         self.weight = weight.contiguous()
         self.bias = None if bias is None else bias.to(weight.dtype)
 
     def __call__(self, x: Tensor) -> Tensor:
-        if x.dtype == self.weight.dtype:
-            return F.linear(x, self.weight, self.bias)
-        return F.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
+        return F.linear(x, self.weight, self.bias)
 
 
 class Int8:
