@@ -34,7 +34,7 @@ from proxy.providers.huggingface import Spec
 from proxy.reasons import Reason
 from proxy.wire import ChatRequest
 
-from .tiny_model import build_tiny_model
+from .tiny_model import SMOLLM2_GGUF, SMOLLM2_PACKAGE, build_tiny_model
 
 PROMPTS = ["Tell me about cats.", "Describe the sea in many more words than that."]
 
@@ -140,34 +140,45 @@ def test_int8_rows_do_not_depend_on_their_batch(wordy_dir: Path) -> None:
 # ---- the converted-weights cache ---------------------------------------------------------------
 
 
-def test_a_second_load_reads_the_cache_and_a_changed_file_does_not(wordy_dir: Path) -> None:
+def test_a_safetensors_checkpoint_is_read_in_place_not_copied(wordy_dir: Path) -> None:
+    weights = hf_cache.cache_root() / "weights"
+    before = sorted(weights.iterdir()) if weights.is_dir() else []
     key = ModelKey(str(wordy_dir))
     first = load_model(key, "cpu", "auto", None, "auto", 1)
     second = load_model(key, "cpu", "auto", None, "auto", 1)
-    assert (first.from_cache, second.from_cache) == (False, True)
-    entry = hf_cache.entry_for(str(wordy_dir), None, torch.bfloat16)
-    assert entry is not None and hf_cache.is_complete(entry)
-    assert os.environ["OMNIMIND_CACHE_DIR"] in str(entry)  # the tests' folder, not ~/.cache
+    assert (first.from_cache, second.from_cache) == (False, False)
+    assert (sorted(weights.iterdir()) if weights.is_dir() else []) == before  # no copy on disk
     ids = _ids(first.tokenizer, PROMPTS[0])
     with torch.inference_mode():
         assert torch.equal(first.runner.prefill(0, ids), second.runner.prefill(0, ids))
-    config = wordy_dir / "config.json"
-    os.utime(config, ns=(config.stat().st_atime_ns, config.stat().st_mtime_ns + 10**9))
-    assert hf_cache.entry_for(str(wordy_dir), None, torch.bfloat16) != entry  # never stale
 
 
+def test_the_cache_key_follows_the_gguf_file(tmp_path: Path) -> None:
+    (tmp_path / "m.gguf").write_bytes(b"GGUF and some weights")
+    entry = hf_cache.entry_for(str(tmp_path), "m.gguf", torch.bfloat16)
+    assert entry is not None and str(entry).startswith(os.environ["OMNIMIND_CACHE_DIR"])
+    assert hf_cache.entry_for(str(tmp_path), "m.gguf", torch.bfloat16) == entry
+    assert hf_cache.entry_for(str(tmp_path), "m.gguf", torch.float32) != entry
+    path = tmp_path / "m.gguf"
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    assert hf_cache.entry_for(str(tmp_path), "m.gguf", torch.bfloat16) != entry  # never stale
+    assert hf_cache.entry_for(str(tmp_path), "other.gguf", torch.bfloat16) is None
+    assert hf_cache.entry_for("Org/hub-model", "m.gguf", torch.bfloat16) is None
+
+
+@pytest.mark.slow
 def test_a_cache_that_cannot_be_written_still_serves_the_conversion(
-    wordy_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     blocked = tmp_path / "not-a-folder"
     blocked.write_text("a file where the cache folder would go")
     monkeypatch.setenv("OMNIMIND_CACHE_DIR", str(blocked))
-    loaded = load_model(ModelKey(str(wordy_dir)), "cpu", "auto", None, "auto", 1)
+    key = ModelKey(f"package:{SMOLLM2_PACKAGE}", SMOLLM2_GGUF)
+    loaded = load_model(key, "cpu", "auto", None, "auto", 1)
     assert not loaded.from_cache and blocked.is_file()
     with torch.inference_mode():
-        assert loaded.runner.prefill(0, _ids(loaded.tokenizer, PROMPTS[0])).shape == (
-            loaded.runner.vocab,
-        )
+        logits = loaded.runner.prefill(0, _ids(loaded.tokenizer, "What is the capital of France?"))
+    assert logits.shape == (loaded.runner.vocab,)
 
 
 # ---- any other architecture: transformers' own forward pass -----------------------------------

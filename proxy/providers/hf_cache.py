@@ -3,12 +3,13 @@
 Loading a GGUF file de-quantises every tensor (about 20 s for SmolLM2-135M on two cores).
 After the first load the converted checkpoint (config, tokenizer, safetensors) is saved in
 `$OMNIMIND_CACHE_DIR`, else `$XDG_CACHE_HOME/omnimind`, else `~/.cache/omnimind`, under
-`weights/<key>`. The key hashes the source folder, the file(s) read from it (name, size,
-modification time), the stored dtype, and the versions of torch, transformers and this
-format, so an edited file or an upgraded library never reads a stale conversion. A folder
-is written under a temporary name and renamed when complete: a crash mid-write or two
-workers converting at once leave no half-written entry. Hub ids are not cached here
-(`transformers` keeps its own hub cache).
+`weights/<key>`. The key hashes the source folder, the GGUF file (name, size, modification
+time), the stored dtype, and the versions of torch, transformers and this format, so an
+edited file or an upgraded library never reads a stale conversion. A folder is written
+under a temporary name and renamed when complete: a crash mid-write or two workers
+converting at once leave no half-written entry. Only GGUF files are converted and kept:
+a safetensors checkpoint is read as it is (a copy would double its size on disk for no
+gain), and hub ids live in `transformers`' own hub cache.
 """
 
 from __future__ import annotations
@@ -37,20 +38,15 @@ def cache_root() -> Path:
 
 
 def entry_for(source: str, gguf_file: str | None, stored_dtype: torch.dtype) -> Path | None:
-    """Where the conversion of these weights lives; None for a hub id (not a local folder)."""
-    folder = Path(source)
-    if not folder.is_dir():
+    """Where the conversion of this GGUF file lives; None when there is nothing to convert."""
+    path = Path(source) / gguf_file if gguf_file else None
+    if path is None or not path.is_file():
         return None
-    files = [folder / gguf_file] if gguf_file else sorted(p for p in folder.iterdir())
-    files = [p for p in files if p.is_file()]
-    digest = hashlib.sha256()
-    parts: list[Any] = [FORMAT, str(folder.resolve()), str(stored_dtype)]
-    parts += [torch.__version__, transformers.__version__]
-    for path in files:
-        stat = path.stat()
-        parts += [path.name, stat.st_size, stat.st_mtime_ns]
-    digest.update(repr(parts).encode())
-    return cache_root() / "weights" / digest.hexdigest()[:32]
+    stat = path.stat()
+    parts: list[Any] = [FORMAT, str(path.resolve()), str(stored_dtype)]
+    parts += [torch.__version__, transformers.__version__, stat.st_size, stat.st_mtime_ns]
+    digest = hashlib.sha256(repr(parts).encode()).hexdigest()
+    return cache_root() / "weights" / digest[:32]
 
 
 def is_complete(entry: Path) -> bool:

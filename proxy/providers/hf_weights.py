@@ -174,9 +174,10 @@ def load_model(
     _release_freed_memory()
     loaded.from_cache = from_cache
     loaded.load_seconds = time.perf_counter() - started
+    how = "converted weights from the cache" if from_cache else "converted now" if entry else ""
     log.info(
-        "model %s ready in %.1f s (%s, %s)", key, loaded.load_seconds, loaded.fingerprint,
-        "converted weights from the cache" if from_cache else "converted now",
+        "model %s ready in %.1f s (%s%s)", key, loaded.load_seconds, loaded.fingerprint,
+        f", {how}" if how else "",
     )  # fmt: skip
     return loaded
 
