@@ -36,12 +36,14 @@ def clamp(usage: Usage | None) -> Usage | None:
     """Usage as the gateway believes it: counts within 0..MAX_TOKENS, the total their sum."""
     if usage is None:
         return None
-
-    def fix(n: object) -> int:
-        return max(0, min(int(n), MAX_TOKENS)) if isinstance(n, int) else 0
-
-    prompt, completion = fix(usage.prompt_tokens), fix(usage.completion_tokens)
+    prompt, completion = _count(usage.prompt_tokens), _count(usage.completion_tokens)
     return Usage(prompt, completion, prompt + completion)
+
+
+def _count(n: object) -> int:
+    if type(n) is int and 0 <= n <= MAX_TOKENS:
+        return n  # the usual case: one check
+    return max(0, min(int(n), MAX_TOKENS)) if isinstance(n, int) else 0
 
 
 class Ledger:

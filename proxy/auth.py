@@ -22,26 +22,25 @@ from __future__ import annotations
 import asyncio
 import hmac
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+
+import msgspec
 
 from .config import ApiKey, Config, StateSpec
 from .errors import RateLimited, Unauthorized
 from .state import Before, Cooldown, Outcome, StateStore, open_store
 
 
-@dataclass(frozen=True, slots=True)
-class Caller:
+class Caller(msgspec.Struct, frozen=True):
     key_id: str  # "" when the gateway has no keys
     bucket: str  # what the limits count against: the key id, or "addr:<client address>"
     rpm: int | None
     tpm: int | None
 
 
-@dataclass(slots=True)
-class Admission:
+class Admission(msgspec.Struct):
     caller: Caller
-    headers: dict[str, str] = field(default_factory=dict)  # x-ratelimit-*, for the answer
-    cooling: dict[str, Cooldown] = field(default_factory=dict)  # health id -> cooldown
+    headers: dict[str, str] = msgspec.field(default_factory=dict)  # x-ratelimit-*, for the answer
+    cooling: dict[str, Cooldown] = msgspec.field(default_factory=dict)  # health id -> cooldown
     cached: bytes | None = None
     cache_key: str | None = None
     degraded: bool = False

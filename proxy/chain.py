@@ -126,6 +126,7 @@ class Walk:
                 raise
             except Exception as exc:  # noqa: BLE001 - every failure is classified, none escapes
                 error = self._redacted(map_exception(exc))
+                exc.__traceback__ = None  # `error` may be `exc`: its frames would hold it
                 held.health.failure(entry.model, error, ticket)
                 self._states(held, entry, str(error.reason))
                 self._failed(entry, error, _ms(started))
@@ -152,17 +153,8 @@ class Walk:
         call = Call(self.call.request, entry, self.info.request_id, self.call.op)
         queued = time.perf_counter()
         held.leases += 1
-        try:
-            try:
-                async with asyncio.timeout_at(self.deadline):
-                    await held.gate.acquire()
-            except TimeoutError:
-                raise UpstreamError(
-                    Reason.DEADLINE, "the request deadline ran out waiting for a slot"
-                ) from None
-        except BaseException:
-            held.release()
-            raise
+        if not held.gate.try_acquire():
+            await self._wait_for_slot(held)
         started = time.perf_counter()
         self.ledger.rec.queue_ms += (started - queued) * 1000
         committed = False
@@ -194,6 +186,19 @@ class Walk:
                 held.gate.release()
                 held.release()
 
+    async def _wait_for_slot(self, held: Held) -> None:
+        try:
+            try:
+                async with asyncio.timeout_at(self.deadline):
+                    await held.gate.acquire()
+            except TimeoutError:
+                raise UpstreamError(
+                    Reason.DEADLINE, "the request deadline ran out waiting for a slot"
+                ) from None
+        except BaseException:
+            held.release()
+            raise
+
     def _stream_closed(self, stream: OwnedStream, held: Held, entry: Entry, started: float) -> None:
         """A stream ended: the health verdict on its entry, and (if served) the bookkeeping.
 
@@ -222,8 +227,11 @@ class Walk:
     def _states(self, held: Held, entry: Entry, why: str = "") -> None:
         """Log a breaker that opened or closed (once per change, not per request)."""
         states = self.engine.states
-        states.observe(entry.provider, held.health.host.state, why)
-        states.observe(entry.deployment, held.health.deployment(entry.model).state, why)
+        host, deployment = held.health.host, held.health.deployment(entry.model)
+        if states.all_up and not host.open_until and not deployment.open_until:
+            return  # nothing down, nothing opened: the common case, nothing to log
+        states.observe(entry.provider, host.state, why)
+        states.observe(entry.deployment, deployment.state, why)
 
     def _redacted(self, error: UpstreamError) -> UpstreamError:
         redact = self.engine.redact

@@ -14,7 +14,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .config import ConfigError, ServerSpec
 from .errors import GatewayError, InvalidRequest
@@ -94,6 +94,7 @@ class UnsupportedMediaType(GatewayError):
     code = "unsupported_media_type"
 
 
+_HOSTS_REMEMBERED = 64
 _LOCAL_NAMES = frozenset({"localhost", "127.0.0.1", "[::1]", "::1"})
 _ALLOW_METHODS = "GET, POST, OPTIONS"
 _EXPOSE = (
@@ -128,6 +129,9 @@ class BrowserGuard:
     keyless: bool
     cors_origins: frozenset[str] = frozenset()
     allowed_hosts: frozenset[str] = frozenset()
+    _hosts_seen: dict[tuple[str, str | None], None] = field(
+        default_factory=dict, compare=False, repr=False
+    )  # Host headers already accepted (with the address they came to)
 
     @classmethod
     def from_server(cls, server: ServerSpec, keyless: bool) -> BrowserGuard:
@@ -144,12 +148,15 @@ class BrowserGuard:
         if not self.keyless:
             return
         host = headers.get("host", "")
-        host_name = _host_name(host)
-        if host and not self._own_host(host_name, bound):
-            raise MisdirectedRequest(
-                f"Host '{host_name[:100]}' is not this gateway's; without api_keys only "
-                "localhost, the bound address and server.allowed_hosts are served."
-            )
+        if host and (host, bound) not in self._hosts_seen:
+            host_name = _host_name(host)
+            if not self._own_host(host_name, bound):
+                raise MisdirectedRequest(
+                    f"Host '{host_name[:100]}' is not this gateway's; without api_keys only "
+                    "localhost, the bound address and server.allowed_hosts are served."
+                )
+            if len(self._hosts_seen) < _HOSTS_REMEMBERED:  # accepted ones only: few
+                self._hosts_seen[host, bound] = None
         origin = headers.get("origin")
         if origin is not None and not self.allows_origin(origin):
             if origin == "null" or not _same_origin(origin, host):
@@ -157,7 +164,9 @@ class BrowserGuard:
                     f"Origin '{origin[:100]}' is not allowed; list it in server.cors_origins."
                 )
         if method == "POST":
-            media = headers.get("content-type", "").partition(";")[0].strip().lower()
+            media = headers.get("content-type", "")
+            if media != "application/json":
+                media = media.partition(";")[0].strip().lower()
             if media != "application/json":
                 raise UnsupportedMediaType(
                     "POST bodies must be sent with 'Content-Type: application/json'."

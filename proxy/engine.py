@@ -9,8 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import msgspec
@@ -33,13 +32,15 @@ _KIND_OF_OP = {Op.CHAT: "chat", Op.COMPLETION: "chat", Op.EMBEDDING: "embedding"
 _CLIENT_TEXT = 256  # characters of a client-given string kept in records
 
 
-@dataclass(frozen=True, slots=True)
-class Info:
+class Info(msgspec.Struct, frozen=True):
     """Who asked: the request id, an optional preferred provider, the gateway key's id."""
 
     request_id: str = ""
     prefer: str | None = None
     key_id: str = ""
+
+
+_ANONYMOUS = Info()
 
 
 class ProviderStatus(msgspec.Struct):
@@ -100,12 +101,17 @@ class Engine:
             entries = first + tuple(e for e in entries if e.provider != prefer)
         return entries
 
-    async def complete(self, request: ApiRequest, op: Op = Op.CHAT, info: Info = Info()) -> Answer:
-        return await self._run(request, op, info, False)
+    # complete/stream hand back `_run`'s coroutine: one frame less on every resumption.
+    def complete(
+        self, request: ApiRequest, op: Op = Op.CHAT, info: Info = _ANONYMOUS
+    ) -> Coroutine[Any, Any, Answer]:
+        return self._run(request, op, info, False)
 
-    async def stream(self, request: ApiRequest, op: Op = Op.CHAT, info: Info = Info()) -> Answer:
+    def stream(
+        self, request: ApiRequest, op: Op = Op.CHAT, info: Info = _ANONYMOUS
+    ) -> Coroutine[Any, Any, Answer]:
         """An answer whose `stream` starts with the first chunk already received."""
-        return await self._run(request, op, info, True)
+        return self._run(request, op, info, True)
 
     async def _run(self, request: ApiRequest, op: Op, info: Info, stream: bool) -> Answer:
         self.active += 1

@@ -20,8 +20,6 @@ the caller's API shape, every string redacted.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import msgspec
 
 from .reasons import Reason
@@ -147,8 +145,7 @@ class UpstreamError(Exception):
         return f"{self.reason}{status}: {self.message}"
 
 
-@dataclass(slots=True)
-class Attempt:
+class Attempt(msgspec.Struct):
     """What one chain entry did, kept in order for headers, logs and the final error."""
 
     provider: str
@@ -156,7 +153,7 @@ class Attempt:
     reason: Reason
     status: int | None = None
     latency_ms: float = 0.0
-    message: str = field(default="", repr=False)
+    message: str = ""
 
 
 EXCERPT = 200  # characters of an upstream's own message in the all-failed error

@@ -18,6 +18,16 @@ class Gate:
         self._max_queue = max_queue
         self.waiting = 0
 
+    def try_acquire(self) -> bool:
+        """Take a free slot now if there is one (no waiting, so no timer to arm)."""
+        sem = self._sem
+        if sem is None:
+            return True
+        if sem.locked():
+            return False
+        sem._value -= 1  # noqa: SLF001 - what Semaphore.acquire does when it is not locked
+        return True
+
     async def acquire(self) -> None:
         sem = self._sem
         if sem is None:

@@ -123,6 +123,10 @@ class ProviderStates:
         self._down: dict[str, str] = {}
         self._log = logger or logging.getLogger("omnimind.providers")
 
+    @property
+    def all_up(self) -> bool:
+        return not self._down
+
     def is_down(self, provider: str) -> bool:
         return provider in self._down
 

@@ -25,6 +25,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+        self._rows: dict[tuple[str, str, str, str], tuple[Any, ...]] = {}
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
@@ -84,21 +85,37 @@ class Metrics:
 
     def record(self, rec: RequestRecord, alias_label: str) -> None:
         provider = rec.provider or "none"
-        self._child(self.requests, alias_label, provider, rec.outcome).inc()
+        key = (alias_label, provider, rec.outcome, rec.model)
+        row = self._rows.get(key)
+        if row is None:
+            row = self._rows[key] = self._row(*key)
+        requests, duration, prompt, completion = row
+        requests.inc()
         for a in rec.attempts:
             self._child(self.fallbacks, alias_label, a.provider, a.model, a.reason).inc()
         if rec.provider:
-            self._child(self.duration, provider).observe(rec.duration_ms / 1000)
+            duration.observe(rec.duration_ms / 1000)
             if rec.stream:
                 self._child(self.ttft, provider).observe(rec.latency_ms / 1000)
             if rec.prompt_tokens is not None:
-                self._child(self.tokens, provider, rec.model, "prompt").inc(rec.prompt_tokens)
+                prompt.inc(rec.prompt_tokens)
             if rec.completion_tokens is not None:
-                self._child(self.tokens, provider, rec.model, "completion").inc(
-                    rec.completion_tokens
-                )
+                completion.inc(rec.completion_tokens)
             if rec.cost_usd:
                 self._child(self.cost, provider, rec.model).inc(rec.cost_usd)
+
+    def _row(self, alias: str, provider: str, outcome: str, model: str) -> tuple[Any, ...]:
+        """The children every record of one kind updates, looked up once for all of them
+        (a record without a provider updates only the first)."""
+        requests = self._child(self.requests, alias, provider, outcome)
+        if provider == "none":
+            return requests, None, None, None
+        return (
+            requests,
+            self._child(self.duration, provider),
+            self._child(self.tokens, provider, model, "prompt"),
+            self._child(self.tokens, provider, model, "completion"),
+        )
 
     def exposition(self, health: dict[str, Any]) -> bytes:
         """`health`: provider id -> its status (`available`, `state`)."""

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from dataclasses import dataclass, field
 from typing import Any
+
+import msgspec
 
 from .audit import AuditLog, audit_json
 from .errors import Attempt
@@ -30,13 +31,14 @@ MAX_TOKENS = 100_000_000  # as accounting.py: an upstream's usage beyond this is
 def clamp_tokens(count: object) -> int | None:
     """A token count within 0..MAX_TOKENS (None if it is not a number at all); accounting
     clamps usage already, this keeps every sink safe whoever fills a record."""
+    if type(count) is int and 0 <= count <= MAX_TOKENS:
+        return count  # the usual case: one check
     if isinstance(count, bool) or not isinstance(count, int):
         return None
     return max(0, min(count, MAX_TOKENS))
 
 
-@dataclass(slots=True)
-class RequestRecord:
+class RequestRecord(msgspec.Struct):
     request_id: str
     alias: str
     stream: bool
@@ -44,7 +46,7 @@ class RequestRecord:
     outcome: str = "ok"  # ok | client_error | failed | cancelled | stream_error
     provider: str = ""
     model: str = ""
-    attempts: list[Attempt] = field(default_factory=list)
+    attempts: list[Attempt] = msgspec.field(default_factory=list)
     latency_ms: float = 0.0  # non-stream: whole answer; stream: first chunk
     duration_ms: float = 0.0
     queue_ms: float = 0.0  # waiting for providers' concurrency slots

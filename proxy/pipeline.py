@@ -18,8 +18,10 @@ import logging
 import os
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
+
+import msgspec
 
 from .auth import Caller
 from .errors import GatewayError, InvalidRequest, PayloadTooLarge
@@ -28,6 +30,7 @@ from .policy import map_exception
 from .render import Dialect, internal_error
 
 log = logging.getLogger("omnimind.pipeline")
+_OPENAI = Dialect()  # stateless: one for every route that does not name its own
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -58,10 +61,9 @@ class NotFound(GatewayError):
     code = "not_found"
 
 
-@dataclass(slots=True)
-class JsonReply:
+class JsonReply(msgspec.Struct):
     body: bytes
-    headers: dict[str, str] = field(default_factory=dict)
+    headers: dict[str, str] = msgspec.field(default_factory=dict)
     status: int = 200
     content_type: str = "application/json"
 
@@ -80,8 +82,7 @@ class StreamReply:
 Reply = JsonReply | StreamReply
 
 
-@dataclass(slots=True)
-class Context:
+class Context(msgspec.Struct):
     gateway: Gateway
     request_id: str
     headers: dict[str, str]
@@ -91,7 +92,7 @@ class Context:
     admitted: bool = False  # the pipeline checked the limits (the route does not admit itself)
     body: bytes = b""
     path_arg: str = ""
-    dialect: Dialect = field(default_factory=Dialect)
+    dialect: Dialect = _OPENAI
 
     def error_frame(self, exc: GatewayError) -> bytes:
         return self.dialect.frame(exc, self.gateway.redact)
@@ -109,7 +110,7 @@ class Route:
     path: str  # exact, or a prefix ending in "/" when `prefix`
     handler: Handler
     method: str = "POST"
-    dialect: Dialect = field(default_factory=Dialect)
+    dialect: Dialect = _OPENAI
     auth: bool = True
     prefix: bool = False
     admits: bool = False  # the handler admits itself (limits, chain health, cache: serve())
@@ -125,6 +126,7 @@ class Pipeline:
         for route in routes:
             if not route.prefix:
                 self._exact.setdefault(route.path, []).append(route)
+        self._by_method = {(r.path, r.method): r for r in routes if not r.prefix}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -148,13 +150,16 @@ class Pipeline:
         request_id = given if _REQUEST_ID.fullmatch(given) else os.urandom(16).hex()
         client = gateway.client_address(scope, headers)
         ctx = Context(gateway, request_id, headers, client)
-        routes, ctx.path_arg = self._route(scope["path"])
         method = scope["method"]
-        if method == "OPTIONS" and scope["path"].startswith("/v1/"):  # CORS preflight
-            status, allowed = gateway.preflight(headers)
-            return await _send(send, status, {**allowed, "x-request-id": request_id}, b"")
-        route = next((r for r in routes if r.method == method), None)
-        ctx.dialect = (route or (routes[0] if routes else None) or _DEFAULT).dialect
+        route = self._by_method.get((scope["path"], method))  # the common case: one lookup
+        routes: list[Route] = []
+        if route is None:
+            if method == "OPTIONS" and scope["path"].startswith("/v1/"):  # CORS preflight
+                status, allowed = gateway.preflight(headers)
+                return await _send(send, status, {**allowed, "x-request-id": request_id}, b"")
+            routes, ctx.path_arg = self._route(scope["path"])
+            route = next((r for r in routes if r.method == method), None)
+        ctx.dialect = (route or (routes[0] if routes else _DEFAULT)).dialect
         reply: Reply
         try:
             if route is None:
@@ -219,9 +224,13 @@ _DEFAULT = Route("", handler=None, method="")  # type: ignore[arg-type]
 def _headers(scope: Scope) -> tuple[dict[str, str], str]:
     """Request headers by lower-case name, and what is wrong with them ("" if nothing):
     a credential header sent twice is refused rather than one of them picked."""
-    out: dict[str, str] = {}
+    raw = scope["headers"]
+    out = {n.decode("latin-1").lower(): v.decode("latin-1") for n, v in raw}
+    if len(out) == len(raw):
+        return out, ""  # no name repeated: the common case, in one pass
+    out = {}
     problem = ""
-    for raw_name, raw_value in scope["headers"]:
+    for raw_name, raw_value in raw:
         name = raw_name.decode("latin-1").lower()
         value = raw_value.decode("latin-1")
         if name in out:
@@ -244,9 +253,9 @@ async def _body(receive: Receive, limit: int) -> bytes:
         size += len(part)
         if size > limit:
             raise PayloadTooLarge(f"Request body is larger than the limit of {limit} bytes.")
-        parts.append(part)
         if not message.get("more_body"):
-            return parts[0] if len(parts) == 1 else b"".join(parts)
+            return b"".join((*parts, part)) if parts else part
+        parts.append(part)
 
 
 async def _error(send: Send, ctx: Context, exc: GatewayError) -> None:
@@ -268,15 +277,18 @@ async def _send(
 
 
 def _encode(headers: dict[str, str]) -> Headers:
-    """Header values as latin-1; anything else (a model name from the config) as UTF-8 %-escapes."""
-    out = []
-    for k, v in headers.items():
-        try:
-            value = v.encode("latin-1")
-        except UnicodeEncodeError:
-            value = v.encode("utf-8").decode("latin-1").encode("latin-1")
-        out.append((k.encode("latin-1"), value))
-    return out
+    """Header values as latin-1; anything else (a model name from the config) as UTF-8 bytes."""
+    try:
+        return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+    except UnicodeEncodeError:
+        return [(k.encode("latin-1"), _latin1_or_utf8(v)) for k, v in headers.items()]
+
+
+def _latin1_or_utf8(value: str) -> bytes:
+    try:
+        return value.encode("latin-1")
+    except UnicodeEncodeError:
+        return value.encode("utf-8")
 
 
 async def _relay(
@@ -341,6 +353,7 @@ class _Disconnect:
     """Cancels the current task when the client disconnects (`gone` says it did)."""
 
     __slots__ = ("task", "gone", "_watcher")
+    _watcher: asyncio.Future[None] | None
 
     def __init__(self, receive: Receive) -> None:
         task = asyncio.current_task()
@@ -356,7 +369,11 @@ class _Disconnect:
         self.task.cancel()
 
     def stop(self) -> None:
-        self._watcher.cancel()
+        # Dropped, not only cancelled: the watcher's frame holds this object, and a cycle
+        # through its CancelledError would leave garbage for the collector every request.
+        watcher, self._watcher = self._watcher, None
+        if watcher is not None:
+            watcher.cancel()
 
 
 async def unless_disconnected(work: Awaitable[Any], receive: Receive) -> Any:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
@@ -27,8 +26,7 @@ from .wire import Usage, UsageView
 _usage_view = msgspec.json.Decoder(UsageView)
 
 
-@dataclass(slots=True)
-class Answer:
+class Answer(msgspec.Struct):
     """Who answered, how fast, and after which failures; `body` xor `stream` is set."""
 
     provider: str
@@ -37,8 +35,8 @@ class Answer:
     attempts: list[Attempt]
     body: bytes = b""
     usage: Usage | None = None
-    stream: OwnedStream | None = field(default=None, repr=False)
-    entry: Entry | None = field(default=None, repr=False)
+    stream: OwnedStream | None = None
+    entry: Entry | None = None
     cost_usd: float | None = None
     cached: bool = False
 
@@ -117,14 +115,17 @@ class OwnedStream:
             return
         self.closed = True
         self._first = None
-        self._timer.handle.cancel()
+        self._timer.stop()
         release, self._release = self._release, None
         try:
             if release is not None:
                 release()
             await close_stream(self._chunks)
         finally:
-            self._on_close(self)
+            # Dropped once called: the callback holds the chain walk, which holds this
+            # stream (a cycle the collector would have to find, every stream).
+            on_close, self._on_close = self._on_close, _closed_already
+            on_close(self)
 
     def _take_usage(self, chunk: bytes) -> None:
         try:
@@ -144,14 +145,23 @@ class _Deadline:
     def __init__(self, deadline: float) -> None:
         self.loop = asyncio.get_running_loop()
         self.deadline = deadline
-        self.handle = self.loop.call_at(deadline, self._fire)
+        self.handle: asyncio.TimerHandle | None = self.loop.call_at(deadline, self._fire)
         self.task: asyncio.Task[Any] | None = None
         self.fired = False
+
+    def stop(self) -> None:
+        handle, self.handle = self.handle, None  # the handle holds this object: no cycle left
+        if handle is not None:
+            handle.cancel()
 
     def _fire(self) -> None:
         if self.task is not None:
             self.fired = True
             self.task.cancel()
+
+
+def _closed_already(stream: OwnedStream) -> None:
+    return None
 
 
 async def first_chunk(chunks: AsyncIterator[bytes], within: float) -> bytes:

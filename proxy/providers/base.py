@@ -25,6 +25,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
 
+import msgspec
+
 from ..config import Entry
 from ..wire import ApiRequest, Usage
 
@@ -35,8 +37,7 @@ class Op(enum.StrEnum):
     EMBEDDING = "embedding"
 
 
-@dataclass(slots=True)
-class Call:
+class Call(msgspec.Struct):
     """One attempt: the client's request, the chain entry it goes to, and what is asked."""
 
     request: ApiRequest
@@ -45,8 +46,7 @@ class Call:
     op: Op = Op.CHAT
 
 
-@dataclass(slots=True)
-class Completion:
+class Completion(msgspec.Struct):
     body: bytes
     usage: Usage | None = None
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import aiohttp
@@ -33,15 +34,20 @@ def timeouts(entry: Entry, stream: bool) -> aiohttp.ClientTimeout:
     `timeout` (a cold model loading): the socket read timeout must not cut it short, so
     it is the longer of the two; once chunks flow it bounds the gap between them.
     """
-    return aiohttp.ClientTimeout(
-        total=None,
-        sock_connect=entry.connect_timeout,
-        sock_read=max(entry.timeout, entry.first_token_timeout) if stream else None,
-    )
+    read = max(entry.timeout, entry.first_token_timeout) if stream else None
+    return _timeout(entry.connect_timeout, read)
+
+
+@functools.lru_cache(maxsize=256)  # a few per config entry; built once, not per request
+def _timeout(connect: float, read: float | None) -> aiohttp.ClientTimeout:
+    return aiohttp.ClientTimeout(total=None, sock_connect=connect, sock_read=read)
 
 
 async def read_capped(resp: aiohttp.ClientResponse, limit: int) -> bytes:
     """The body, decompressed, but never more than `limit` bytes of it in memory."""
+    length = resp.content_length
+    if length is not None and length <= limit and "Content-Encoding" not in resp.headers:
+        return await resp.read()  # not compressed: its length bounds it (the common case)
     parts: list[bytes] = []
     size = 0
     async for block in resp.content.iter_chunked(_READ):

@@ -9,8 +9,8 @@ decompression, and only the configured headers go upstream, never the client's.
 
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncIterator
+from random import getrandbits
 
 import aiohttp
 import msgspec
@@ -162,7 +162,12 @@ def upstream_error_fields(body: bytes) -> tuple[str, str | None, str | None]:
     return str(error), None, None
 
 
+_UUID_KEEP = ~((0xF000 << 64) | (0xC000 << 48))  # version and variant bits cleared...
+_UUID_SET = (0x4000 << 64) | (0x8000 << 48)  # ...then set: version 4, RFC 4122 variant
+
+
 def _uuid4() -> str:
-    """A random (version 4) UUID string, as `str(uuid.uuid4())` makes, at a fifth of its cost."""
-    h = os.urandom(16).hex()
-    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:32]}"
+    """A random (version 4) UUID string, as `str(uuid.uuid4())` makes, at a fraction of its
+    cost. It names the upstream call in the upstream's logs; it guards nothing."""
+    h = "%032x" % (getrandbits(128) & _UUID_KEEP | _UUID_SET)
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"

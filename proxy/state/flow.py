@@ -116,9 +116,9 @@ async def begin(
     limits: bool = True,
 ) -> Turn:
     """Admit a request for `alias`'s chain (`entries`: (provider, model) pairs)."""
+    if nothing_to_ask(guard, caller, cache, limits):
+        return plain(guard, caller, alias)
     local = guard.store.backend == "memory"
-    if local and cache is None and not (limits and (caller.rpm or caller.tpm)):
-        return Turn(guard, Admission(caller), Mirror({}, ()), alias, None, False)
     # In-process state has nothing to add to this process's own breakers.
     mirror = Mirror(breakers, () if local else entries)
     key = None
@@ -133,6 +133,23 @@ async def begin(
         # no-cache: a fresh answer, which then replaces the stored one
         admission.cache_key = rcache.cache_key(alias, fields, op)
     return Turn(guard, admission, mirror, alias, cache, keep)
+
+
+def nothing_to_ask(guard: Guard, caller: Caller, cache: CacheSpec | None, limits: bool) -> bool:
+    """True when `begin` needs no round trip: in-process state, no cache, no limits to check
+    (`plain` is then the turn, at no cost)."""
+    return (
+        cache is None
+        and not (limits and (caller.rpm or caller.tpm))
+        and guard.store.backend == "memory"
+    )
+
+
+def plain(guard: Guard, caller: Caller, alias: str) -> Turn:
+    return Turn(guard, Admission(caller), _NO_MIRROR, alias, None, False)
+
+
+_NO_MIRROR = Mirror({}, ())
 
 
 def pairs(entries: Sequence[Any]) -> list[tuple[str, str]]:

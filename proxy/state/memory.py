@@ -152,9 +152,10 @@ class MemoryStore:
         tokens = o.prompt_tokens + o.completion_tokens
         if o.tpm and tokens and not o.cached:
             ratelimit.charge(self._bucket(o.key_id, "t", o.tpm, now), o.tpm, tokens, now)
-        for table, name in ((self._keys, o.key_id), (self._aliases, o.alias)):
-            if name and (table is self._aliases or counted(name)):
-                _add(table.setdefault(name, Totals()), o)
+        if o.alias:
+            _add(self._aliases.get(o.alias) or self._aliases.setdefault(o.alias, Totals()), o)
+        if counted(o.key_id):
+            _add(self._keys.get(o.key_id) or self._keys.setdefault(o.key_id, Totals()), o)
         for event in o.health:
             if event.seconds <= 0:
                 self._cooling.pop(event.id)
