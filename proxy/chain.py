@@ -31,6 +31,7 @@ from .pool import Held
 from .providers import Call
 from .reasons import Reason
 from .streaming import Answer, OwnedStream, close_stream, first_chunk
+from .timer import within
 from .tokens import estimate_prompt
 
 if TYPE_CHECKING:
@@ -175,7 +176,7 @@ class Walk:
                 committed = True
                 latency = _ms(started)
                 return Answer(entry.provider, entry.model, latency, [], stream=stream, entry=entry)
-            async with asyncio.timeout(min(entry.timeout, budget)):
+            with within(min(entry.timeout, budget)):
                 result = await adapter.complete(call)
             latency = _ms(started)
             return Answer(

@@ -89,7 +89,10 @@ async def tracked(
     except BaseException:
         turn.failed()
         raise
-    headers = {**answer_headers(answer), **turn.headers()}
+    headers = answer_headers(answer)
+    extra = turn.headers()
+    if extra:
+        headers.update(extra)
     stream = answer.stream
     if stream is None:
         turn.done(answer.usage, answer.cost_usd, answer.body)

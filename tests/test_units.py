@@ -21,6 +21,7 @@ from proxy.policy import MAX_RETRY_AFTER, retry_after, status_reason
 from proxy.providers.http import timeouts
 from proxy.providers.sse import MAX_EVENT, iter_sse
 from proxy.reasons import Reason, Scope
+from proxy.timer import within
 from proxy.tokens import estimate_prompt
 from proxy.wire import ChatRequest, Usage
 
@@ -486,3 +487,53 @@ def test_socket_timeouts_never_cut_a_first_chunk_short() -> None:
     warm = Entry("p", "m", timeout=60, connect_timeout=2, first_token_timeout=5)
     assert timeouts(warm, stream=True).sock_read == 60
     assert timeouts(warm, stream=True).sock_connect == 2
+
+
+# ---- timer.within: asyncio.timeout's meaning on the hot path --------------------------------
+
+
+async def test_within_times_out_and_lets_the_work_finish() -> None:
+    never = asyncio.get_running_loop().create_future()
+    with pytest.raises(TimeoutError):
+        with within(0):  # fires on the loop's next turn: no wall-clock race
+            await never
+    with within(60):
+        await asyncio.sleep(0)
+    assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
+
+
+async def test_within_leaves_someone_elses_cancel_alone() -> None:
+    started = asyncio.Event()
+
+    async def work(seconds: float) -> None:
+        with within(seconds):
+            started.set()
+            await asyncio.get_running_loop().create_future()
+
+    task = asyncio.ensure_future(work(60))
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    # The timer and an outside cancel in the same turn: the outside one wins, as with
+    # asyncio.timeout (the cancel count says someone else asked too).
+    started.clear()
+    task = asyncio.ensure_future(work(0))
+    await started.wait()
+    asyncio.get_running_loop().call_soon(task.cancel)
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def test_gate_try_acquire_takes_only_a_free_slot_no_one_waits_for() -> None:
+    gate = Gate(1, max_queue=4)
+    assert gate.try_acquire() and gate.in_use == 1
+    assert not gate.try_acquire()
+    waiter = asyncio.ensure_future(gate.acquire())
+    await asyncio.sleep(0)
+    gate.release()  # the slot goes to the one waiting, not to a later try
+    assert not gate.try_acquire()
+    await waiter
+    gate.release()
+    assert gate.in_use == 0 and gate.try_acquire()
+    assert Gate(None, max_queue=0).try_acquire()  # no limit: always

@@ -79,12 +79,12 @@ class Turn:
         body: bytes | rcache.Assembler | None = None,
     ) -> None:
         """The chain answered. `usage`: anything with prompt_tokens/completion_tokens."""
-        if isinstance(body, rcache.Assembler):
-            body = body.body()
         put = None
-        fits = bool(body) and len(body or b"") <= rcache.MAX_ENTRY_BYTES
-        if fits and body and self.key is not None and self.keep and self.cache is not None:
-            put = CachePut(self.key, body, self.cache.ttl, self.cache.max_entries)
+        if self.key is not None and self.keep and self.cache is not None:
+            if isinstance(body, rcache.Assembler):
+                body = body.body()
+            if body and len(body) <= rcache.MAX_ENTRY_BYTES:
+                put = CachePut(self.key, body, self.cache.ttl, self.cache.max_entries)
         self._settle(
             Outcome(
                 key_id="",
