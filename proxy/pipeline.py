@@ -71,12 +71,17 @@ class JsonReply(msgspec.Struct):
 @dataclass(slots=True)
 class StreamReply:
     """SSE frames (already framed). `error_frame` renders a failure after the start;
-    `close` releases what the frames hold (the upstream stream), whatever happened."""
+    `close` releases what the frames hold (the upstream stream), whatever happened.
+
+    With `end`, `frames` are JSON payloads instead: each is sent as a `data:` event (no
+    generator in between: one layer less a chunk), and `end()`, once they are all sent,
+    gives the stream's last bytes."""
 
     frames: AsyncIterator[bytes]
     headers: dict[str, str]
     error_frame: Callable[[GatewayError], bytes]
     close: Callable[[], Awaitable[None]]
+    end: Callable[[], bytes] | None = None
 
 
 Reply = JsonReply | StreamReply
@@ -303,9 +308,16 @@ async def _relay(
         await send({"type": "http.response.start", "status": 200,
                     "headers": _SSE + _encode(reply.headers)})  # fmt: skip
         try:
-            async for frame in reply.frames:
-                await send({"type": "http.response.body", "body": frame, "more_body": True})
-            tail = b""
+            end = reply.end
+            if end is None:
+                async for frame in reply.frames:
+                    await send({"type": "http.response.body", "body": frame, "more_body": True})
+                tail = b""
+            else:
+                async for payload in reply.frames:
+                    frame = b"data: %b\n\n" % payload
+                    await send({"type": "http.response.body", "body": frame, "more_body": True})
+                tail = end()
         except GatewayError as exc:
             tail = reply.error_frame(exc)
         except Exception as exc:  # noqa: BLE001 - committed: report it, end cleanly

@@ -9,6 +9,7 @@ comment before `[DONE]` (clients ignore comments; it is known only at the end).
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
 
 import msgspec
 
@@ -116,6 +117,8 @@ async def serve(ctx: Context, request: ApiRequest, op: Op) -> Reply:
     stream = t.answer.stream
     if stream is None:
         return JsonReply(t.answer.body, t.headers)
+    if t.assembler is None:  # the payloads as they are (the relay frames them)
+        return StreamReply(stream, t.headers, ctx.error_frame, t.close, partial(_end, stream))
     return StreamReply(_sse(stream, t.assembler), t.headers, ctx.error_frame, t.close)
 
 
@@ -143,15 +146,19 @@ async def _nothing() -> None:
     return None
 
 
-async def _sse(stream: OwnedStream, assembler: Assembler | None = None) -> AsyncIterator[bytes]:
+async def _sse(stream: OwnedStream, assembler: Assembler) -> AsyncIterator[bytes]:
+    """The payloads as SSE frames, each fed to the cache's assembler on its way."""
     async for chunk in stream:
-        if assembler is not None:
-            assembler.feed(chunk)
+        assembler.feed(chunk)
         yield b"data: %b\n\n" % chunk
+    yield _end(stream)
+
+
+def _end(stream: OwnedStream) -> bytes:
+    """After the last payload: the stream's cost (known only now) as a comment, [DONE]."""
     if stream.cost_usd is not None:
-        yield b": x-omnimind-cost-usd: %.8f\n\n%b" % (stream.cost_usd, _DONE)
-    else:
-        yield _DONE
+        return b": x-omnimind-cost-usd: %.8f\n\n%b" % (stream.cost_usd, _DONE)
+    return _DONE
 
 
 def chat(ctx: Context) -> Awaitable[Reply]:

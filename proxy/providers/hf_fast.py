@@ -196,8 +196,10 @@ class FastDecoder:
         self.reserve(max(positions) + 1)
         ids = torch.tensor(tokens, device=self.device)[:, None]
         pos = torch.tensor(positions, device=self.device)[:, None]
-        width = max(positions) + 1
-        mask = torch.arange(width, device=self.device)[None, :] <= pos
+        # Attention always spans the whole cache, not the longest row: its sums then run over
+        # the same length whoever else is in the batch, so a row's logits do not depend on
+        # its neighbours (a width that followed them flipped near-tied greedy tokens).
+        mask = torch.arange(self.capacity, device=self.device)[None, :] <= pos
         return self._forward(ids, pos, None, mask[:, None, None, :])
 
     def _forward(self, ids: Tensor, pos: Tensor, slot: int | None, mask: Tensor | None) -> Tensor:
