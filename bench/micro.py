@@ -141,7 +141,7 @@ async def _cases(n: int) -> list[tuple[str, float, float, str]]:
         await asyncio.sleep(0)
         return 1
 
-    watched = await _time(lambda: pipeline.unless_disconnected(work(), receive), n)
+    watched = await _time(lambda: pipeline.unless_disconnected(work(), receive, {}), n)
     lazy = await _time(lambda: unless_disconnected(work(), receive), n)
     how = "a watcher armed only after 50 ms (bench/tuned.py)"
     out.append(("per request: disconnect watcher task", watched, lazy, how))

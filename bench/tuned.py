@@ -30,7 +30,7 @@ from proxy.config import load
 WATCH_AFTER = 0.05
 
 
-async def unless_disconnected(work: Awaitable[Any], receive: Any) -> Any:
+async def unless_disconnected(work: Awaitable[Any], receive: Any, scope: Any = None) -> Any:
     task = asyncio.current_task()
     assert task is not None
     gone = False

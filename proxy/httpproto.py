@@ -12,12 +12,18 @@ off (`server.trusted_proxies` decides whom to believe).
 
 `uvicorn_options(server_spec)` gives the `uvicorn.run`/`uvicorn.Config` keywords; the
 protocol reads its limits from the served gateway's config, connection by connection.
+
+It also tells the app when a client leaves, without a task per request waiting on
+`receive()`: the scope's extension `ON_DISCONNECT` is a function; `hook(callback)` calls
+`callback()` once if the connection is lost before `hook(None)`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,6 +68,23 @@ class _HeadTooLarge(Exception):
 
 
 _HEAD, _BODY, _APP = 0, 1, 2  # waiting for / reading a head; reading a body; app's turn
+ON_DISCONNECT = "omnimind.on_disconnect"  # the scope extension (see the module doc)
+
+
+class _Hook:
+    """A request's `ON_DISCONNECT` function. Weak references only: the scope that holds
+    it must keep neither the connection nor the request alive (no cycle through it)."""
+
+    __slots__ = ("_protocol", "_cycle")
+
+    def __init__(self, protocol: BoundedHttpToolsProtocol, cycle: object) -> None:
+        self._protocol = weakref.ref(protocol)
+        self._cycle = weakref.ref(cycle)
+
+    def __call__(self, callback: Callable[[], None] | None) -> None:
+        protocol, cycle = self._protocol(), self._cycle()
+        if protocol is not None and cycle is not None:
+            protocol.watch(cycle, callback)
 
 
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
@@ -82,6 +105,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         self._too_large = False
         self._watch: asyncio.TimerHandle | None = None
+        self._on_lost: dict[object, Callable[[], None]] = {}  # request cycle -> callback
 
     # -- one watchdog per connection -------------------------------------------------------
 
@@ -115,6 +139,18 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self._watch.cancel()
             self._watch = None
         super().connection_lost(exc)
+        lost, self._on_lost = self._on_lost, {}
+        for callback in lost.values():
+            callback()
+
+    def watch(self, cycle: object, callback: Callable[[], None] | None) -> None:
+        """`callback()` once if the connection is lost while `cycle` runs; None: stop."""
+        if callback is None:
+            self._on_lost.pop(cycle, None)
+        elif self.transport.is_closing() or getattr(cycle, "disconnected", False):
+            self.loop.call_soon(callback)  # already gone
+        else:
+            self._on_lost[cycle] = callback
 
     # -- the head's size and count --------------------------------------------------------
 
@@ -153,6 +189,11 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             raise _HeadTooLarge  # httptools stops; uvicorn answers via send_400_response
         self._phase, self._since = _BODY, self.loop.time()
         super().on_headers_complete()
+        cycle = self.cycle
+        if cycle is not None and cycle.scope is self.scope:  # a request (not an upgrade)
+            hook: Any = _Hook(self, cycle)  # ASGI types extensions as dicts; ours is a function
+            extensions = self.scope.get("extensions") or {}
+            self.scope["extensions"] = {**extensions, ON_DISCONNECT: hook}
 
     def on_message_complete(self) -> None:
         self._phase = _APP

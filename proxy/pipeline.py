@@ -26,6 +26,7 @@ import msgspec
 from .auth import Caller
 from .errors import GatewayError, InvalidRequest, PayloadTooLarge
 from .gateway import Gateway
+from .httpproto import ON_DISCONNECT
 from .policy import map_exception
 from .render import Dialect, internal_error
 
@@ -181,7 +182,7 @@ class Pipeline:
             if method == "POST":
                 ctx.body = await _body(receive, gateway.config.server.max_body_bytes)
                 gateway.check_body(ctx.body)
-                reply = await unless_disconnected(route.handler(ctx), receive)
+                reply = await unless_disconnected(route.handler(ctx), receive, scope)
             else:
                 reply = await route.handler(ctx)
         except GatewayError as exc:
@@ -197,7 +198,7 @@ class Pipeline:
             reply.headers.update(gateway.cors_headers(headers))
         if isinstance(reply, JsonReply):
             return await _send(send, reply.status, reply.headers, reply.body, reply.content_type)
-        await _relay(reply, send, receive, request_id, gateway)
+        await _relay(reply, send, receive, scope, request_id, gateway)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -297,12 +298,17 @@ def _latin1_or_utf8(value: str) -> bytes:
 
 
 async def _relay(
-    reply: StreamReply, send: Send, receive: Receive, request_id: str, gateway: Gateway
+    reply: StreamReply,
+    send: Send,
+    receive: Receive,
+    scope: Scope,
+    request_id: str,
+    gateway: Gateway,
 ) -> None:
     """Send each frame as it comes. A failure after the start becomes one final error frame
     (never a silent truncation); a client disconnect cancels the upstream; a shutdown
     past its grace period ends the stream with an error frame too."""
-    watch = _Disconnect(receive)
+    watch = _Disconnect(receive, scope)
     task = watch.task
     try:
         await send({"type": "http.response.start", "status": 200,
@@ -362,35 +368,53 @@ class _ShuttingDown(GatewayError):
 
 
 class _Disconnect:
-    """Cancels the current task when the client disconnects (`gone` says it did)."""
+    """Cancels the current task when the client disconnects (`gone` says it did).
 
-    __slots__ = ("task", "gone", "_watcher")
+    Told by our own HTTP protocol when it serves us (`httpproto.ON_DISCONNECT`: no task);
+    under any other server, a watcher task waits on `receive()` for `http.disconnect`.
+    """
+
+    __slots__ = ("task", "gone", "_watcher", "_hook")
     _watcher: asyncio.Future[None] | None
 
-    def __init__(self, receive: Receive) -> None:
+    def __init__(self, receive: Receive, scope: Scope) -> None:
         task = asyncio.current_task()
         assert task is not None
         self.task = task
         self.gone = False
-        self._watcher = asyncio.ensure_future(self._watch(receive))
+        self._watcher = None
+        self._hook = (scope.get("extensions") or _NONE).get(ON_DISCONNECT)
+        if self._hook is not None:
+            self._hook(self._lost)
+        else:
+            self._watcher = asyncio.ensure_future(self._watch(receive))
 
     async def _watch(self, receive: Receive) -> None:
         while (await receive())["type"] != "http.disconnect":
             pass
+        self._lost()
+
+    def _lost(self) -> None:
         self.gone = True
         self.task.cancel()
 
     def stop(self) -> None:
         # Dropped, not only cancelled: the watcher's frame holds this object, and a cycle
         # through its CancelledError would leave garbage for the collector every request.
+        hook, self._hook = self._hook, None
+        if hook is not None:
+            hook(None)
         watcher, self._watcher = self._watcher, None
         if watcher is not None:
             watcher.cancel()
 
 
-async def unless_disconnected(work: Awaitable[Any], receive: Receive) -> Any:
+_NONE: dict[str, Any] = {}
+
+
+async def unless_disconnected(work: Awaitable[Any], receive: Receive, scope: Scope) -> Any:
     """Await `work`, cancelling it (and so its upstream call) if the client disconnects."""
-    watch = _Disconnect(receive)
+    watch = _Disconnect(receive, scope)
     try:
         return await work
     except asyncio.CancelledError:

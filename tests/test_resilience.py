@@ -6,17 +6,24 @@ test_contract.py; the routing rules of issue 14 are in test_routing.py.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import textwrap
 import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
 
+from proxy.app import create_app
+from proxy.config import load
+from proxy.httpproto import uvicorn_options
+
 from . import schemas
 from .conftest import GatewayFactory
 from .fake_openai import FakeOpenAI
 from .servers import UvicornServer, open_fds, settle
+from .test_hardening_support import OptionsServer
 
 NO_BREAKER = "breaker: {{failures: 1000000, max_cooldown: 0.001}}"
 
@@ -82,6 +89,28 @@ def gw(start_gateway: GatewayFactory, fake_url: str) -> Iterator[UvicornServer]:
     yield start_gateway(_config(fake_url))
 
 
+@pytest.fixture(scope="module")
+def served(
+    gw: UvicornServer, fake_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[UvicornServer | OptionsServer]:
+    """The same gateway on `serve`'s own HTTP protocol (httpproto: it reports a client
+    that leaves through a scope extension, where plain uvicorn needs a watcher task)."""
+    path = tmp_path_factory.mktemp("served") / "models.yaml"
+    path.write_text(textwrap.dedent(_config(fake_url)), encoding="utf-8")
+    config = load(path)
+    server = OptionsServer(create_app(config), lifespan="on", **uvicorn_options(config.server))
+    yield server
+    server.close()
+
+
+@pytest.fixture(params=["plain uvicorn", "serve's protocol"])
+def any_gw(request: pytest.FixtureRequest, gw: UvicornServer) -> UvicornServer | OptionsServer:
+    if request.param == "plain uvicorn":
+        return gw
+    served: UvicornServer | OptionsServer = request.getfixturevalue("served")
+    return served
+
+
 @pytest.fixture
 def http(gw: UvicornServer) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=gw.url, timeout=30) as c:
@@ -103,27 +132,44 @@ def _provider_state(http: httpx.Client, name: str) -> dict[str, object]:
 
 
 def test_client_disconnect_mid_stream_cancels_upstream(
-    gw: UvicornServer, http: httpx.Client, fake: FakeOpenAI
+    any_gw: UvicornServer | OptionsServer, fake: FakeOpenAI
 ) -> None:
-    fds, tasks = open_fds(), gw.task_count()
+    fds, tasks = open_fds(), _tasks(any_gw)
     body = {"model": "drip", "messages": [{"role": "user", "content": "hi"}], "stream": True}
-    with http.stream("POST", "/v1/chat/completions", json=body) as resp:
+    with (
+        httpx.Client(base_url=any_gw.url, timeout=30) as http,
+        http.stream("POST", "/v1/chat/completions", json=body) as resp,
+    ):
         lines = resp.iter_lines()
         assert next(lines).startswith("data: ")
         assert fake.active == 1
     gone = time.monotonic()
     assert settle(lambda: fake.active, 0, within=2) == 0
     assert time.monotonic() - gone < 1.0
-    assert settle(gw.task_count, tasks) <= tasks
+    assert settle(lambda: _tasks(any_gw), tasks) <= tasks
     assert settle(open_fds, fds, slack=2) <= fds + 2
 
 
-def test_client_disconnect_non_stream_cancels_upstream(gw: UvicornServer, fake: FakeOpenAI) -> None:
-    tasks = gw.task_count()
-    with httpx.Client(base_url=gw.url, timeout=0.3) as impatient, pytest.raises(httpx.ReadTimeout):
+def test_client_disconnect_non_stream_cancels_upstream(
+    any_gw: UvicornServer | OptionsServer, fake: FakeOpenAI
+) -> None:
+    tasks = _tasks(any_gw)
+    with (
+        httpx.Client(base_url=any_gw.url, timeout=0.3) as impatient,
+        pytest.raises(httpx.ReadTimeout),
+    ):
         _post(impatient, "hang")
+    gone = time.monotonic()
     assert settle(lambda: fake.active, 0, within=2) == 0
-    assert settle(gw.task_count, tasks) <= tasks
+    assert time.monotonic() - gone < 1.0
+    assert settle(lambda: _tasks(any_gw), tasks) <= tasks
+
+
+def _tasks(server: UvicornServer | OptionsServer) -> int:
+    async def count() -> int:
+        return len(asyncio.all_tasks())
+
+    return int(server.thread.run(count()))
 
 
 def test_breaker_opens_per_deployment(http: httpx.Client, fake: FakeOpenAI) -> None:
