@@ -147,10 +147,15 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         """`callback()` once if the connection is lost while `cycle` runs; None: stop."""
         if callback is None:
             self._on_lost.pop(cycle, None)
-        elif self.transport.is_closing() or getattr(cycle, "disconnected", False):
-            self.loop.call_soon(callback)  # already gone
-        else:
-            self._on_lost[cycle] = callback
+            return
+        self._on_lost[cycle] = callback
+        if self.transport.is_closing() or getattr(cycle, "disconnected", False):
+            self.loop.call_soon(self._lost, cycle)  # already gone: soon, unless stopped
+
+    def _lost(self, cycle: object) -> None:
+        callback = self._on_lost.pop(cycle, None)
+        if callback is not None:
+            callback()
 
     # -- the head's size and count --------------------------------------------------------
 

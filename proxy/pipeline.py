@@ -24,9 +24,9 @@ from typing import Any
 import msgspec
 
 from .auth import Caller
+from .disconnect import ClientGone, Disconnect, unless_disconnected
 from .errors import GatewayError, InvalidRequest, PayloadTooLarge
 from .gateway import Gateway
-from .httpproto import ON_DISCONNECT
 from .policy import map_exception
 from .render import Dialect, internal_error
 
@@ -44,10 +44,6 @@ _SSE: Headers = [
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),
 ]
-
-
-class ClientGone(Exception):
-    """The client disconnected before its answer was ready."""
 
 
 class MethodNotAllowed(GatewayError):
@@ -308,7 +304,7 @@ async def _relay(
     """Send each frame as it comes. A failure after the start becomes one final error frame
     (never a silent truncation); a client disconnect cancels the upstream; a shutdown
     past its grace period ends the stream with an error frame too."""
-    watch = _Disconnect(receive, scope)
+    watch = Disconnect(receive, scope)
     task = watch.task
     try:
         await send({"type": "http.response.start", "status": 200,
@@ -365,61 +361,3 @@ class _ShuttingDown(GatewayError):
 
     def __init__(self) -> None:
         super().__init__("The gateway is shutting down; the stream was ended.")
-
-
-class _Disconnect:
-    """Cancels the current task when the client disconnects (`gone` says it did).
-
-    Told by our own HTTP protocol when it serves us (`httpproto.ON_DISCONNECT`: no task);
-    under any other server, a watcher task waits on `receive()` for `http.disconnect`.
-    """
-
-    __slots__ = ("task", "gone", "_watcher", "_hook")
-    _watcher: asyncio.Future[None] | None
-
-    def __init__(self, receive: Receive, scope: Scope) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self.task = task
-        self.gone = False
-        self._watcher = None
-        self._hook = (scope.get("extensions") or _NONE).get(ON_DISCONNECT)
-        if self._hook is not None:
-            self._hook(self._lost)
-        else:
-            self._watcher = asyncio.ensure_future(self._watch(receive))
-
-    async def _watch(self, receive: Receive) -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
-        self._lost()
-
-    def _lost(self) -> None:
-        self.gone = True
-        self.task.cancel()
-
-    def stop(self) -> None:
-        # Dropped, not only cancelled: the watcher's frame holds this object, and a cycle
-        # through its CancelledError would leave garbage for the collector every request.
-        hook, self._hook = self._hook, None
-        if hook is not None:
-            hook(None)
-        watcher, self._watcher = self._watcher, None
-        if watcher is not None:
-            watcher.cancel()
-
-
-_NONE: dict[str, Any] = {}
-
-
-async def unless_disconnected(work: Awaitable[Any], receive: Receive, scope: Scope) -> Any:
-    """Await `work`, cancelling it (and so its upstream call) if the client disconnects."""
-    watch = _Disconnect(receive, scope)
-    try:
-        return await work
-    except asyncio.CancelledError:
-        if watch.gone and watch.task.uncancel() == 0:
-            raise ClientGone from None
-        raise
-    finally:
-        watch.stop()
