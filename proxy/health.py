@@ -90,11 +90,11 @@ class Health:
             return "closed"
         return "open" if self.clock() < self.open_until else "half_open"
 
-    def blocked(self, now: float | None = None) -> tuple[Reason, float] | None:
+    def blocked(self) -> tuple[Reason, float] | None:
         """Why this may not be tried now, without taking a probe slot."""
         if not self.cool_until and not self.open_until:
             return None  # never cooled nor ejected: the common case, no clock read
-        now = self.clock() if now is None else now
+        now = self.clock()
         if now < self.cool_until:
             return Reason.COOLING_DOWN, self.cool_until - now
         if self.open_until and (now < self.open_until or self.probing):
@@ -208,15 +208,13 @@ class ProviderHealth:
         return health
 
     def admit(self, model: str) -> Ticket | tuple[Reason, float]:
-        host, deployment = self.host, self.deployments.get(model) or self.deployment(model)
-        if host.open_until or host.cool_until or deployment.open_until or deployment.cool_until:
-            now = self.clock()
-            verdict = host.blocked(now) or deployment.blocked(now)
-            if verdict is not None:
-                return verdict
-            host.probing = host.probing or bool(host.open_until)  # half-open: the one probe
-            deployment.probing = deployment.probing or bool(deployment.open_until)
-        return Ticket(host.epoch, deployment.epoch)
+        deployment = self.deployment(model)
+        verdict = self.host.blocked() or deployment.blocked()
+        if verdict is not None:
+            return verdict
+        self.host.admit()
+        deployment.admit()
+        return Ticket(self.host.epoch, deployment.epoch)
 
     def success(self, model: str, latency_ms: float | None, ttft_ms: float | None = None) -> None:
         self.reachable = True

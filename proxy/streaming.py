@@ -79,11 +79,11 @@ class OwnedStream:
         if chunk is not None:
             self._first = None
         else:  # the next from upstream, here rather than in a helper: one frame less a chunk
-            timer = self._timer
-            if timer.loop.time() >= timer.deadline:
+            deadline = self._timer
+            if deadline.loop.time() >= deadline.deadline:
                 error = UpstreamError(Reason.DEADLINE, "request deadline reached mid-stream")
                 await self._fail(error)
-            timer.task = task = asyncio.current_task()
+            deadline.task = task = asyncio.current_task()
             try:
                 chunk = await anext(self._chunks)
             except StopAsyncIteration:
@@ -91,7 +91,7 @@ class OwnedStream:
                 await self.aclose()
                 raise
             except asyncio.CancelledError:
-                if timer.fired and task is not None and task.uncancel() == 0:
+                if deadline.fired and task is not None and task.uncancel() == 0:
                     error = UpstreamError(Reason.DEADLINE, "request deadline reached mid-stream")
                     await self._fail(error)
                 raise
@@ -99,7 +99,7 @@ class OwnedStream:
                 await self._fail(map_exception(exc), exc)
                 raise  # unreachable: _fail raises
             finally:
-                timer.task = None
+                deadline.task = None
         if b'"usage"' in chunk:
             self._take_usage(chunk)
         return chunk

@@ -71,6 +71,15 @@ class AiohttpServer:
         self._thread.stop()
 
 
+def task_count(thread: LoopThread) -> int:
+    """Tasks alive on the event loop `thread` runs (the server's own included)."""
+
+    async def count() -> int:
+        return len(asyncio.all_tasks())
+
+    return int(thread.run(count()))
+
+
 class UvicornServer:
     """The gateway (or any ASGI app) served by a real uvicorn on a loopback socket."""
 
@@ -95,11 +104,7 @@ class UvicornServer:
 
     def task_count(self) -> int:
         """Tasks alive on the gateway's event loop (the server's own included)."""
-
-        async def count() -> int:
-            return len(asyncio.all_tasks())
-
-        return int(self.thread.run(count()))
+        return task_count(self.thread)
 
     def close(self) -> None:
         self.server.should_exit = True

@@ -6,7 +6,6 @@ test_contract.py; the routing rules of issue 14 are in test_routing.py.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import textwrap
 import time
@@ -22,7 +21,7 @@ from proxy.httpproto import uvicorn_options
 from . import schemas
 from .conftest import GatewayFactory
 from .fake_openai import FakeOpenAI
-from .servers import UvicornServer, open_fds, settle
+from .servers import UvicornServer, open_fds, settle, task_count
 from .test_hardening_support import OptionsServer
 
 NO_BREAKER = "breaker: {{failures: 1000000, max_cooldown: 0.001}}"
@@ -166,10 +165,7 @@ def test_client_disconnect_non_stream_cancels_upstream(
 
 
 def _tasks(server: UvicornServer | OptionsServer) -> int:
-    async def count() -> int:
-        return len(asyncio.all_tasks())
-
-    return int(server.thread.run(count()))
+    return task_count(server.thread)
 
 
 def test_breaker_opens_per_deployment(http: httpx.Client, fake: FakeOpenAI) -> None:

@@ -153,9 +153,9 @@ class MemoryStore:
         if o.tpm and tokens and not o.cached:
             ratelimit.charge(self._bucket(o.key_id, "t", o.tpm, now), o.tpm, tokens, now)
         if o.alias:
-            _add(self._aliases.get(o.alias) or self._aliases.setdefault(o.alias, Totals()), o)
+            _add(self._aliases.setdefault(o.alias, Totals()), o)
         if counted(o.key_id):
-            _add(self._keys.get(o.key_id) or self._keys.setdefault(o.key_id, Totals()), o)
+            _add(self._keys.setdefault(o.key_id, Totals()), o)
         for event in o.health:
             if event.seconds <= 0:
                 self._cooling.pop(event.id)
