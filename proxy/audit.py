@@ -92,6 +92,8 @@ class AuditLog:
         self.capacity = buffer
         self.dropped = 0
         self._lines: collections.deque[bytes] = collections.deque()
+        self._queued = 0  # lines accepted so far (the caller's thread counts them)...
+        self._handled = 0  # ...and lines written or lost since (the writer's thread)
         self._wake = threading.Event()
         self._closing = False
         self._thread: threading.Thread | None = None
@@ -111,6 +113,7 @@ class AuditLog:
             self.dropped += 1
             return
         self._lines.append(line)
+        self._queued += 1
         if not self._wake.is_set():
             self._wake.set()
 
@@ -136,12 +139,16 @@ class AuditLog:
         except (OSError, ValueError) as exc:
             self.dropped += len(lines)
             log.error("audit log write failed (%d lines lost): %s", len(lines), exc)
+        finally:
+            self._handled += len(lines)
 
     def flush(self, timeout: float = 2.0) -> None:
-        """Wait (a bounded time) until the lines queued so far are written."""
+        """Wait (a bounded time) until the lines queued so far are written. Not until the
+        buffer is empty: the writer empties it before its write, which is what counts."""
         deadline = time.monotonic() + timeout
+        queued = self._queued
         self._wake.set()
-        while self._lines and time.monotonic() < deadline:
+        while self._handled < queued and time.monotonic() < deadline:
             time.sleep(0.01)
 
     def close(self, timeout: float = 2.0) -> None:
