@@ -13,14 +13,15 @@ import asyncio
 import importlib.util
 import os
 import re
+import socket
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
-import aiohttp
 import msgspec
 import yaml
 
-from . import providers
+from . import providers, upstream
 from .config import Config, Entry, ProviderConfig
 from .errors import UpstreamError
 from .providers import Probe
@@ -47,17 +48,17 @@ def describe(exc: BaseException, base_url: str, connect_s: float) -> str:
         return f"HTTP 404 at {base_url} (is base_url right?)"
     if status is not None:
         return f"HTTP {status} from {base_url}"
-    if isinstance(exc, aiohttp.ClientConnectorDNSError):
-        return f"cannot resolve the host of {base_url}"
-    if isinstance(exc, aiohttp.ClientConnectorCertificateError | aiohttp.ClientSSLError):
-        return f"TLS failed at {base_url}"
-    if isinstance(exc, aiohttp.ClientConnectorError):
+    if isinstance(exc, upstream.ConnectError):
+        if isinstance(exc.__cause__, socket.gaierror):
+            return f"cannot resolve the host of {base_url}"
+        if isinstance(exc.__cause__, ssl.SSLError | ssl.CertificateError):
+            return f"TLS failed at {base_url}"
         return f"not running at {base_url}"
     if isinstance(exc, TimeoutError):
         return f"no answer from {base_url} within {connect_s:g} s"
     if isinstance(exc, msgspec.DecodeError | msgspec.ValidationError):
         return f"{base_url} did not answer with a model list"
-    if isinstance(exc, aiohttp.ClientError):
+    if isinstance(exc, upstream.ProtocolError | ConnectionError):
         return f"connection to {base_url} failed ({type(exc).__name__})"
     text = exc.message if isinstance(exc, UpstreamError) else f"{type(exc).__name__}: {exc}"
     return text if len(text) <= 100 else text[:97] + "..."

@@ -13,8 +13,7 @@ import re
 import time
 from collections.abc import Mapping
 
-import aiohttp
-
+from . import upstream
 from .errors import InvalidRequest, UpstreamError
 from .reasons import Reason
 
@@ -74,14 +73,10 @@ def status_error(
 
 # Transport exceptions -> reason, most specific first (like httpx's map_httpcore_exceptions).
 _EXCEPTION_REASONS: tuple[tuple[type[BaseException], Reason], ...] = (
-    (aiohttp.ConnectionTimeoutError, Reason.CONNECT_TIMEOUT),
-    (TimeoutError, Reason.TIMEOUT),  # also asyncio.TimeoutError and aiohttp's read timeouts
-    (aiohttp.ClientConnectorError, Reason.CONNECT_ERROR),
-    (aiohttp.ServerDisconnectedError, Reason.CONNECT_ERROR),
-    (aiohttp.ClientPayloadError, Reason.BAD_RESPONSE),
-    (aiohttp.ClientResponseError, Reason.BAD_RESPONSE),
-    (aiohttp.ClientError, Reason.CONNECT_ERROR),
-    (ConnectionError, Reason.CONNECT_ERROR),
+    (upstream.ConnectTimeout, Reason.CONNECT_TIMEOUT),
+    (TimeoutError, Reason.TIMEOUT),  # upstream.ReadTimeout, and the chain's own deadlines
+    (upstream.ProtocolError, Reason.BAD_RESPONSE),  # PayloadError too: cut mid-answer
+    (ConnectionError, Reason.CONNECT_ERROR),  # upstream.ConnectError, Disconnected
     (OSError, Reason.CONNECT_ERROR),
 )
 

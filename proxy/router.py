@@ -11,7 +11,7 @@ A tier is an alias of models.yaml (`omnimind-fast`, `omnimind-balanced`, `omnimi
 any other alias given as a string); its chain and fallback are the `Engine`'s, exactly as
 the HTTP server runs them. This module only builds requests and reads answers.
 
-One loop per router. aiohttp sessions belong to the event loop that made them, so a
+One loop per router. Upstream pools belong to the event loop that made them, so a
 router owns a daemon thread running one event loop, and its Engine lives there.
 `await router.invoke(...)` from any loop hops onto that loop and back; `invoke_sync` and
 `invoke_llm_sync` block on it, so they work from plain code, from worker threads, and even

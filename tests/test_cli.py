@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -11,11 +13,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import aiohttp
 import httpx
 import msgspec
 import pytest
 
+from proxy import upstream
 from proxy.check import describe
 from proxy.config import ConfigError, Secret, load, parse
 from proxy.errors import UpstreamError
@@ -268,9 +270,10 @@ models:
         assert hf["available"] is False and "omnimind-gateway[local]" in hf["unavailable_reason"]
 
 
-def _connector_error(kind: type[aiohttp.ClientConnectorError]) -> Exception:
-    key = aiohttp.client_reqrep.ConnectionKey("h", 1, False, False, None, None, None)
-    return kind(key, OSError(111, "Connect call failed"))
+def _connect_error(cause: OSError) -> Exception:
+    error = upstream.ConnectError(f"cannot connect to h:1: {cause}")
+    error.__cause__ = cause
+    return error
 
 
 @pytest.mark.parametrize(
@@ -282,8 +285,11 @@ def _connector_error(kind: type[aiohttp.ClientConnectorError]) -> Exception:
          "HTTP 404 at http://h/v1 (is base_url right?)"),
         (UpstreamError("bad_response", "HTTP 500 from http://h/v1/models"),
          "HTTP 500 from http://h/v1"),
-        (_connector_error(aiohttp.ClientConnectorError), "not running at http://h/v1"),
-        (_connector_error(aiohttp.ClientConnectorDNSError), "cannot resolve the host of http://h/v1"),
+        (_connect_error(ConnectionRefusedError(111, "refused")), "not running at http://h/v1"),
+        (_connect_error(socket.gaierror(-2, "Name or service not known")),
+         "cannot resolve the host of http://h/v1"),
+        (_connect_error(ssl.SSLCertVerificationError(1, "certificate verify failed")),
+         "TLS failed at http://h/v1"),
         (TimeoutError(), "no answer from http://h/v1 within 5 s"),
         (msgspec.DecodeError("x"), "http://h/v1 did not answer with a model list"),
     ],

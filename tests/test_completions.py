@@ -8,12 +8,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import httpx
 import ollama
 import openai
 import pytest
 
+from proxy import upstream
 from proxy.completions import (
     DEFAULT_MAX_TOKENS,
     CompletionRequest,
@@ -175,15 +175,20 @@ def _entry(model: str) -> Entry:
     return Entry("ollama", model, timeout=10, connect_timeout=2, first_token_timeout=10)
 
 
-def _ops(url: str, session: aiohttp.ClientSession) -> OllamaOps:
-    return OllamaOps(url, {"Authorization": "Bearer k"}, {"num_ctx": 2048}, "5m", lambda: session)
+def _ops(url: str, client: upstream.Client) -> OllamaOps:
+    return OllamaOps(url, {"num_ctx": 2048}, "5m", lambda: client)
+
+
+def _client() -> upstream.Client:  # as the Ollama adapter makes it: its headers on every call
+    return upstream.Client({"Content-Type": "application/json", "Authorization": "Bearer k"})
 
 
 async def test_ollama_raw_completion(emulator: tuple[FakeOllama, str]) -> None:
     fake, url = emulator
     request = _request(prompt="The sky is", max_tokens=20, temperature=0, stop=["\n"], seed=3)
-    async with aiohttp.ClientSession() as session:
-        done = await _ops(url, session).generate(translatable(request, "o", False), _entry("echo"))
+    client = _client()
+    done = await _ops(url, client).generate(translatable(request, "o", False), _entry("echo"))
+    await client.close()
     body = text_completion(json.loads(done.body))
     assert body["choices"][0]["text"] == "echo: The sky is" and body["id"].startswith("cmpl-")
     assert body["choices"][0]["finish_reason"] == "stop"
@@ -200,10 +205,11 @@ async def test_ollama_raw_completion(emulator: tuple[FakeOllama, str]) -> None:
 async def test_ollama_raw_completion_streamed(emulator: tuple[FakeOllama, str]) -> None:
     _, url = emulator
     request = _request(prompt="go", echo=True, stream=True, max_tokens=4)
-    async with aiohttp.ClientSession() as session:
-        ops = _ops(url, session)
-        raw = translatable(request, "o", False)
-        chunks = [json.loads(c) async for c in ops.generate_stream(raw, _entry("long"), True)]
+    client = _client()
+    ops = _ops(url, client)
+    raw = translatable(request, "o", False)
+    chunks = [json.loads(c) async for c in ops.generate_stream(raw, _entry("long"), True)]
+    await client.close()
     for chunk in chunks:
         text_completion(chunk)
     texts = [c["choices"][0]["text"] for c in chunks if c["choices"]]
@@ -217,22 +223,23 @@ async def test_ollama_raw_completion_streamed(emulator: tuple[FakeOllama, str]) 
 async def test_ollama_raw_completion_failures(emulator: tuple[FakeOllama, str]) -> None:
     _, url = emulator
     raw = translatable(_request(prompt="x"), "o", False)
-    async with aiohttp.ClientSession() as session:
-        ops = _ops(url, session)
-        for model, reason in [("not-pulled", "model_missing"), ("status-400", "client_error"),
-                              ("status-503", "server_error"), ("bad-json", "bad_response"),
-                              ("error-first", "server_error")]:  # fmt: skip
-            with pytest.raises(UpstreamError) as err:
-                _ = [c async for c in ops.generate_stream(raw, _entry(model), False)]
-            assert err.value.reason == reason, model
-        got: list[bytes] = []
+    client = _client()
+    ops = _ops(url, client)
+    for model, reason in [("not-pulled", "model_missing"), ("status-400", "client_error"),
+                          ("status-503", "server_error"), ("bad-json", "bad_response"),
+                          ("error-first", "server_error")]:  # fmt: skip
         with pytest.raises(UpstreamError) as err:
-            async for chunk in ops.generate_stream(raw, _entry("truncated"), False):
-                got.append(chunk)
-        assert err.value.reason == "bad_response" and len(got) == 2
-        with pytest.raises(UpstreamError) as err:
-            await ops.generate(raw, _entry("status-500"))
-        assert err.value.reason == "server_error"
+            _ = [c async for c in ops.generate_stream(raw, _entry(model), False)]
+        assert err.value.reason == reason, model
+    got: list[bytes] = []
+    with pytest.raises(UpstreamError) as err:
+        async for chunk in ops.generate_stream(raw, _entry("truncated"), False):
+            got.append(chunk)
+    assert err.value.reason == "bad_response" and len(got) == 2
+    with pytest.raises(UpstreamError) as err:
+        await ops.generate(raw, _entry("status-500"))
+    assert err.value.reason == "server_error"
+    await client.close()
 
 
 # ---- through the gateway ----------------------------------------------------------------------

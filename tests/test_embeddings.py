@@ -134,13 +134,16 @@ def _entry(model: str) -> Entry:
 
 
 async def _ollama_embed(url: str, request: Any, model: str = "embed", truncate: bool = False):
-    import aiohttp
-
     from proxy.providers.ollama_ops import OllamaOps
+    from proxy.upstream import Client
 
-    async with aiohttp.ClientSession() as session:
-        ops = OllamaOps(url, {}, {}, "5m", lambda: session)
-        return await ops.embed(request, _entry(model), truncate)
+    client = Client({"Content-Type": "application/json"})
+    try:
+        return await OllamaOps(url, {}, "5m", lambda: client).embed(
+            request, _entry(model), truncate
+        )
+    finally:
+        await client.close()
 
 
 async def test_ollama_embeddings_in_openai_shape(emulator: tuple[FakeOllama, str]) -> None:

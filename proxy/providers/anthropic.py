@@ -21,7 +21,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Mapping
 from typing import Annotated
 
-import aiohttp
 import msgspec
 
 from ..config import BaseProviderSpec, ProviderConfig
@@ -32,8 +31,9 @@ from ..translate import anthropic_wire as aw
 from ..translate.anthropic_native import NativeChat, attach
 from ..translate.from_anthropic import ChunkMaker, decode_message, to_completion
 from ..translate.to_anthropic import ChatIn, to_anthropic
+from ..upstream import Client, Response
 from .base import Call, Completion, Op, Probe
-from .http import read_capped, session
+from .http import client, fetch, read_capped, read_timeout
 from .sse import iter_sse
 
 ANTHROPIC_URL = "https://api.anthropic.com"
@@ -74,7 +74,7 @@ class Adapter:
         self._spec = spec
         self._url = f"{spec.base_url}/v1/messages"
         self._headers = upstream_headers(config)
-        self._session: aiohttp.ClientSession | None = None
+        self._client: Client | None = None
 
     def _body(self, call: Call, stream: bool) -> bytes:
         if call.op is not Op.CHAT:
@@ -91,25 +91,17 @@ class Adapter:
             raise client_error(exc.message, exc.param) from None
         return aw.encode(request)
 
-    def _post(self, call: Call, stream: bool) -> aiohttp.client._RequestContextManager:
+    async def _post(self, call: Call, stream: bool) -> Response:
         entry = call.entry
-        timeout = aiohttp.ClientTimeout(
-            total=None,
-            sock_connect=entry.connect_timeout,
-            sock_read=entry.timeout if stream else None,  # streams: the gap between events
-        )
-        if self._session is None:
-            self._session = session()
-        return self._session.post(
-            self._url,
-            data=self._body(call, stream),
-            headers=self._headers,
-            timeout=timeout,
-            allow_redirects=False,
+        body = self._body(call, stream)
+        if self._client is None:
+            self._client = client(self._headers)
+        return await self._client.post(
+            self._url, body, b"", entry.connect_timeout, read_timeout(entry, stream)
         )
 
     async def complete(self, call: Call) -> Completion:
-        async with self._post(call, stream=False) as resp:
+        async with await self._post(call, stream=False) as resp:
             body = await read_capped(resp, self._spec.max_response_bytes)
             if resp.status != 200:
                 raise _status_error(resp.status, body, resp.headers)
@@ -120,7 +112,7 @@ class Adapter:
         return Completion(encoded, answer.usage)
 
     async def stream(self, call: Call) -> AsyncIterator[bytes]:
-        async with self._post(call, stream=True) as resp:
+        async with await self._post(call, stream=True) as resp:
             if resp.status != 200:
                 body = await read_capped(resp, 1024 * 1024)
                 raise _status_error(resp.status, body, resp.headers)
@@ -141,9 +133,9 @@ class Adapter:
         raise UpstreamError(Reason.BAD_RESPONSE, "Anthropic stream ended without message_stop")
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
 
 
 def _status_error(status: int, body: bytes, headers: Mapping[str, str]) -> UpstreamError:
@@ -172,20 +164,10 @@ async def probe(config: ProviderConfig) -> Probe:
     """`GET /v1/models`: reachable with this key, and the model ids it lists."""
     spec = config.spec
     assert isinstance(spec, Spec)
-    timeout = aiohttp.ClientTimeout(
-        total=spec.connect_timeout + 5, sock_connect=spec.connect_timeout
-    )
-    async with (
-        aiohttp.ClientSession(timeout=timeout) as client,
-        client.get(
-            f"{spec.base_url}/v1/models?limit=1000",
-            headers=upstream_headers(config),
-            allow_redirects=False,
-        ) as resp,
-    ):
-        body = await read_capped(resp, 8 * 1024 * 1024)
-        if resp.status != 200:
-            return Probe(False, f"HTTP {resp.status}: {error_fields(body)[1][:200]}")
+    url = f"{spec.base_url}/v1/models?limit=1000"
+    status, body = await fetch(url, upstream_headers(config), spec.connect_timeout)
+    if status != 200:
+        return Probe(False, f"HTTP {status}: {error_fields(body)[1][:200]}")
     try:
         listing = msgspec.json.decode(body, type=_Models)
     except msgspec.DecodeError:

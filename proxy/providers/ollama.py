@@ -31,13 +31,13 @@ from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from contextlib import aclosing
 from typing import Any
 
-import aiohttp
 import msgspec
 
 from ..config import BaseProviderSpec, Entry, EntrySpec, ProviderConfig
 from ..errors import InvalidRequest, UpstreamError
 from ..policy import client_error, status_error
 from ..reasons import Reason
+from ..upstream import Client, ProtocolError, Response
 from ..wire import (
     ChatBody,
     ChatCompletion,
@@ -51,7 +51,7 @@ from ..wire import (
     now,
 )
 from .base import Call, Completion, Op, Probe
-from .http import Listing, get_json, read_capped, session, timeouts
+from .http import Listing, client, get_json, read_capped, read_timeout
 from .ollama_ops import OllamaOps
 from .ollama_wire import (
     Line,
@@ -105,23 +105,23 @@ class Adapter:
         self._chat_url = f"{spec.base_url}/api/chat"
         self._tags_url = f"{spec.base_url}/api/tags"
         self._headers = {"Content-Type": "application/json", **config.headers}
-        self._session: aiohttp.ClientSession | None = None
+        self._http: Client | None = None
         self._pulled: set[str] | None = None  # None: unknown (tags not fetched or failed)
         self._pulled_at = -TAGS_TTL
         self._tags_lock = asyncio.Lock()
         # /api/embed and /api/generate (embeddings, legacy completions): ollama_ops.py
         self._ops = OllamaOps(
-            spec.base_url, config.headers, spec.options, spec.keep_alive, self._client, self._ready
+            spec.base_url, spec.options, spec.keep_alive, self._client, self._ready
         )
 
     async def _ready(self, entry: Entry) -> None:
         if self._spec.check_models:
             await self._check_pulled(entry.model, entry.connect_timeout)
 
-    def _client(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            self._session = session()
-        return self._session
+    def _client(self) -> Client:
+        if self._http is None:
+            self._http = client(self._headers)
+        return self._http
 
     async def complete(self, call: Call) -> Completion:
         if call.op is not Op.CHAT:
@@ -207,16 +207,14 @@ class Adapter:
         except Exception as exc:  # noqa: BLE001 - translating the client's input failed
             raise client_error(f"The request could not be translated for Ollama: {exc}") from None
 
-    async def _post(self, call: Call, stream: bool) -> aiohttp.ClientResponse:
+    async def _post(self, call: Call, stream: bool) -> Response:
         entry = call.entry
         body = self._body(call, stream)
         if self._spec.check_models:
             await self._check_pulled(entry.model, entry.connect_timeout)
-        timeout = timeouts(entry, stream)
         return await self._client().post(
-            self._chat_url, data=body, headers=self._headers, timeout=timeout,
-            allow_redirects=False,
-        )  # fmt: skip
+            self._chat_url, body, b"", entry.connect_timeout, read_timeout(entry, stream)
+        )
 
     async def _check_pulled(self, model: str, connect_timeout: float) -> None:
         """Skip a model that is not pulled, from a cached /api/tags (never fail on the cache)."""
@@ -229,22 +227,20 @@ class Adapter:
             raise UpstreamError("model_missing", f"model '{model}' is not pulled on this server")
 
     async def _fetch_tags(self, connect_timeout: float) -> set[str] | None:
-        timeout = aiohttp.ClientTimeout(total=connect_timeout + 2, sock_connect=connect_timeout)
         try:
-            async with self._client().get(
-                self._tags_url, headers=self._headers, timeout=timeout, allow_redirects=False
-            ) as resp:
+            resp = await self._client().get(self._tags_url, connect_timeout, connect_timeout + 2)
+            async with resp:
                 if resp.status != 200:
                     return None
                 tags = _tags.decode(await read_capped(resp, MAX_LINE))
-        except (aiohttp.ClientError, OSError, TimeoutError, msgspec.DecodeError, UpstreamError):
+        except (ProtocolError, OSError, TimeoutError, msgspec.DecodeError, UpstreamError):
             return None  # the chat call itself will say what is wrong
         return {t.name for t in tags.models} | {t.model for t in tags.models}
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
 
 
 async def probe(config: ProviderConfig) -> Probe:
@@ -259,7 +255,7 @@ async def probe(config: ProviderConfig) -> Probe:
     return Probe(True, "reachable", names)
 
 
-async def _ndjson(content: aiohttp.StreamReader) -> AsyncGenerator[Line, None]:
+async def _ndjson(content: Response) -> AsyncGenerator[Line, None]:
     """The stream's lines, decoded; an `{"error": ...}` line raises.
 
     Lines are split here, not by aiohttp's line reader, which stops at 512 KiB (a whole

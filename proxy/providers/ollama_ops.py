@@ -26,7 +26,6 @@ from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from contextlib import aclosing
 from typing import Any
 
-import aiohttp
 import msgspec
 
 from ..completions import RawPrompt, TextAnswer, completion_request, finish_reason, translatable
@@ -35,9 +34,10 @@ from ..embeddings import EmbeddingRequest, embedding_list, embedding_request
 from ..errors import InvalidRequest, UpstreamError
 from ..policy import client_error, status_error
 from ..reasons import Reason
+from ..upstream import Client, Response
 from ..wire import Usage, encode
 from .base import Call, Completion, Op
-from .http import read_capped, timeouts
+from .http import read_capped, read_timeout
 
 MAX_LINE = 16 * 1024 * 1024
 MAX_BODY = 256 * 1024 * 1024  # a whole answer: 2048 embeddings of 4096 numbers fit
@@ -67,21 +67,19 @@ _error = msgspec.json.Decoder(dict[str, Any])
 
 
 class OllamaOps:
-    """Embeddings and raw completions on one Ollama server, with the adapter's session,
-    headers and options; `ready(entry)` runs first (the adapter's pulled-model check)."""
+    """Embeddings and raw completions on one Ollama server, with the adapter's client (and
+    so its headers) and options; `ready(entry)` runs first (the adapter's pulled check)."""
 
     def __init__(
         self,
         base_url: str,
-        headers: Mapping[str, str],
         options: Mapping[str, Any],
         keep_alive: str | int | None,
-        session: Callable[[], aiohttp.ClientSession],
+        session: Callable[[], Client],
         ready: Callable[[Entry], Awaitable[None]] | None = None,
     ) -> None:
         self._embed_url = f"{base_url}/api/embed"
         self._generate_url = f"{base_url}/api/generate"
-        self._headers = {"Content-Type": "application/json", **headers}
         self._options = dict(options)
         self._keep_alive = keep_alive
         self._session = session
@@ -204,14 +202,11 @@ class OllamaOps:
             body["keep_alive"] = self._keep_alive
         return body
 
-    async def _post(
-        self, url: str, body: dict[str, Any], entry: Entry, stream: bool
-    ) -> aiohttp.ClientResponse:
+    async def _post(self, url: str, body: dict[str, Any], entry: Entry, stream: bool) -> Response:
         if self._ready is not None:
             await self._ready(entry)
-        timeout = timeouts(entry, stream)
         return await self._session().post(
-            url, data=encode(body), headers=self._headers, timeout=timeout, allow_redirects=False
+            url, encode(body), b"", entry.connect_timeout, read_timeout(entry, stream)
         )
 
 
@@ -226,7 +221,7 @@ def _usage(line: _Generated) -> Usage:
     )
 
 
-async def _ndjson(content: aiohttp.StreamReader) -> AsyncGenerator[_Generated, None]:
+async def _ndjson(content: Response) -> AsyncGenerator[_Generated, None]:
     """The stream's lines, decoded; an `{"error": ...}` line raises."""
     buffer = bytearray()
     async for data in content.iter_any():

@@ -20,14 +20,13 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-import aiohttp
-
 from ..errors import UpstreamError
+from ..upstream import Response
 
 MAX_EVENT = 16 * 1024 * 1024
 
 
-async def iter_sse(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
+async def iter_sse(content: Response) -> AsyncIterator[bytes]:
     """The `data` of each server-sent event in `content`, in order."""
     buf = b""
     async for block in content.iter_any():
