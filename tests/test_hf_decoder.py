@@ -137,6 +137,49 @@ def test_int8_rows_do_not_depend_on_their_batch(wordy_dir: Path) -> None:
     assert alone_first.shape == (decoder.vocab,)
 
 
+@torch.inference_mode()
+def test_kept_int8_weights_answer_bit_for_bit_without_the_float_weights(wordy_dir: Path) -> None:
+    """A restart packs the int8 values kept in the cache: the same logits as quantising
+    anew, and the linears' float weights are not even read."""
+    model = _reference(wordy_dir)
+    state = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
+    fresh = FastDecoder(model.config, Weights(state), "int8", "cpu", torch.float32, slots=2)
+    kept = fresh.quantized()
+    assert set(kept) == {"head"} | {
+        f"layers.{i}.{n}" for i in range(2) for n in ("qkv", "o", "gate_up", "down")
+    }
+    unread = {k: v for k, v in state.items() if "proj" not in k}  # norms and embeddings only
+    again = FastDecoder(model.config, Weights(unread), "int8", "cpu", torch.float32, 2, kept)
+    ids = _ids(AutoTokenizer.from_pretrained(wordy_dir), PROMPTS[0])
+    assert torch.equal(fresh.prefill(0, ids), again.prefill(0, ids))
+    assert torch.equal(fresh.decode([5], [len(ids)]), again.decode([5], [len(ids)]))
+
+
+def test_a_cache_entry_keeps_its_int8_weights_for_the_next_start(
+    wordy_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    entry = tmp_path / "entry"
+    shutil.copytree(wordy_dir, entry)
+    (entry / hf_cache.COMPLETE).write_text("ok\n")  # as hf_cache.save leaves an entry
+    key = ModelKey(str(entry))
+    first = load_model(key, "cpu", "auto", None, "int8", 1)
+    assert (entry / hf_cache.INT8).is_file()
+    assert set(hf_cache.read_int8(entry)) == set(first.runner.quantized())
+    second = load_model(key, "cpu", "auto", None, "int8", 1)
+    ids = _ids(first.tokenizer, PROMPTS[0])
+    with torch.inference_mode():
+        assert torch.equal(first.runner.prefill(0, ids), second.runner.prefill(0, ids))
+    (entry / hf_cache.INT8).write_bytes(b"damaged")
+    third = load_model(key, "cpu", "auto", None, "int8", 1)  # quantised again, written anew
+    assert "quantising again" in caplog.text and hf_cache.read_int8(entry)
+    with torch.inference_mode():
+        assert torch.equal(first.runner.prefill(0, ids), third.runner.prefill(0, ids))
+    plain = tmp_path / "plain"  # a checkpoint of the user's own: nothing written into it
+    shutil.copytree(wordy_dir, plain)
+    load_model(ModelKey(str(plain)), "cpu", "auto", None, "int8", 1)
+    assert not (plain / hf_cache.INT8).exists()
+
+
 @pytest.mark.slow
 @torch.inference_mode()
 def test_a_row_does_not_depend_on_a_longer_neighbour() -> None:

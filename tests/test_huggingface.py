@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -304,6 +306,29 @@ def test_preload_loads_before_the_first_request(
 
     assert json.loads(asyncio.run(use()))["usage"]["completion_tokens"] == 3
     assert provider.loads == 1  # one model, loaded once
+
+
+_EXIT_MID_LOAD = """
+import sys, time
+from proxy.config import Entry, ProviderConfig
+from proxy.providers.hf_provider import HuggingFaceProvider
+from proxy.providers.huggingface import Spec
+provider = HuggingFaceProvider(ProviderConfig("local", Spec(preload=True)))
+provider.preload([Entry("local", sys.argv[1], 60.0, 5.0, 60.0)])
+time.sleep(float(sys.argv[2]))
+"""
+
+
+def test_a_process_that_exits_while_a_model_loads_exits_cleanly(tiny_dir: Path) -> None:
+    """A daemon load thread stopped inside torch or safetensors at exit aborted the process
+    (std::terminate, status 134): Ctrl-C while `make serve` preloads. Exit waits for it."""
+    root = Path(__file__).resolve().parents[1]
+    for delay in ("0", "0.01", "0.03", "0.06", "0.1", "0.2"):
+        done = subprocess.run(
+            [sys.executable, "-c", _EXIT_MID_LOAD, str(tiny_dir), delay],
+            cwd=root, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert (done.returncode, "terminate" in done.stderr) == (0, False), done.stderr[-500:]
 
 
 # ---- cancellation, queueing, liveness ------------------------------------------------------

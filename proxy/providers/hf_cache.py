@@ -15,7 +15,10 @@ gain), and hub ids live in `transformers`' own hub cache.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
+import importlib.metadata
+import logging
 import os
 import shutil
 import tempfile
@@ -23,11 +26,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import transformers
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
+
+log = logging.getLogger("omnimind.huggingface")
 
 FORMAT = 1
 COMPLETE = "omnimind-complete"
+INT8 = "int8-v1.safetensors"  # hf_fast.Int8's values and scales; v: its recipe
 
 
 def cache_root() -> Path:
@@ -44,9 +49,15 @@ def entry_for(source: str, gguf_file: str | None, stored_dtype: torch.dtype) -> 
         return None
     stat = path.stat()
     parts: list[Any] = [FORMAT, str(path.resolve()), str(stored_dtype)]
-    parts += [torch.__version__, transformers.__version__, stat.st_size, stat.st_mtime_ns]
+    parts += [torch.__version__, _transformers_version(), stat.st_size, stat.st_mtime_ns]
     digest = hashlib.sha256(repr(parts).encode()).hexdigest()
     return cache_root() / "weights" / digest[:32]
+
+
+@functools.cache
+def _transformers_version() -> str:
+    """Its installed version, without importing it (a second of a restart)."""
+    return importlib.metadata.version("transformers")
 
 
 def is_complete(entry: Path) -> bool:
@@ -89,3 +100,35 @@ def _save_checkpoint(folder: Path, model: Any, dtype: torch.dtype) -> None:
     config.save_pretrained(folder)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(folder)
+
+
+def read_int8(folder: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The int8 linears kept in a cache entry ({} when there are none, or they do not read)."""
+    path = folder / INT8
+    if not (folder / COMPLETE).is_file() or not path.is_file():
+        return {}
+    try:
+        flat = load_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - a damaged file: quantise again, write anew
+        log.warning("cannot read %s (%s): quantising again", path, exc)
+        return {}
+    names = {k.rsplit(".", 1)[0] for k in flat}
+    return {n: (flat[f"{n}.values"], flat[f"{n}.scales"]) for n in names}
+
+
+def write_int8(folder: Path, kept: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Keep the int8 linears beside the entry's weights (atomically; a failure only logs)."""
+    if not kept or not (folder / COMPLETE).is_file():
+        return
+    flat = {
+        f"{n}.{part}": t
+        for n, pair in kept.items()
+        for part, t in zip(("values", "scales"), pair, strict=True)
+    }
+    scratch = folder / f".{INT8}.{os.getpid()}"
+    try:
+        save_file(flat, str(scratch), metadata={"format": "pt"})
+        os.replace(scratch, folder / INT8)
+    except OSError as exc:
+        log.warning("cannot keep int8 weights in %s: %s", folder, exc)
+        scratch.unlink(missing_ok=True)

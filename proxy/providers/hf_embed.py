@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModel, AutoTokenizer
 
 from ..embeddings import EmbeddingRequest, embedding_list
 from ..errors import UpstreamError
@@ -212,6 +211,8 @@ def load_embedding_model(model: str, device: str, dtype: str, token: str | None)
     where = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, where) if dtype != "auto" else torch.float32
     kwargs: dict[str, Any] = {"token": token} if token else {}
+    from transformers import AutoModel, AutoTokenizer  # at load: a second of imports
+
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     loaded: Any = AutoModel.from_pretrained(source, dtype=torch_dtype, **kwargs)
     loaded.to(where)
@@ -298,8 +299,8 @@ class LocalEmbedder:
                 future: concurrent.futures.Future[EmbeddingModel] = concurrent.futures.Future()
                 future.set_running_or_notify_cancel()
                 slot = self._slots[model] = _Slot(future)
-                threading.Thread(
-                    target=self._load_into, args=(model, slot), name=LOAD_THREAD, daemon=True
+                threading.Thread(  # not a daemon: see hf_provider._slot
+                    target=self._load_into, args=(model, slot), name=LOAD_THREAD
                 ).start()
             return slot
 

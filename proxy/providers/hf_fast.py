@@ -1,7 +1,7 @@
 """A lean decoder for Llama-shaped models: packed weights, slot KV cache, no `generate()`.
 
-`transformers` stays the loader (config, tokenizer, GGUF de-quantisation); decoding runs
-here. Per layer: one fused q/k/v matmul, rotary embedding, the new key and value written
+`transformers` converts what needs converting (a GGUF file, a hub checkpoint); decoding
+runs here, and a restart from the converted-weights cache needs no `transformers`. Per layer: one fused q/k/v matmul, rotary embedding, the new key and value written
 into the row's slot of a KV cache, one `scaled_dot_product_attention`, one fused gate/up
 matmul. Each row of a batch has its own position and length, so a request can join a batch
 that is decoding (continuous batching) and leave it at any step: rows are slots `0..B-1`
@@ -66,18 +66,36 @@ class Int8:
     depend on the rows batched with it. So each row is scaled to [-1, 1] first and two
     extra input columns (+1 and -1, against zero weights) pin the range: every call then
     quantises with the same scale, row by row, and a row's result is the same in any batch.
+
+    `kept`: the int8 values and scales of an earlier quantisation (`quantized()`, saved in
+    the converted-weights cache): only fbgemm's packing is left to do, a restart saves the
+    rest (about half of the load).
     """
 
-    def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
-        weight = torch.cat([weight.float(), torch.zeros(weight.shape[0], 2)], 1)
-        scales = (weight.abs().amax(1) / 127).clamp(min=1e-8).double()
-        zeros = torch.zeros(weight.shape[0], dtype=torch.long)
+    def __init__(
+        self, weight: Tensor | None, bias: Tensor | None, kept: tuple[Tensor, Tensor] | None = None
+    ) -> None:
         with warnings.catch_warnings():  # "quantized tensors are deprecated": the kernel is not
             warnings.simplefilter("ignore")
-            quantized = torch.quantize_per_channel(weight, scales, zeros, 0, torch.qint8)
+            if kept is not None:
+                values, scales = kept
+                zeros = torch.zeros(values.shape[0], dtype=torch.long)
+                quantized = torch._make_per_channel_quantized_tensor(values, scales, zeros, 0)
+            else:
+                assert weight is not None
+                weight = torch.cat([weight.float(), torch.zeros(weight.shape[0], 2)], 1)
+                scales = (weight.abs().amax(1) / 127).clamp(min=1e-8).double()
+                zeros = torch.zeros(weight.shape[0], dtype=torch.long)
+                quantized = torch.quantize_per_channel(weight, scales, zeros, 0, torch.qint8)
             self.packed = torch.ops.quantized.linear_prepack(quantized, None)
         self.bias = None if bias is None else bias.float()
         self.ends = torch.tensor([1.0, -1.0])
+        self.rows = int(quantized.shape[0])
+
+    def quantized(self) -> tuple[Tensor, Tensor]:
+        """The int8 values and per-channel scales, as `kept` takes them back."""
+        weight, _ = torch.ops.quantized.linear_unpack(self.packed)
+        return weight.int_repr(), weight.q_per_channel_scales()
 
     def __call__(self, x: Tensor) -> Tensor:
         scale = x.abs().amax(-1, keepdim=True).clamp(min=1e-30)
@@ -86,20 +104,35 @@ class Int8:
         return out if self.bias is None else out + self.bias
 
 
+Kept = dict[str, tuple[Tensor, Tensor]]  # a linear's name -> its int8 values and scales
+_LINEARS = {
+    "qkv": ("self_attn.", ("q_proj", "k_proj", "v_proj")),
+    "o": ("self_attn.", ("o_proj",)),
+    "gate_up": ("mlp.", ("gate_proj", "up_proj")),
+    "down": ("mlp.", ("down_proj",)),
+}
+
+
 def _linear(packing: str, weight: Tensor, bias: Tensor | None, dtype: Any) -> Any:
     return Int8(weight, bias) if packing == "int8" else Dense(weight.to(dtype), bias)
 
 
 class Layer:
-    def __init__(self, weights: Weights, i: int, packing: str, dtype: Any) -> None:
-        attn, mlp = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
+    def __init__(self, weights: Weights, i: int, packing: str, dtype: Any, kept: Kept) -> None:
         self.norm1 = weights.get(f"model.layers.{i}.input_layernorm.weight").to(dtype)
         self.norm2 = weights.get(f"model.layers.{i}.post_attention_layernorm.weight").to(dtype)
-        qkv = weights.fused(attn, ("q_proj", "k_proj", "v_proj"))
-        self.qkv = _linear(packing, *qkv, dtype)
-        self.o = _linear(packing, *weights.fused(attn, ("o_proj",)), dtype)
-        self.gate_up = _linear(packing, *weights.fused(mlp, ("gate_proj", "up_proj")), dtype)
-        self.down = _linear(packing, *weights.fused(mlp, ("down_proj",)), dtype)
+        for attribute, (block, parts) in _LINEARS.items():
+            prefix, stored = f"model.layers.{i}.{block}", kept.get(f"layers.{i}.{attribute}")
+            if packing == "int8" and stored is not None:  # no need to read the weight
+                linear: Any = Int8(None, weights.fused_bias(prefix, parts), stored)
+            else:
+                linear = _linear(packing, *weights.fused(prefix, parts), dtype)
+            setattr(self, attribute, linear)
+
+    qkv: Any
+    o: Any
+    gate_up: Any
+    down: Any
 
 
 class Weights:
@@ -123,20 +156,30 @@ class Weights:
     def fused(self, prefix: str, parts: tuple[str, ...]) -> tuple[Tensor, Tensor | None]:
         """The parts' weights stacked into one matrix (and their biases, where any has one)."""
         weight = torch.cat([self.get(f"{prefix}{p}.weight") for p in parts])
+        return weight, self.fused_bias(prefix, parts)
+
+    def fused_bias(self, prefix: str, parts: tuple[str, ...]) -> Tensor | None:
         if not any(self.has(f"{prefix}{p}.bias") for p in parts):
-            return weight, None
+            return None
         biases = [
             self.get(f"{prefix}{p}.bias") if self.has(f"{prefix}{p}.bias") else
             torch.zeros(self.get(f"{prefix}{p}.weight").shape[0], device=self.device) for p in parts
         ]  # fmt: skip
-        return weight, torch.cat([b.float() for b in biases])
+        return torch.cat([b.float() for b in biases])
 
 
 class FastDecoder:
     """The model as packed tensors plus a KV cache of `slots` rows that grows on demand."""
 
     def __init__(
-        self, config: Any, weights: Weights, packing: str, device: str, dtype: Any, slots: int
+        self,
+        config: Any,
+        weights: Weights,
+        packing: str,
+        device: str,
+        dtype: Any,
+        slots: int,
+        kept: Kept | None = None,
     ) -> None:
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
@@ -149,19 +192,41 @@ class FastDecoder:
         theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
         steps = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device)
         self.inv_freq = 1.0 / (theta ** (steps / self.head_dim))
+        kept = kept or {}
         with torch.no_grad():
-            with ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool:  # packing
-                build = functools.partial(Layer, weights, packing=packing, dtype=dtype)
-                self.layers = list(pool.map(build, range(config.num_hidden_layers)))
             embed = weights.get("model.embed_tokens.weight")
-            head = weights.get("lm_head.weight") if weights.has("lm_head.weight") else embed
-            self.head = _linear(packing, head, None, dtype)
+            with ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool:  # packing
+                head = pool.submit(self._head, weights, embed, packing, dtype, kept.get("head"))
+                build = functools.partial(Layer, weights, packing=packing, dtype=dtype, kept=kept)
+                self.layers = list(pool.map(build, range(config.num_hidden_layers)))
+                self.head = head.result()  # the largest matrix, packed beside the layers
             self.embed = embed.to(torch.bfloat16 if packing == "int8" else dtype)
             self.norm = weights.get("model.norm.weight").to(dtype)
-        self.vocab = int(head.shape[0])
+        self.vocab = self.head.rows if packing == "int8" else int(self.head.weight.shape[0])
         self.capacity = 0
         self.keys: list[Tensor] = []
         self.values: list[Tensor] = []
+
+    @staticmethod
+    def _head(
+        weights: Weights,
+        embed: Tensor,
+        packing: str,
+        dtype: Any,
+        kept: tuple[Tensor, Tensor] | None,
+    ) -> Any:
+        if packing == "int8" and kept is not None:
+            return Int8(None, None, kept)
+        head = weights.get("lm_head.weight") if weights.has("lm_head.weight") else embed
+        return _linear(packing, head, None, dtype)
+
+    def quantized(self) -> Kept:
+        """Every int8 linear's values and scales by name (empty unless packing is int8)."""
+        linears = {"head": self.head} | {
+            f"layers.{i}.{name}": getattr(layer, name)
+            for i, layer in enumerate(self.layers) for name in _LINEARS
+        }  # fmt: skip
+        return {k: v.quantized() for k, v in linears.items() if isinstance(v, Int8)}
 
     # -- the cache
 

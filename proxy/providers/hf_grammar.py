@@ -16,6 +16,7 @@ accept ~6 µs; `Grammars()` ~0.7 s; `matcher()` ~2 ms compiling a schema, ~0.05 
 
 from __future__ import annotations
 
+import copy
 import json
 import threading
 from collections import OrderedDict
@@ -23,10 +24,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import llguidance.hf
 import numpy as np
 import torch
-from llguidance import LLMatcher, LLParserLimits
+from llguidance import LLMatcher, LLParserLimits, LLTokenizer
 from llguidance.numpy import allocate_token_bitmask, fill_next_token_bitmask
 
 Kind = Literal["json_object", "json_schema", "tool_call"]
@@ -162,6 +162,15 @@ def tool_call_from_text(rule: OutputRule, text: str) -> tuple[str, str]:
     return name, _dumps(arguments)
 
 
+def _lltokenizer(backend: Any, eos: int | list[int] | None) -> LLTokenizer:
+    """llguidance's view of a fast tokenizer (`transformers`' or `hf_tokenizer`'s): what
+    `llguidance.hf.from_tokenizer` does, without importing `transformers` for it."""
+    backend = copy.copy(backend)
+    backend.no_padding()
+    backend.no_truncation()
+    return LLTokenizer(backend.to_str(), eos_token=eos)
+
+
 def _dumps(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
@@ -176,8 +185,8 @@ class Grammars:
     def __init__(
         self, tokenizer: Any, vocab_size: int, eos_token_ids: Sequence[int] | None = None
     ) -> None:
-        eos = list(eos_token_ids) if eos_token_ids else None
-        self._tokenizer = llguidance.hf.from_tokenizer(tokenizer, eos_token=eos)
+        eos = list(eos_token_ids) if eos_token_ids else tokenizer.eos_token_id
+        self._tokenizer = _lltokenizer(tokenizer.backend_tokenizer, eos)
         self._vocab_size = vocab_size
         self._limits = LLParserLimits(verbose_errors=False)
         self._compiled: OrderedDict[tuple[str, bool], LLMatcher] = OrderedDict()

@@ -160,8 +160,10 @@ class HuggingFaceProvider:
                 # Running: an awaiting task that is cancelled must not cancel the load for all.
                 future.set_running_or_notify_cancel()
                 slot = self._slots[key] = _Slot(future)
+                # Not a daemon: a process that exits mid-load waits for it. A daemon thread
+                # stopped inside torch or safetensors aborts the process (std::terminate).
                 thread = threading.Thread(
-                    target=self._load_into, args=(key, slot), name=LOAD_THREAD, daemon=True
+                    target=self._load_into, args=(key, slot), name=LOAD_THREAD
                 )
                 thread.start()
             return slot

@@ -23,10 +23,8 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from . import hf_cache, hf_fast
-from .hf_runner import HFRunner
+from . import hf_cache, hf_fast, hf_tokenizer
 
 log = logging.getLogger("omnimind.huggingface")
 
@@ -156,6 +154,8 @@ def load_model(
     if entry is not None and not from_cache:
         if key.gguf_file:
             kwargs["gguf_file"] = key.gguf_file
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         try:
@@ -211,30 +211,52 @@ def _build(
 ) -> LoadedModel:
     """Tokenizer and runner from `folder`, or from `model` and `tokenizer` already in memory."""
     if tokenizer is None:
-        tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+        tokenizer = _tokenizer(folder, kwargs)
     config = _config(folder, kwargs) if model is None else model.config
     generation = _generation_config(folder, kwargs) if model is None else model.generation_config
     runner: Any
     single_file = Path(folder) / "model.safetensors"
     if hf_fast.supports(config) and single_file.is_file() and "gguf_file" not in kwargs:
+        kept = hf_cache.read_int8(Path(folder)) if packing == "int8" else {}
         with safe_open(str(single_file), "pt", device="cpu") as tensors:
             weights = hf_fast.Weights(tensors, where)
-            runner = hf_fast.FastDecoder(config, weights, packing, where, dtype, slots)
+            runner = hf_fast.FastDecoder(config, weights, packing, where, dtype, slots, kept)
+        if packing == "int8" and not kept:  # a cache entry keeps them for the next start
+            hf_cache.write_int8(Path(folder), runner.quantized())
     elif hf_fast.supports(config):  # a hub id or a sharded checkpoint: through transformers
         if model is None:
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
+            model = _auto_model(folder, dtype, kwargs)
         weights = hf_fast.Weights(model.state_dict(), where)
         runner = hf_fast.FastDecoder(config, weights, packing, where, dtype, slots)
         del model, weights
     else:
+        from .hf_runner import HFRunner
+
         packing = "none"
         if model is None:
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
+            model = _auto_model(folder, dtype, kwargs)
         model.to(where).eval()
         runner = HFRunner(model, where, slots)
     eos_ids = _eos_ids(generation, tokenizer)
     top_k = int(getattr(generation, "top_k", 0) or 0) if generation is not None else 0
     return LoadedModel(tokenizer, where, dtype, eos_ids, 0.0, runner, packing, False, top_k)
+
+
+def _auto_model(folder: str, dtype: torch.dtype, kwargs: dict[str, Any]) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
+
+
+def _tokenizer(folder: str, kwargs: dict[str, Any]) -> Any:
+    """The checkpoint's tokenizer: a plain fast one (what `hf_cache` saves) without
+    `transformers` (`hf_tokenizer`: a second or more of a restart), others through it."""
+    lean = None if kwargs else hf_tokenizer.load(folder)
+    if lean is not None:
+        return lean
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder, **kwargs)
 
 
 def _config(folder: str, kwargs: dict[str, Any]) -> Any:
@@ -245,10 +267,19 @@ def _config(folder: str, kwargs: dict[str, Any]) -> Any:
         plain = types.SimpleNamespace(**json.loads(saved.read_text()))
         if hf_fast.supports(plain):
             return plain
+    from transformers import AutoConfig
+
     return AutoConfig.from_pretrained(folder, **kwargs)
 
 
 def _generation_config(folder: str, kwargs: dict[str, Any]) -> Any:
+    """Only `eos_token_id` and `top_k` are read: a saved file as plain attributes (importing
+    `GenerationConfig` costs about a second), anything else through transformers."""
+    saved = Path(folder) / "generation_config.json"
+    if saved.is_file() and not kwargs:
+        return types.SimpleNamespace(**json.loads(saved.read_text(encoding="utf-8")))
+    from transformers import GenerationConfig
+
     try:
         return GenerationConfig.from_pretrained(folder, **kwargs)
     except OSError:  # the checkpoint has none
