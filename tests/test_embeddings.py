@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import math
+import re
 import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -194,6 +197,48 @@ def minilm() -> Iterator[Any]:
 
     embedder = LocalEmbedder("cpu", "auto")
     yield embedder
+
+
+class _Chat:
+    """The chat side as the local adapter sees it: decoding for `seconds`, then quiet."""
+
+    def __init__(self, seconds: float) -> None:
+        self.quiet_at = time.monotonic() + seconds
+
+    def preload(self, entries: Any) -> None:
+        pass
+
+    def settle(self) -> None:
+        pass
+
+    def busy(self) -> bool:
+        return time.monotonic() < self.quiet_at
+
+    def ready(self) -> bool:
+        return True
+
+
+def test_embedding_models_preload_once_chat_decoding_is_quiet(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """On a fresh start the embedding model's load (~2.5 s of imports and CPU) ran beside
+    the first chat answers and doubled their time: it waits for the chat side's quiet."""
+    from proxy.config import ProviderConfig
+    from proxy.providers.hf_adapter import QUIET_S, LocalAdapter
+    from proxy.providers.huggingface import Spec
+
+    caplog.set_level(logging.INFO, logger="omnimind.huggingface")
+    chat = _Chat(seconds=0.5)
+    adapter = LocalAdapter(chat, ProviderConfig("local", Spec()))
+    adapter.preload([Entry("local", MINILM, 60.0, 5.0, 60.0, kind="embedding")])
+    assert not adapter.ready()
+    deadline = time.monotonic() + 120
+    while not adapter.ready() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    record = next(r for r in caplog.records if r.getMessage().startswith("loaded embedding"))
+    took = float(re.search(r" in ([0-9.]+) s", record.getMessage()).group(1))  # type: ignore[union-attr]
+    load_began = time.monotonic() - (time.time() - record.created) - took
+    assert load_began >= chat.quiet_at + QUIET_S - 0.1
 
 
 async def _local(embedder: Any, request: Any, **options: Any) -> dict[str, Any]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
@@ -16,6 +17,9 @@ from ..policy import client_error
 from ..reasons import Reason
 from .base import Call, Completion, Op
 from .hf_embed import EmbedOptions, LocalEmbedder
+
+QUIET_S = 1.5
+DEFER_S = 30.0
 
 
 class LocalAdapter:
@@ -28,6 +32,8 @@ class LocalAdapter:
         self._generating = generating
         token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
         self._embedder = LocalEmbedder(spec.device, spec.dtype, token)
+        self._queued = threading.Event()  # no embedding preload is waiting to start
+        self._queued.set()
         self._ops: frozenset[Op] = getattr(generating, "ops", frozenset({Op.CHAT}))
 
     def preload(self, entries: Iterable[Entry]) -> None:
@@ -37,20 +43,35 @@ class LocalAdapter:
         self._generating.preload([e for e in entries if e.kind != "embedding"])
         models = [e.model for e in entries if e.kind == "embedding"]
         if models:
+            self._queued.clear()  # not ready until these loads have started (and ended)
             threading.Thread(
                 target=self._preload_embeddings, args=(models,), name="omnimind-hf-preload",
                 daemon=True,
             ).start()  # fmt: skip
 
     def _preload_embeddings(self, models: list[str]) -> None:
+        """Once the chat models are in and none has decoded for `QUIET_S`: loading
+        an embedding model (transformers' imports, ~2.5 s of CPU) beside the first chat
+        answers of a fresh start made them take twice as long. At most `DEFER_S` later; an
+        embeddings request before that loads its model at once."""
         settle = getattr(self._generating, "settle", None)
         if settle is not None:
             settle()
+        busy = getattr(self._generating, "busy", None)
+        started = quiet_since = time.monotonic()
+        while busy is not None and (now := time.monotonic()) - quiet_since < QUIET_S:
+            if now - started > DEFER_S or self._embedder.closed:
+                break
+            if busy():
+                quiet_since = now
+            time.sleep(0.05)
         for model in models:
             self._embedder.preload(model)
+        self._queued.set()
 
     def ready(self) -> bool:
-        return bool(self._generating.ready()) and self._embedder.ready()
+        ready = self._queued.is_set() and self._embedder.ready()
+        return bool(self._generating.ready()) and ready
 
     def stats(self) -> dict[str, Any]:
         stats: dict[str, Any] = self._generating.stats()

@@ -255,9 +255,14 @@ class LocalEmbedder:
         self._lock = threading.Lock()
         self._closed = False
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def preload(self, model: str) -> None:
         """Start loading `model` in the background (safe without an event loop)."""
-        self._slot(model)
+        if not self._closed:
+            self._slot(model)
 
     async def model(self, model: str) -> EmbeddingModel:
         try:

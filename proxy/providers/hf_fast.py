@@ -1,9 +1,10 @@
 """A lean decoder for Llama-shaped models: packed weights, slot KV cache, no `generate()`.
 
 `transformers` converts what needs converting (a GGUF file, a hub checkpoint); decoding
-runs here, and a restart from the converted-weights cache needs no `transformers`. Per layer: one fused q/k/v matmul, rotary embedding, the new key and value written
-into the row's slot of a KV cache, one `scaled_dot_product_attention`, one fused gate/up
-matmul. Each row of a batch has its own position and length, so a request can join a batch
+runs here, and a restart from the converted-weights cache needs no `transformers`. Per
+layer: one fused q/k/v matmul, rotary embedding, the new key and value written into the
+row's slot of a KV cache, one `scaled_dot_product_attention`, one fused gate/up matmul.
+Each row of a batch has its own position and length, so a request can join a batch
 that is decoding (continuous batching) and leave it at any step: rows are slots `0..B-1`
 of the cache, and a row that leaves gives its slot to the last row (`move`).
 

@@ -122,6 +122,13 @@ class HuggingFaceProvider:
             futures = [slot.future for slot in self._slots.values()]
         concurrent.futures.wait(futures, timeout)
 
+    def busy(self) -> bool:
+        """Some row is decoding or queued on one of this provider's models."""
+        with self._slots_lock:
+            futures = [slot.future for slot in self._slots.values()]
+        workers = [f.result().worker for f in futures if f.done() and f.exception() is None]
+        return any(w.stats.active or w.stats.waiting for w in workers)
+
     def ready(self) -> bool:
         """Every model asked for so far is loaded (a failed load is not ready)."""
         with self._slots_lock:
