@@ -265,8 +265,11 @@ class LocalEmbedder:
             self._slot(model)
 
     async def model(self, model: str) -> EmbeddingModel:
+        future = self._slot(model).future
+        if future.done() and future.exception() is None:
+            return future.result()  # loaded: no round trip through the loop's wake-up pipe
         try:
-            return await asyncio.wrap_future(self._slot(model).future)
+            return await asyncio.wrap_future(future)
         except LoadError as exc:
             raise UpstreamError("unavailable", str(exc)) from None
 

@@ -154,6 +154,8 @@ class HuggingFaceProvider:
     async def load(self, entry: Entry) -> LoadedModel:
         """The entry's model, loaded on first use (once, however many callers wait for it)."""
         future = self._slot(ModelKey(entry.model, entry.gguf_file)).future
+        if future.done() and future.exception() is None:
+            return future.result()  # loaded: no round trip through the loop's wake-up pipe
         try:
             return await asyncio.wrap_future(future)
         except LoadError as exc:
