@@ -313,6 +313,11 @@ def _provider(name: str, spec: Any, missing: list[str], path: str) -> ProviderCo
     unavailable = None
     changes: dict[str, Any] = {}
     headers = {k: _expand(v, missing) for k, v in getattr(spec, "headers", {}).items()}
+    for header, value in headers.items():  # a line break would start a header of its own
+        if not header or any(c in header + value for c in "\r\n\0") or ":" in header:
+            raise ConfigError(
+                f"{path}: at providers.{name}.headers: {header!r} is not a valid header"
+            )
     base_url = getattr(spec, "base_url", None)
     if isinstance(base_url, str):
         base_url = _expand(base_url, missing).rstrip("/")

@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import msgspec
 import pytest
+import yaml
 
 from proxy import upstream
 from proxy.check import describe
@@ -112,6 +113,20 @@ def test_empty_gateway_key_is_an_error(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match=r"server.api_keys\[0\]"):
         load(path)
+
+
+@pytest.mark.parametrize(
+    "header", [{"X-Key": "sk-canary\r\nX-Evil: 1"}, {"X-Ke\ny": "sk-canary"}, {"a:b": "sk-canary"}]
+)
+def test_a_header_that_would_split_the_upstream_request_is_a_config_error(
+    tmp_path: Path, header: dict[str, str]
+) -> None:
+    path = tmp_path / "models.yaml"
+    provider = {"type": "openai", "base_url": "http://h:1/v1", "headers": header}
+    path.write_text(yaml.safe_dump({"providers": {"p": provider}, "models": {}}), "utf-8")
+    with pytest.raises(ConfigError, match=r"providers.p.headers") as caught:
+        load(path)
+    assert "sk-canary" not in str(caught.value)  # the name is said, never the value
 
 
 def test_models_command() -> None:
