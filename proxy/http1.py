@@ -16,10 +16,6 @@ Errors (`policy` maps them to reasons):
     Disconnected(ConnectionError)     closed before the answer's headers
     ProtocolError(Exception)          not HTTP, a head over the limit, bad chunks or gzip
       └─ PayloadError                 closed in the middle of the body
-
-An exception is kept as its class and text and raised anew to each reader: a raised
-exception holds the reader's frame, which must not be held by the response it came from
-(one reference cycle per failed request).
 """
 
 from __future__ import annotations
@@ -286,6 +282,8 @@ class Response:
         self._wake()
 
     def fail(self, exc: Exception) -> None:
+        # Kept as class and text, raised anew: a raised exception holds the reader's frame,
+        # which holds this response (a reference cycle per failed request).
         self._error = (type(exc), str(exc))
         self.done = True
         self.reusable = False
