@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from functools import lru_cache
-from typing import NamedTuple
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 from .http1 import (
@@ -88,17 +88,26 @@ class Client:
         self._sweep: asyncio.TimerHandle | None = None
         self._closed = False
 
-    async def post(
+    def post(
         self,
         url: str,
         body: bytes,
         extra: bytes = b"",
         connect: float = 30.0,
         read: float | None = None,
-        method: bytes = b"POST",
+    ) -> Coroutine[Any, Any, Response]:
+        """Send `body`; the answer once its headers are in. `extra`: more header lines
+        (`encode_headers`); `read`: the longest wait for any bytes, None for none."""
+        return self._request(b"POST", url, body, extra, connect, read)
+
+    def get(
+        self, url: str, connect: float = 30.0, read: float | None = None
+    ) -> Coroutine[Any, Any, Response]:
+        return self._request(b"GET", url, b"", b"", connect, read)
+
+    async def _request(
+        self, method: bytes, url: str, body: bytes, extra: bytes, connect: float, read: float | None
     ) -> Response:
-        """Send `body`; return once the answer's headers are in. `extra`: more header
-        lines (`encode_headers`); `read`: the longest wait for any bytes, None for none."""
         where = target(url)
         head = b"%b %b HTTP/1.1\r\nHost: %b\r\n%b%bContent-Length: %d\r\n\r\n" % (
             method, where.path, where.host_header, self._head, extra, len(body)
@@ -115,9 +124,6 @@ class Client:
                     raise
                 # a pooled connection the upstream had closed: once more on a new one
         raise Disconnected("the upstream closed the connection")  # pragma: no cover
-
-    async def get(self, url: str, connect: float = 30.0, read: float | None = None) -> Response:
-        return await self.post(url, b"", b"", connect, read, b"GET")
 
     def _pooled(self, origin: tuple[str, str, int]) -> Connection | None:
         idle = self._idle.get(origin)
