@@ -346,20 +346,45 @@ def test_length_and_usage_from_ollama(client: openai.OpenAI) -> None:
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_a_local_model_serves_or_passes_on_raw_prompts(client: openai.OpenAI, stream: bool) -> None:
-    """Local inference serves raw prompts once its adapter declares `Op.COMPLETION`; until
-    then the next entry answers. Either way the client gets a text completion."""
+def test_the_local_model_serves_raw_prompts(client: openai.OpenAI, stream: bool) -> None:
+    """No chat template: the prompt as it is, echoed first when asked, usage counted."""
     raw = client.completions.with_raw_response.create(
-        model="local-first", prompt="Once upon", max_tokens=4, stream=stream, echo=True
-    )
+        model="local-first", prompt="Once upon", max_tokens=4, stream=stream, echo=True,
+        stream_options={"include_usage": True} if stream else openai.NOT_GIVEN,
+    )  # fmt: skip
+    assert raw.headers["x-omnimind-provider"] == "local"
     answer = raw.parse()
     if stream:
-        text = "".join(p.choices[0].text for p in answer if p.choices)  # type: ignore[union-attr]
+        chunks = list(answer)  # type: ignore[arg-type]
+        for chunk in chunks:
+            text_completion(chunk.model_dump(exclude_unset=True))
+        text = "".join(c.choices[0].text for c in chunks if c.choices)
+        finish = next(
+            c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+        )
+        usage = chunks[-1].usage
     else:
-        text = answer.choices[0].text  # type: ignore[union-attr]
-    assert text.startswith("Once upon")  # echo: the prompt first, from either provider
-    if raw.headers["x-omnimind-provider"] == "up":
-        assert raw.headers["x-omnimind-fallbacks"] == "local:unsupported"
+        text_completion(answer.model_dump(exclude_unset=True))  # type: ignore[union-attr]
+        text, finish = answer.choices[0].text, answer.choices[0].finish_reason  # type: ignore[union-attr]
+        usage = answer.usage  # type: ignore[union-attr]
+    assert text.startswith("Once upon") and len(text) > len("Once upon")  # echo, then tokens
+    assert finish == "length"
+    assert usage is not None and usage.completion_tokens == 4 and usage.prompt_tokens == 2
+
+
+def test_the_local_model_takes_token_ids_and_passes_on_what_it_cannot_honour(
+    client: openai.OpenAI,
+) -> None:
+    ids = client.completions.create(model="local-first", prompt=[12092, 905], max_tokens=3)
+    assert ids.usage is not None and (ids.usage.prompt_tokens, ids.usage.completion_tokens) == (
+        2,
+        3,
+    )
+    raw = client.completions.with_raw_response.create(
+        model="local-first", prompt="x", max_tokens=3, suffix="!"
+    )
+    assert raw.headers["x-omnimind-provider"] == "up"
+    assert raw.headers["x-omnimind-fallbacks"] == "local:unsupported"
 
 
 def test_bad_requests_are_400s_through_the_gateway(gw: Any) -> None:

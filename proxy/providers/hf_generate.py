@@ -18,6 +18,7 @@ from typing import Any
 
 import jinja2
 
+from ..completions import completion_request, translatable
 from ..errors import InvalidRequest, UpstreamError
 from ..policy import CLIENT_ERROR
 from ..wire import ChatBody, Usage
@@ -42,6 +43,8 @@ class Params:
     seed: int | None = None
     stops: tuple[str, ...] = ()
     rule: OutputRule | None = None  # JSON output or a forced tool call (constrained decoding)
+    raw: str | list[int] | None = None  # a legacy completion's prompt: no chat template
+    echo: bool = False  # a legacy completion's answer starts with its prompt
 
     @property
     def sample(self) -> bool:
@@ -93,6 +96,37 @@ def parse_params(call: Call, default_max_tokens: int) -> Params:
         seed=body.seed,
         stops=tuple(s for s in body.stops() if s),
     )
+
+
+def raw_params(call: Call) -> Params:
+    """A legacy completion (`/v1/completions`) as one raw prompt, text or token ids; what
+    the local model cannot honour is `unsupported` (the chain moves on)."""
+    try:
+        raw = translatable(completion_request(call.request), "local inference", tokens=True)
+    except InvalidRequest as exc:
+        raise _client_error(exc.message, exc.param) from None
+    if raw.max_tokens < 1:
+        raise UpstreamError("unsupported", "local inference answers at least one token")
+    if raw.presence_penalty or raw.frequency_penalty:
+        raise UpstreamError("unsupported", "local inference has no presence or frequency penalty")
+    return Params(
+        messages=[], max_new_tokens=raw.max_tokens, temperature=raw.temperature or 0.0,
+        top_p=raw.top_p, seed=raw.seed, stops=raw.stops, raw=raw.prompt, echo=raw.echo,
+    )  # fmt: skip
+
+
+def raw_ids(tokenizer: Any, prompt: str | list[int], vocab: int) -> list[int]:
+    """A raw prompt's ids: text as the tokenizer reads it (its own special tokens added)."""
+    if isinstance(prompt, list):
+        if any(i >= vocab for i in prompt):
+            raise _client_error(
+                f"'prompt' holds a token id over the vocabulary ({vocab}).", "prompt"
+            )
+        return prompt
+    ids: list[int] = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    if not ids:
+        raise _client_error("'prompt' must not be empty.", "prompt")
+    return ids
 
 
 def _raw(value: Any) -> Any:

@@ -11,7 +11,8 @@ remembered: calls within `RETRY_LOAD_AFTER` seconds fail fast with the same
 Generation. Each loaded model has one worker thread (`hf_worker`) that decodes every
 request for it, batched continuously up to `max_batch` rows. A request is validated and
 its prompt templated here, before it is queued; its text comes back through a
-`Generation`. The first chunk of a stream is sent only when the first token (or the end)
+`Generation`. A legacy completion (`/v1/completions`) is its raw prompt's tokens, no
+template, answered as a `text_completion`. The first chunk of a stream is sent only when the first token (or the end)
 is in, so a load or prompt failure still falls back to the next chain entry.
 
 Structured output. `response_format` (`json_object`, `json_schema`) and a forced tool
@@ -38,12 +39,14 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable
+from contextlib import aclosing
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
+from ..completions import TextAnswer, finish_reason
 from ..config import Entry, ProviderConfig
 from ..errors import UpstreamError
 from ..wire import (
@@ -61,7 +64,7 @@ from ..wire import (
     encode,
     now,
 )
-from .base import Call, Completion
+from .base import Call, Completion, Op
 from .hf_generate import (
     Done,
     Generation,
@@ -69,6 +72,8 @@ from .hf_generate import (
     TextFeed,
     parse_params,
     prompt_ids,
+    raw_ids,
+    raw_params,
     schema_error,
 )
 from .hf_grammar import GrammarError, Grammars, tool_call_from_text
@@ -94,6 +99,8 @@ class _Slot:
 
 
 class HuggingFaceProvider:
+    ops = frozenset({Op.CHAT, Op.COMPLETION})  # chat, and legacy completions on raw prompts
+
     def __init__(self, config: ProviderConfig) -> None:
         spec = config.spec
         assert isinstance(spec, HuggingFaceSpec)
@@ -202,7 +209,10 @@ class HuggingFaceProvider:
     async def _begin(self, call: Call) -> tuple[Generation, LoadedModel, Params]:
         if self._closed:
             raise UpstreamError("unavailable", "provider is closed")
-        params = parse_params(call, self._spec.max_new_tokens)
+        if call.op is Op.COMPLETION:
+            params = raw_params(call)
+        else:
+            params = parse_params(call, self._spec.max_new_tokens)
         loaded = await self.load(call.entry)
         prompt, matcher = await asyncio.to_thread(_prepare, loaded, params)
         generation = Generation()
@@ -221,6 +231,11 @@ class HuggingFaceProvider:
         finally:
             generation.stop()
         text = "".join(parts)
+        if params.raw is not None:  # a legacy completion
+            answer = TextAnswer.new(call.entry.model, loaded.fingerprint)
+            text = _echo(loaded, params) + text
+            raw = answer.body(text, finish_reason(event.finish_reason), event.usage())
+            return Completion(raw, event.usage())
         message, finish = _message(params, text, event)
         body = ChatCompletion(
             id=completion_id(),
@@ -233,7 +248,12 @@ class HuggingFaceProvider:
         return Completion(encode(body), event.usage())
 
     async def stream(self, call: Call) -> AsyncIterator[bytes]:
-        generation, _, params = await self._begin(call)
+        generation, loaded, params = await self._begin(call)
+        if params.raw is not None:  # a legacy completion
+            async with aclosing(_text_stream(generation, loaded, params, call)) as pieces:
+                async for piece in pieces:
+                    yield piece
+            return
         tool_call = params.rule is not None and params.rule.kind == "tool_call"
         try:
             # The first token (or the end) is in: only now is the answer committed.
@@ -275,6 +295,8 @@ class HuggingFaceProvider:
 
 def _prepare(loaded: LoadedModel, params: Params) -> tuple[list[int], Any]:
     """The prompt's ids and, for constrained output, a fresh grammar matcher."""
+    if params.raw is not None:
+        return raw_ids(loaded.tokenizer, params.raw, loaded.runner.vocab), None
     prompt = prompt_ids(loaded.tokenizer, params.messages)
     if params.rule is None:
         return prompt, None
@@ -285,6 +307,32 @@ def _prepare(loaded: LoadedModel, params: Params) -> tuple[list[int], Any]:
         return prompt, loaded.grammars.matcher(params.rule)
     except GrammarError as exc:
         raise schema_error(exc) from None
+
+
+async def _text_stream(
+    generation: Generation, loaded: LoadedModel, params: Params, call: Call
+) -> AsyncGenerator[bytes, None]:
+    """A legacy completion's `text_completion` chunks (the echoed prompt first)."""
+    try:
+        event = await generation.next()  # the first token (or the end): committed from here
+        answer = TextAnswer.new(call.entry.model, loaded.fingerprint)
+        if params.echo:
+            yield answer.chunk(_echo(loaded, params))
+        while isinstance(event, str):
+            yield answer.chunk(event)
+            event = await generation.next()
+        yield answer.chunk("", finish_reason(event.finish_reason))
+        if call.request.include_usage:
+            yield answer.usage_chunk(event.usage())
+    finally:
+        generation.stop()
+
+
+def _echo(loaded: LoadedModel, params: Params) -> str:
+    if not params.echo or params.raw is None:
+        return ""
+    raw = params.raw
+    return raw if isinstance(raw, str) else loaded.tokenizer.decode(raw)
 
 
 def _message(params: Params, text: str, done: Done) -> tuple[OutMessage, str]:
