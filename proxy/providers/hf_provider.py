@@ -12,8 +12,9 @@ Generation. Each loaded model has one worker thread (`hf_worker`) that decodes e
 request for it, batched continuously up to `max_batch` rows. A request is validated and
 its prompt templated here, before it is queued; its text comes back through a
 `Generation`. A legacy completion (`/v1/completions`) is its raw prompt's tokens, no
-template, answered as a `text_completion`. The first chunk of a stream is sent only when the first token (or the end)
-is in, so a load or prompt failure still falls back to the next chain entry.
+template, answered as a `text_completion`. The first chunk of a stream is sent only when
+the first token (or the end) is in, so a load or prompt failure still falls back to the
+next chain entry.
 
 Structured output. `response_format` (`json_object`, `json_schema`) and a forced tool
 call (`tool_choice` naming a function, or `"required"`) constrain decoding with a grammar
