@@ -33,6 +33,7 @@ from .spec import (
     ServerSpec,
     StateSpec,
 )
+from .upstream import encode_headers
 
 __all__ = [  # stage 1 is re-exported: providers and tests import it from here
     "AliasSpec",
@@ -313,11 +314,10 @@ def _provider(name: str, spec: Any, missing: list[str], path: str) -> ProviderCo
     unavailable = None
     changes: dict[str, Any] = {}
     headers = {k: _expand(v, missing) for k, v in getattr(spec, "headers", {}).items()}
-    for header, value in headers.items():  # a line break would start a header of its own
-        if not header or any(c in header + value for c in "\r\n\0") or ":" in header:
-            raise ConfigError(
-                f"{path}: at providers.{name}.headers: {header!r} is not a valid header"
-            )
+    try:  # a line break would start a header of its own: refused here, not per request
+        encode_headers(headers)
+    except ValueError as exc:  # it names the header, never its value
+        raise ConfigError(f"{path}: at providers.{name}.headers: {exc}") from None
     base_url = getattr(spec, "base_url", None)
     if isinstance(base_url, str):
         base_url = _expand(base_url, missing).rstrip("/")

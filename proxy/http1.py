@@ -227,9 +227,7 @@ class Connection(asyncio.Protocol):
 
 
 class Response:
-    """An answer: `status`, `headers`, and its body as it arrives (`read`, `iter_any`).
-
-    `content` is the response itself (aiohttp's spelling, which the readers use)."""
+    """An answer: `status`, `headers`, and its body as it arrives (`read`, `iter_any`)."""
 
     __slots__ = (
         "status", "headers", "until_close", "done", "reusable", "content_length", "_conn",
@@ -258,10 +256,6 @@ class Response:
         self._inflate = inflate
         length = headers.get("content-length")
         self.content_length = int(length) if length and length.isdigit() else None
-
-    @property
-    def content(self) -> Response:
-        return self
 
     # fed by the connection
 
@@ -304,9 +298,6 @@ class Response:
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def iter_any(self) -> Response:
-        return self
-
-    def iter_chunked(self, _size: int) -> Response:
         return self  # pieces are at most HIGH_WATER raw or STEP inflated bytes
 
     def __aiter__(self) -> Response:
@@ -365,7 +356,7 @@ class Response:
         conn, self._conn = self._conn, None
         if conn is None:
             return
-        if self.done and self._error is None and self.reusable and not self.until_close:
+        if self.done and self.reusable and not self.until_close:  # fail() clears reusable
             conn.client._release(conn)
         else:
             conn.abort()

@@ -33,7 +33,7 @@ from ..translate.from_anthropic import ChunkMaker, decode_message, to_completion
 from ..translate.to_anthropic import ChatIn, to_anthropic
 from ..upstream import Client, Response
 from .base import Call, Completion, Op, Probe
-from .http import client, fetch, read_capped, read_timeout
+from .http import fetch, read_capped, read_timeout
 from .sse import iter_sse
 
 ANTHROPIC_URL = "https://api.anthropic.com"
@@ -95,7 +95,7 @@ class Adapter:
         entry = call.entry
         body = self._body(call, stream)
         if self._client is None:
-            self._client = client(self._headers)
+            self._client = Client(self._headers)
         return await self._client.post(
             self._url, body, b"", entry.connect_timeout, read_timeout(entry, stream)
         )
@@ -121,7 +121,7 @@ class Adapter:
                 raise UpstreamError(Reason.BAD_RESPONSE, f"expected an event stream, got '{ctype}'")
             maker = ChunkMaker(call.entry.model, call.request.include_usage)
             native = isinstance(call.request, NativeChat)
-            async for data in iter_sse(resp.content):
+            async for data in iter_sse(resp):
                 chunks = maker.feed(data)
                 if native:  # each event rides along, on a chunk of its own if it made none
                     last = chunks.pop() if chunks else maker.empty()

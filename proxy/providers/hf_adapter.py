@@ -32,8 +32,8 @@ class LocalAdapter:
         self._generating = generating
         token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
         self._embedder = LocalEmbedder(spec.device, spec.dtype, token)
-        self._queued = threading.Event()  # no embedding preload is waiting to start
-        self._queued.set()
+        self._preloads_started = threading.Event()  # set: no embedding preload still to start
+        self._preloads_started.set()
         self._ops: frozenset[Op] = getattr(generating, "ops", frozenset({Op.CHAT}))
 
     def preload(self, entries: Iterable[Entry]) -> None:
@@ -43,7 +43,7 @@ class LocalAdapter:
         self._generating.preload([e for e in entries if e.kind != "embedding"])
         models = [e.model for e in entries if e.kind == "embedding"]
         if models:
-            self._queued.clear()  # not ready until these loads have started (and ended)
+            self._preloads_started.clear()  # not ready until these loads have started (and ended)
             threading.Thread(
                 target=self._preload_embeddings, args=(models,), name="omnimind-hf-preload",
                 daemon=True,
@@ -67,10 +67,10 @@ class LocalAdapter:
             time.sleep(0.05)
         for model in models:
             self._embedder.preload(model)
-        self._queued.set()
+        self._preloads_started.set()
 
     def ready(self) -> bool:
-        ready = self._queued.is_set() and self._embedder.ready()
+        ready = self._preloads_started.is_set() and self._embedder.ready()
         return bool(self._generating.ready()) and ready
 
     def stats(self) -> dict[str, Any]:

@@ -105,7 +105,7 @@ def _save_checkpoint(folder: Path, model: Any, dtype: torch.dtype) -> None:
 def read_int8(folder: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """The int8 linears kept in a cache entry ({} when there are none, or they do not read)."""
     path = folder / INT8
-    if not (folder / COMPLETE).is_file() or not path.is_file():
+    if not is_complete(folder) or not path.is_file():
         return {}
     try:
         flat = load_file(str(path))
@@ -118,7 +118,7 @@ def read_int8(folder: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
 
 def write_int8(folder: Path, kept: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
     """Keep the int8 linears beside the entry's weights (atomically; a failure only logs)."""
-    if not kept or not (folder / COMPLETE).is_file():
+    if not kept or not is_complete(folder):
         return
     flat = {
         f"{n}.{part}": t

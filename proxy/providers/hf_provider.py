@@ -135,7 +135,7 @@ class HuggingFaceProvider:
         with self._slots_lock:
             futures = [slot.future for slot in self._slots.values()]
         workers = [f.result().worker for f in futures if f.done() and f.exception() is None]
-        return any(w.stats.active or w.stats.waiting for w in workers)
+        return any(w.stats.in_flight for w in workers)
 
     def ready(self) -> bool:
         """Every model asked for so far is loaded (a failed load is not ready)."""

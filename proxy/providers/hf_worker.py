@@ -35,7 +35,7 @@ _RUNNING: weakref.WeakSet[Worker] = weakref.WeakSet()  # for `rows_in_flight` al
 
 def rows_in_flight() -> int:
     """Rows decoding or queued in every worker of this process (tests, diagnostics)."""
-    return sum(w.stats.active + w.stats.waiting for w in list(_RUNNING))
+    return sum(w.stats.in_flight for w in list(_RUNNING))
 
 
 class Runner(Protocol):
@@ -74,6 +74,10 @@ class WorkerStats:
     widest: int = 0  # the most rows decoded in one step
     active: int = 0  # rows decoding now
     waiting: int = 0  # jobs queued for a free row
+
+    @property
+    def in_flight(self) -> int:
+        return self.active + self.waiting
 
 
 @dataclass(eq=False, slots=True)

@@ -11,13 +11,6 @@ from ..errors import UpstreamError
 from ..reasons import Reason
 from ..upstream import Client, Response
 
-_READ = 64 * 1024
-
-
-def client(headers: dict[str, str]) -> Client:
-    """A provider's own keep-alive pool; every request carries `headers`."""
-    return Client(headers)
-
 
 def read_timeout(entry: Entry, stream: bool) -> float | None:
     """The longest wait for the upstream's next bytes in one attempt; the chain enforces
@@ -36,7 +29,7 @@ async def read_capped(resp: Response, limit: int) -> bytes:
         return await resp.read()  # not compressed: its length bounds it (the common case)
     parts: list[bytes] = []
     size = 0
-    async for block in resp.content.iter_chunked(_READ):
+    async for block in resp.iter_any():  # at most 256 KiB raw or 64 KiB inflated each
         size += len(block)
         if size > limit:
             resp.close()

@@ -51,7 +51,7 @@ from ..wire import (
     now,
 )
 from .base import Call, Completion, Op, Probe
-from .http import Listing, client, get_json, read_capped, read_timeout
+from .http import Listing, get_json, read_capped, read_timeout
 from .ollama_ops import OllamaOps
 from .ollama_wire import (
     Line,
@@ -120,7 +120,7 @@ class Adapter:
 
     def _client(self) -> Client:
         if self._http is None:
-            self._http = client(self._headers)
+            self._http = Client(self._headers)
         return self._http
 
     async def complete(self, call: Call) -> Completion:
@@ -172,7 +172,7 @@ class Adapter:
                 raise _status_error(resp.status, await read_capped(resp, MAX_LINE), resp.headers)
             started = False
             n_calls = 0
-            async with aclosing(_ndjson(resp.content)) as lines:
+            async with aclosing(_ndjson(resp)) as lines:
                 async for line in lines:
                     message = line.message or Said()
                     calls = tool_calls(message)
@@ -258,8 +258,8 @@ async def probe(config: ProviderConfig) -> Probe:
 async def _ndjson(content: Response) -> AsyncGenerator[Line, None]:
     """The stream's lines, decoded; an `{"error": ...}` line raises.
 
-    Lines are split here, not by aiohttp's line reader, which stops at 512 KiB (a whole
-    tool call comes as one line and can be longer).
+    Lines are split here from the reads as they come, up to `MAX_LINE` (a whole tool call
+    comes as one line and can be long).
     """
     buffer = bytearray()
     async for data in content.iter_any():

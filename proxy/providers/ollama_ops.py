@@ -75,14 +75,14 @@ class OllamaOps:
         base_url: str,
         options: Mapping[str, Any],
         keep_alive: str | int | None,
-        session: Callable[[], Client],
+        client: Callable[[], Client],
         ready: Callable[[Entry], Awaitable[None]] | None = None,
     ) -> None:
         self._embed_url = f"{base_url}/api/embed"
         self._generate_url = f"{base_url}/api/generate"
         self._options = dict(options)
         self._keep_alive = keep_alive
-        self._session = session
+        self._client = client
         self._ready = ready
 
     async def complete(self, call: Call) -> Completion:
@@ -167,7 +167,7 @@ class OllamaOps:
             if resp.status != 200:
                 raise _status_error(resp.status, await read_capped(resp, MAX_LINE), resp.headers)
             started = False
-            async with aclosing(_ndjson(resp.content)) as lines:
+            async with aclosing(_ndjson(resp)) as lines:
                 async for line in lines:
                     if not started and (line.response or line.done):
                         started = True  # committed: from here on a failure ends the stream
@@ -205,7 +205,7 @@ class OllamaOps:
     async def _post(self, url: str, body: dict[str, Any], entry: Entry, stream: bool) -> Response:
         if self._ready is not None:
             await self._ready(entry)
-        return await self._session().post(
+        return await self._client().post(
             url, encode(body), b"", entry.connect_timeout, read_timeout(entry, stream)
         )
 

@@ -21,7 +21,7 @@ from ..reasons import Reason
 from ..upstream import Client, Response
 from ..wire import UsageView
 from .base import Call, Completion, Op, Probe
-from .http import Listing, client, get_json, read_capped, read_timeout
+from .http import Listing, get_json, read_capped, read_timeout
 from .sse import iter_sse
 
 _usage_decoder = msgspec.json.Decoder(UsageView)
@@ -53,7 +53,7 @@ class Adapter:
     def _post(self, call: Call, stream: bool) -> Awaitable[Response]:
         entry = call.entry
         if self._client is None:
-            self._client = client(self._headers)
+            self._client = Client(self._headers)
         return self._client.post(
             self._urls[call.op],
             call.request.body_for(entry.model),
@@ -89,7 +89,7 @@ class Adapter:
             if not ctype.startswith("text/event-stream"):
                 raise UpstreamError("bad_response", f"expected an event stream, got '{ctype}'")
             first = True
-            async for data in iter_sse(resp.content):
+            async for data in iter_sse(resp):
                 if data == b"[DONE]":
                     return
                 if b"\n" in data:  # a multi-line event: in JSON a line break is whitespace
