@@ -380,11 +380,12 @@ def test_the_local_model_takes_token_ids_and_passes_on_what_it_cannot_honour(
         2,
         3,
     )
-    raw = client.completions.with_raw_response.create(
-        model="local-first", prompt="x", max_tokens=3, suffix="!"
-    )
-    assert raw.headers["x-omnimind-provider"] == "up"
-    assert raw.headers["x-omnimind-fallbacks"] == "local:unsupported"
+    for asked in [{"prompt": "x", "suffix": "!"}, {"prompt": ""}, {"prompt": [10**6]}]:
+        raw = client.completions.with_raw_response.create(
+            model="local-first", max_tokens=3, **asked
+        )
+        assert raw.headers["x-omnimind-provider"] == "up", asked
+        assert raw.headers["x-omnimind-fallbacks"] == "local:unsupported", asked
 
 
 def test_bad_requests_are_400s_through_the_gateway(gw: Any) -> None:

@@ -116,16 +116,19 @@ def raw_params(call: Call) -> Params:
 
 
 def raw_ids(tokenizer: Any, prompt: str | list[int], vocab: int) -> list[int]:
-    """A raw prompt's ids: text as the tokenizer reads it (its own special tokens added)."""
+    """A raw prompt's ids: text as the tokenizer reads it (its own special tokens added).
+    What this model cannot start from is `unsupported`, as in `hf_embed`: another entry's
+    model may (a larger vocabulary, a tokenizer that adds a BOS to an empty prompt)."""
     if isinstance(prompt, list):
         if any(i >= vocab for i in prompt):
-            raise _client_error(
-                f"'prompt' holds a token id over the vocabulary ({vocab}).", "prompt"
-            )
+            message = f"'prompt' holds a token id over this model's vocabulary ({vocab})"
+            raise UpstreamError("unsupported", message, param="prompt")
         return prompt
     ids: list[int] = tokenizer(prompt, add_special_tokens=True)["input_ids"]
     if not ids:
-        raise _client_error("'prompt' must not be empty.", "prompt")
+        raise UpstreamError(
+            "unsupported", "an empty prompt is no tokens to this model", param="prompt"
+        )
     return ids
 
 

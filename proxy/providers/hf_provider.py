@@ -41,7 +41,6 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable
-from contextlib import aclosing
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -251,9 +250,11 @@ class HuggingFaceProvider:
     async def stream(self, call: Call) -> AsyncIterator[bytes]:
         generation, loaded, params = await self._begin(call)
         if params.raw is not None:  # a legacy completion
-            async with aclosing(_text_stream(generation, loaded, params, call)) as pieces:
-                async for piece in pieces:
+            try:
+                async for piece in _text_stream(generation, loaded, params, call):
                     yield piece
+            finally:
+                generation.stop()
             return
         tool_call = params.rule is not None and params.rule.kind == "tool_call"
         try:
@@ -313,20 +314,18 @@ def _prepare(loaded: LoadedModel, params: Params) -> tuple[list[int], Any]:
 async def _text_stream(
     generation: Generation, loaded: LoadedModel, params: Params, call: Call
 ) -> AsyncGenerator[bytes, None]:
-    """A legacy completion's `text_completion` chunks (the echoed prompt first)."""
-    try:
-        event = await generation.next()  # the first token (or the end): committed from here
-        answer = TextAnswer.new(call.entry.model, loaded.fingerprint)
-        if params.echo:
-            yield answer.chunk(_echo(loaded, params))
-        while isinstance(event, str):
-            yield answer.chunk(event)
-            event = await generation.next()
-        yield answer.chunk("", finish_reason(event.finish_reason))
-        if call.request.include_usage:
-            yield answer.usage_chunk(event.usage())
-    finally:
-        generation.stop()
+    """A legacy completion's `text_completion` chunks (the echoed prompt first); the
+    caller stops the generation, as it does for chat."""
+    event = await generation.next()  # the first token (or the end): committed from here
+    answer = TextAnswer.new(call.entry.model, loaded.fingerprint)
+    if params.echo:
+        yield answer.chunk(_echo(loaded, params))
+    while isinstance(event, str):
+        yield answer.chunk(event)
+        event = await generation.next()
+    yield answer.chunk("", finish_reason(event.finish_reason))
+    if call.request.include_usage:
+        yield answer.usage_chunk(event.usage())
 
 
 def _echo(loaded: LoadedModel, params: Params) -> str:
