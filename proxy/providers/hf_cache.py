@@ -32,7 +32,7 @@ log = logging.getLogger("omnimind.huggingface")
 
 FORMAT = 1
 COMPLETE = "omnimind-complete"
-INT8 = "int8-v1.safetensors"  # hf_fast.Int8's values and scales; v: its recipe
+INT8 = "int8-v2.safetensors"  # hf_fast.Int8's values and scales; v: its recipe
 
 
 def cache_root() -> Path:

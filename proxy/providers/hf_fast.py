@@ -9,8 +9,10 @@ that is decoding (continuous batching) and leave it at any step: rows are slots 
 of the cache, and a row that leaves gives its slot to the last row (`move`).
 
 Weights (`packing`). `int8`: every matmul (q/k/v, o, gate/up, down and the output head)
-uses fbgemm's int8 kernels with per-channel weight scales and activations quantised per
-row (`Int8`), so a row's outlier channels cost only that row some resolution. bfloat16
+multiplies int8 by int8 into int32 (`torch._int_mm`), with per-channel weight scales and
+activations quantised per row (`Int8`), so a row's outlier channels cost only that row some
+resolution. fbgemm's dynamic int8 linear was used before: its weights must be packed at
+every start (0.6 s here), and it is one opaque call `torch.compile` cannot see into. bfloat16
 weights for `down_proj` were tried: CPUs without bfloat16 instructions multiply them
 slowly, a 38-token prompt took 150 ms instead of 60. The token embedding is kept in
 bfloat16 and widened per lookup. `none`: every weight in the compute dtype. What each
@@ -24,7 +26,6 @@ from __future__ import annotations
 
 import functools
 import os
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -61,47 +62,41 @@ class Dense:
 
 
 class Int8:
-    """fbgemm's dynamic int8 linear: int8 weights (per output channel), float in and out.
+    """An int8 linear: int8 weights per output channel, each input row quantised on its own.
 
-    fbgemm picks one activation scale for the whole input, which would make a row's answer
-    depend on the rows batched with it. So each row is scaled to [-1, 1] first and two
-    extra input columns (+1 and -1, against zero weights) pin the range: every call then
-    quantises with the same scale, row by row, and a row's result is the same in any batch.
+    A row is scaled by its own absolute maximum onto [-127, 127] and rounded; `_int_mm`
+    multiplies in int32, exactly, and the result is scaled back. Integer products have no
+    rounding order, so a row's result is the same alone or in any batch, eager or compiled.
 
     `kept`: the int8 values and scales of an earlier quantisation (`quantized()`, saved in
-    the converted-weights cache): only fbgemm's packing is left to do, a restart saves the
-    rest (about half of the load).
+    the converted-weights cache): a restart reads them and has nothing left to compute.
     """
 
     def __init__(
         self, weight: Tensor | None, bias: Tensor | None, kept: tuple[Tensor, Tensor] | None = None
     ) -> None:
-        with warnings.catch_warnings():  # "quantized tensors are deprecated": the kernel is not
-            warnings.simplefilter("ignore")
-            if kept is not None:
-                values, scales = kept
-                zeros = torch.zeros(values.shape[0], dtype=torch.long)
-                quantized = torch._make_per_channel_quantized_tensor(values, scales, zeros, 0)
-            else:
-                assert weight is not None
-                weight = torch.cat([weight.float(), torch.zeros(weight.shape[0], 2)], 1)
-                scales = (weight.abs().amax(1) / 127).clamp(min=1e-8).double()
-                zeros = torch.zeros(weight.shape[0], dtype=torch.long)
-                quantized = torch.quantize_per_channel(weight, scales, zeros, 0, torch.qint8)
-            self.packed = torch.ops.quantized.linear_prepack(quantized, None)
+        if kept is not None:
+            values, scales = kept
+        else:
+            assert weight is not None
+            wide = weight.float()
+            scales = (wide.abs().amax(1) / 127).clamp(min=1e-8)
+            values = (wide / scales[:, None]).round().clamp(-127, 127).to(torch.int8)
+        self.values = values.contiguous()
+        self.scales = scales.float()
         self.bias = None if bias is None else bias.float()
-        self.ends = torch.tensor([1.0, -1.0])
-        self.rows = int(quantized.shape[0])
+        self.rows = int(values.shape[0])
 
     def quantized(self) -> tuple[Tensor, Tensor]:
         """The int8 values and per-channel scales, as `kept` takes them back."""
-        weight, _ = torch.ops.quantized.linear_unpack(self.packed)
-        return weight.int_repr(), weight.q_per_channel_scales()
+        return self.values, self.scales
 
     def __call__(self, x: Tensor) -> Tensor:
-        scale = x.abs().amax(-1, keepdim=True).clamp(min=1e-30)
-        pinned = torch.cat([x / scale, self.ends.expand(*x.shape[:-1], 2)], -1)
-        out = torch.ops.quantized.linear_dynamic(pinned, self.packed, False) * scale
+        flat = x.reshape(-1, x.shape[-1])  # 2-D before quantising: inductor (torch 2.13)
+        # miscomputes `_int_mm` on an int8 tensor reshaped after its rounding
+        scale = flat.abs().amax(-1, keepdim=True).clamp(min=1e-30) / 127
+        product = torch._int_mm((flat / scale).round().to(torch.int8), self.values.t())
+        out = (product.float() * (scale * self.scales)).view(*x.shape[:-1], self.rows)
         return out if self.bias is None else out + self.bias
 
 
@@ -205,6 +200,8 @@ class FastDecoder:
             self.norm = weights.get("model.norm.weight").to(dtype)
         self.vocab = self.head.rows if packing == "int8" else int(self.head.weight.shape[0])
         self.capacity = 0
+        self.compiled: Any = None  # hf_compile swaps a compiled `forward` in when it is ready
+        self.compile_status = "off"  # hf_compile's: off (why), waiting, compiling, ready, failed
         self.keys: list[Tensor] = []
         self.values: list[Tensor] = []
 
@@ -255,7 +252,7 @@ class FastDecoder:
         self.reserve(len(ids) + 1)
         tokens = torch.tensor([ids], device=self.device)
         positions = torch.arange(len(ids), device=self.device)[None]
-        return self._forward(tokens, positions, slot, None)[0]
+        return self.forward(tokens, positions, slot, None, self.keys, self.values)[0]
 
     def decode(self, tokens: list[int], positions: list[int]) -> Tensor:
         """One step for rows `0..B-1`: row i's token at its position; logits [B, vocab]."""
@@ -265,10 +262,21 @@ class FastDecoder:
         # Attention always spans the whole cache, not the longest row: its sums then run over
         # the same length whoever else is in the batch, so a row's logits do not depend on
         # its neighbours (a width that followed them flipped near-tied greedy tokens).
-        mask = torch.arange(self.capacity, device=self.device)[None, :] <= pos
-        return self._forward(ids, pos, None, mask[:, None, None, :])
+        mask = (torch.arange(self.capacity, device=self.device)[None, :] <= pos)[:, None, None]
+        step = self.compiled or FastDecoder.forward
+        return step(self, ids, pos, None, mask, self.keys, self.values)
 
-    def _forward(self, ids: Tensor, pos: Tensor, slot: int | None, mask: Tensor | None) -> Tensor:
+    def forward(
+        self,
+        ids: Tensor,
+        pos: Tensor,
+        slot: int | None,
+        mask: Tensor | None,
+        keys_cache: list[Tensor],
+        values_cache: list[Tensor],
+    ) -> Tensor:
+        """The logits after each row's last token; the rows' keys and values go into the caches
+        (`slot`: a prompt from position 0; None: one token per row at `pos`, under `mask`)."""
         rows, length = ids.shape
         heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
         x = F.embedding(ids, self.embed).to(self.dtype)
@@ -277,7 +285,7 @@ class FastDecoder:
         sin = torch.cat([angles.sin(), angles.sin()], -1)[:, None].to(self.dtype)
         half = dim // 2
         batch = torch.arange(rows, device=self.device)
-        for layer, keys, values in zip(self.layers, self.keys, self.values, strict=True):
+        for layer, keys, values in zip(self.layers, keys_cache, values_cache, strict=True):
             qkv = layer.qkv(self._norm(x, layer.norm1))
             rotary = qkv[..., : (heads + kv_heads) * dim].view(rows, length, heads + kv_heads, dim)
             rotary = rotary.transpose(1, 2)  # q and k rotated together

@@ -64,6 +64,7 @@ from ..wire import (
     encode,
     now,
 )
+from . import hf_compile
 from .base import Call, Completion, Op
 from .hf_generate import (
     Done,
@@ -154,6 +155,7 @@ class HuggingFaceProvider:
                     "engine": loaded.fingerprint,
                     "from_cache": loaded.from_cache,
                     "load_seconds": round(loaded.load_seconds, 3),
+                    "compile": getattr(loaded.runner, "compile_status", "off"),
                     **asdict(loaded.worker.stats),
                 }
         return {"loads": self.loads, "models": out}
@@ -201,6 +203,13 @@ class HuggingFaceProvider:
             return
         self.loads += 1
         slot.future.set_result(loaded)
+        worker = loaded.worker
+        hf_compile.start(
+            loaded.runner,
+            spec.compile_mode,
+            lambda: worker.stats.in_flight > 0,
+            lambda: self._closed,
+        )
         if self._closed:  # closed while loading: let it go
             self._forget()
 

@@ -78,7 +78,8 @@ class LoadedModel:
         """OpenAI's `system_fingerprint`: the backend configuration the answer came from."""
         engine = "fast" if type(self.runner).__name__ == "FastDecoder" else "transformers"
         packing = "-int8" if self.packing == "int8" else ""
-        return f"{engine}-{self.device}-{_dtype_name(self.dtype)}{packing}"
+        compiled = "-compiled" if getattr(self.runner, "compiled", None) is not None else ""
+        return f"{engine}-{self.device}-{_dtype_name(self.dtype)}{packing}{compiled}"
 
 
 def resolve_source(model: str) -> str:
@@ -192,8 +193,7 @@ def _release_freed_memory() -> None:
 
 def _packing(quantize: str, device: str) -> str:
     if quantize == "auto":
-        engines = torch.backends.quantized.supported_engines
-        return "int8" if device == "cpu" and ("fbgemm" in engines or "x86" in engines) else "none"
+        return "int8" if device == "cpu" else "none"
     if quantize == "int8" and device != "cpu":
         raise LoadError(f"quantize: int8 runs on the CPU only, not on {device}")
     return quantize

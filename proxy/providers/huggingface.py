@@ -31,7 +31,13 @@ class Spec(BaseProviderSpec, tag="huggingface"):
     max_concurrency: PositiveInt | None = 1
     max_batch: PositiveInt = 1  # rows decoded together; a request joins at the next step
     quantize: Literal["auto", "int8", "none"] = "auto"  # auto: int8 matmuls on the CPU
+    compile: bool | Literal["auto"] = "auto"  # the decode step, in the background (hf_compile)
     loads_gguf: ClassVar[bool] = True
+
+    @property
+    def compile_mode(self) -> str:
+        """`compile` as hf_compile says it: YAML reads `on`/`off` as true/false."""
+        return self.compile if isinstance(self.compile, str) else "on" if self.compile else "off"
 
     def problem(self) -> tuple[str, str] | None:
         if (self.max_concurrency or self.max_batch) < self.max_batch:

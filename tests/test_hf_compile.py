@@ -1,0 +1,163 @@
+"""The compiled decode step (hf_compile): the same answers as the eager one, rows batch
+invariant, every step shape covered by its two graphs, swapped in behind a live gateway.
+
+Compiling builds C++ with the system compiler: a minute or so for the tiny model, cold.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import torch
+from torch._dynamo.utils import counters
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from proxy.providers import hf_compile
+from proxy.providers.hf_fast import FastDecoder, Weights
+from proxy.providers.hf_weights import ModelKey, load_model
+
+from .conftest import GatewayFactory
+from .servers import UvicornServer
+
+PROMPTS = ["Tell me about cats.", "Describe the sea in many more words than that.", "Hi"]
+
+
+def _ids(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+@pytest.fixture(scope="module")
+def wordy_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from .tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("wordy"), init_range=0.3)
+
+
+@pytest.fixture(scope="module")
+def decoders(wordy_dir: Path) -> tuple[FastDecoder, FastDecoder, Any]:
+    """The same int8 model twice: one decodes eagerly, the other through a compiled step."""
+    model = AutoModelForCausalLM.from_pretrained(wordy_dir, dtype=torch.float32)
+    state = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
+    eager = FastDecoder(model.config, Weights(state), "int8", "cpu", torch.float32, slots=4)
+    compiled = FastDecoder(model.config, Weights(state), "int8", "cpu", torch.float32, slots=4)
+    step = hf_compile.CompiledStep()
+    for rows in (1, 2):
+        step.warm(compiled, rows)
+    compiled.compiled = step
+    return eager, compiled, AutoTokenizer.from_pretrained(wordy_dir)
+
+
+def _decode(decoder: FastDecoder, rows: list[list[int]], steps: int) -> list[torch.Tensor]:
+    """Greedy steps for `rows` together, from their prompts; the logits of each step."""
+    tokens = [int(decoder.prefill(slot, ids).argmax()) for slot, ids in enumerate(rows)]
+    positions = [len(ids) for ids in rows]
+    out = []
+    for _ in range(steps):
+        logits = decoder.decode(tokens, positions)
+        out.append(logits)
+        tokens = [int(t) for t in logits.argmax(-1)]
+        positions = [p + 1 for p in positions]
+    return out
+
+
+@torch.inference_mode()
+def test_the_compiled_step_answers_as_the_eager_one_in_every_shape(
+    decoders: tuple[FastDecoder, FastDecoder, Any],
+) -> None:
+    """One row and three, across the cache growing (256 -> 512 positions): close logits,
+    the same greedy tokens, and not one new graph compiled after the two warm-ups."""
+    eager, compiled, tokenizer = decoders
+    graphs = counters["stats"]["unique_graphs"]
+    for rows in ([_ids(tokenizer, PROMPTS[0])], [_ids(tokenizer, p) for p in PROMPTS]):
+        rows = [ids + [7] * (250 - len(ids)) if i == 0 else ids for i, ids in enumerate(rows)]
+        ours, theirs = _decode(compiled, rows, 12), _decode(eager, rows, 12)
+        assert compiled.capacity == eager.capacity == 512  # grew mid-way
+        for a, b in zip(ours, theirs, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+            assert torch.equal(a.argmax(-1), b.argmax(-1))
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
+@torch.inference_mode()
+def test_compiled_rows_do_not_depend_on_their_batch(
+    decoders: tuple[FastDecoder, FastDecoder, Any],
+) -> None:
+    """A row alone (the one-row graph) and beside two others (the many-row graph): bit for
+    bit, so a request that joins a batch answers as it would alone."""
+    _, compiled, tokenizer = decoders
+    rows = [_ids(tokenizer, p) for p in PROMPTS]
+    alone = _decode(compiled, rows[:1], 6)
+    together = _decode(compiled, rows, 6)
+    for a, b in zip(alone, together, strict=True):
+        assert torch.equal(a[0], b[0])
+
+
+def test_why_not_names_the_reason(wordy_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    loaded = load_model(ModelKey(str(wordy_dir)), "cpu", "auto", None, "int8", 1)
+    assert hf_compile.why_not(loaded.runner, "off") == "compile: off"
+    monkeypatch.setenv("OMNIMIND_COMPILE", "off")
+    assert hf_compile.why_not(loaded.runner, "auto") == "OMNIMIND_COMPILE=off"
+    monkeypatch.setenv("OMNIMIND_COMPILE", "auto")
+    assert hf_compile.why_not(loaded.runner, "auto") is None
+    monkeypatch.setenv("PATH", str(wordy_dir))  # no compiler on it
+    monkeypatch.setenv("CXX", "omnimind-no-such-c++")
+    assert (
+        hf_compile.why_not(loaded.runner, "on") == "no C++ compiler (omnimind-no-such-c++) on PATH"
+    )
+
+
+# ---- behind the gateway -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gw(start_gateway: GatewayFactory, wordy_dir: Path) -> UvicornServer:
+    return start_gateway(f"""
+providers:
+  hf: {{type: huggingface, compile: on, max_concurrency: 2, max_batch: 2, max_new_tokens: 16}}
+  quiet: {{type: huggingface, max_new_tokens: 16}}
+models:
+  tiny: [{{provider: hf, model: '{wordy_dir}'}}]
+  tiny-eager: [{{provider: quiet, model: '{wordy_dir}'}}]
+""")
+
+
+@pytest.fixture
+def client(gw: UvicornServer) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=f"{gw.url}/v1", api_key="unused", max_retries=0) as c:
+        yield c
+
+
+def _compile_status(gw: UvicornServer, provider: str) -> str:
+    data = httpx.get(f"{gw.url}/v1/providers", timeout=30).json()["data"]
+    local = next(p["local"] for p in data if p["id"] == provider)
+    return str(next(iter(local["models"].values()))["compile"])
+
+
+def test_the_gateway_swaps_the_compiled_step_in_and_answers_the_same(
+    client: openai.OpenAI, gw: UvicornServer
+) -> None:
+    """`compile: on`: the first answer comes at once (eager); once the model is quiet the
+    step compiles in the background, and the same greedy request then answers the same
+    text from the compiled step (`system_fingerprint` says which). `compile` left at
+    `auto` is off under OMNIMIND_COMPILE=off, as this suite runs."""
+    assert os.environ.get("OMNIMIND_COMPILE") == "off"
+    ask = {"messages": [{"role": "user", "content": PROMPTS[1]}], "temperature": 0}
+    first = client.chat.completions.create(model="tiny", **ask)  # type: ignore[call-overload]
+    assert first.system_fingerprint == "fast-cpu-float32-int8"
+    deadline = time.monotonic() + 600
+    while (status := _compile_status(gw, "hf")) in ("waiting", "compiling"):
+        assert time.monotonic() < deadline, "compiling took over 10 minutes"
+        time.sleep(0.5)
+    assert status == "ready"
+    again = client.chat.completions.create(model="tiny", **ask)  # type: ignore[call-overload]
+    assert again.system_fingerprint == "fast-cpu-float32-int8-compiled"
+    assert again.choices[0].message.content == first.choices[0].message.content
+    client.chat.completions.create(model="tiny-eager", **ask)  # type: ignore[call-overload]
+    assert _compile_status(gw, "quiet") == "off (OMNIMIND_COMPILE=off)"
