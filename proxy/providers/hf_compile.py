@@ -117,6 +117,10 @@ class CompiledStep:
     def warm(self, runner: FastDecoder, rows: int) -> None:
         """Compile for `rows` rows (1, or any number from 2 up to the slots) against scratch
         caches."""
+        with torch.inference_mode():  # as the worker decodes: tensors and grad mode are guarded
+            self._warm(runner, rows)
+
+    def _warm(self, runner: FastDecoder, rows: int) -> None:
         capacity = 16  # any length: it is marked symbolic
         shape = (runner.slots, runner.kv_heads, capacity, runner.head_dim)
         keys = [torch.zeros(shape, dtype=runner.dtype) for _ in runner.layers]
@@ -130,8 +134,7 @@ class CompiledStep:
         if rows > 1:  # one row stays a graph of its own: a size of 1 is never symbolic
             for tensor in (ids, pos, mask):  # "maybe": with 2 slots, 2 rows is the only case
                 torch._dynamo.maybe_mark_dynamic(tensor, 0)
-        with torch.no_grad():
-            self._step(runner, ids, pos, None, mask, keys, values)
+        self._step(runner, ids, pos, None, mask, keys, values)
 
     def __call__(self, runner: FastDecoder, *args: Any) -> torch.Tensor:
         with torch.compiler.set_stance("eager_on_recompile"):
