@@ -1,7 +1,8 @@
 """The compiled decode step (hf_compile): the same answers as the eager one, rows batch
-invariant, every step shape covered by its two graphs, swapped in behind a live gateway.
+invariant, every step shape covered by its two packages, compiled in a child process behind
+a live gateway and found again by the next start.
 
-Compiling builds C++ with the system compiler: a minute or so for the tiny model, cold.
+Compiling builds C++ with the system compiler: a minute or so for the tiny model.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import httpx
 import openai
 import pytest
 import torch
-from torch._dynamo.utils import counters
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from proxy.providers import hf_compile
@@ -41,16 +41,18 @@ def wordy_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def decoders(wordy_dir: Path) -> tuple[FastDecoder, FastDecoder, Any]:
-    """The same int8 model twice: one decodes eagerly, the other through a compiled step."""
+def decoders(
+    wordy_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[FastDecoder, FastDecoder, Any]:
+    """The same int8 model twice: one decodes eagerly, the other through compiled packages."""
     model = AutoModelForCausalLM.from_pretrained(wordy_dir, dtype=torch.float32)
     state = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
     eager = FastDecoder(model.config, Weights(state), "int8", "cpu", torch.float32, slots=4)
     compiled = FastDecoder(model.config, Weights(state), "int8", "cpu", torch.float32, slots=4)
-    step = hf_compile.CompiledStep()
-    for rows in (1, 2):
-        step.warm(compiled, rows)
-    compiled.compiled = step
+    folder = tmp_path_factory.mktemp("packages") / "step"
+    hf_compile.build(compiled, folder)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(hf_compile.PACKAGES)
+    compiled.compiled = hf_compile.CompiledStep(compiled, folder)
     return eager, compiled, AutoTokenizer.from_pretrained(wordy_dir)
 
 
@@ -72,9 +74,8 @@ def test_the_compiled_step_answers_as_the_eager_one_in_every_shape(
     decoders: tuple[FastDecoder, FastDecoder, Any],
 ) -> None:
     """One row and three, across the cache growing (256 -> 512 positions): close logits,
-    the same greedy tokens, and not one new graph compiled after the two warm-ups."""
+    the same greedy tokens, and every step through a package (none fell back to eager)."""
     eager, compiled, tokenizer = decoders
-    graphs = counters["stats"]["unique_graphs"]
     for rows in ([_ids(tokenizer, PROMPTS[0])], [_ids(tokenizer, p) for p in PROMPTS]):
         rows = [ids + [7] * (250 - len(ids)) if i == 0 else ids for i, ids in enumerate(rows)]
         ours, theirs = _decode(compiled, rows, 12), _decode(eager, rows, 12)
@@ -82,14 +83,14 @@ def test_the_compiled_step_answers_as_the_eager_one_in_every_shape(
         for a, b in zip(ours, theirs, strict=True):
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
             assert torch.equal(a.argmax(-1), b.argmax(-1))
-    assert counters["stats"]["unique_graphs"] == graphs
+    assert compiled.compiled.eager_steps == 0
 
 
 @torch.inference_mode()
 def test_compiled_rows_do_not_depend_on_their_batch(
     decoders: tuple[FastDecoder, FastDecoder, Any],
 ) -> None:
-    """A row alone (the one-row graph) and beside two others (the many-row graph): bit for
+    """A row alone (the one-row package) and beside two others (the many-row one): bit for
     bit, so a request that joins a batch answers as it would alone."""
     _, compiled, tokenizer = decoders
     rows = [_ids(tokenizer, p) for p in PROMPTS]
@@ -116,16 +117,19 @@ def test_why_not_names_the_reason(wordy_dir: Path, monkeypatch: pytest.MonkeyPat
 # ---- behind the gateway -------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def gw(start_gateway: GatewayFactory, wordy_dir: Path) -> UvicornServer:
-    return start_gateway(f"""
+_CONFIG = """
 providers:
   hf: {{type: huggingface, compile: on, max_concurrency: 2, max_batch: 2, max_new_tokens: 16}}
   quiet: {{type: huggingface, max_new_tokens: 16}}
 models:
   tiny: [{{provider: hf, model: '{wordy_dir}'}}]
   tiny-eager: [{{provider: quiet, model: '{wordy_dir}'}}]
-""")
+"""
+
+
+@pytest.fixture(scope="module")
+def gw(start_gateway: GatewayFactory, wordy_dir: Path) -> UvicornServer:
+    return start_gateway(_CONFIG.format(wordy_dir=wordy_dir))
 
 
 @pytest.fixture
@@ -140,13 +144,14 @@ def _compile_status(gw: UvicornServer, provider: str) -> str:
     return str(next(iter(local["models"].values()))["compile"])
 
 
-def test_the_gateway_swaps_the_compiled_step_in_and_answers_the_same(
-    client: openai.OpenAI, gw: UvicornServer
+def test_the_gateway_swaps_the_compiled_step_in_and_a_restart_finds_it(
+    client: openai.OpenAI, gw: UvicornServer, start_gateway: GatewayFactory, wordy_dir: Path
 ) -> None:
-    """`compile: on`: the first answer comes at once (eager); once the model is quiet the
-    step compiles in the background, and the same greedy request then answers the same
-    text from the compiled step (`system_fingerprint` says which). `compile` left at
-    `auto` is off under OMNIMIND_COMPILE=off, as this suite runs."""
+    """`compile: on`: the first answer comes at once (eager); once the model is quiet a
+    child process compiles the step, it is swapped in, and the same greedy request answers
+    the same text from it (`system_fingerprint` says which). A second gateway on the same
+    cache answers its very first request compiled. `compile` left at `auto` is off under
+    OMNIMIND_COMPILE=off, as this suite runs."""
     assert os.environ.get("OMNIMIND_COMPILE") == "off"
     ask = {"messages": [{"role": "user", "content": PROMPTS[1]}], "temperature": 0}
     first = client.chat.completions.create(model="tiny", **ask)  # type: ignore[call-overload]
@@ -161,3 +166,8 @@ def test_the_gateway_swaps_the_compiled_step_in_and_answers_the_same(
     assert again.choices[0].message.content == first.choices[0].message.content
     client.chat.completions.create(model="tiny-eager", **ask)  # type: ignore[call-overload]
     assert _compile_status(gw, "quiet") == "off (OMNIMIND_COMPILE=off)"
+    restarted = start_gateway(_CONFIG.format(wordy_dir=wordy_dir))
+    with openai.OpenAI(base_url=f"{restarted.url}/v1", api_key="unused", max_retries=0) as c:
+        fresh = c.chat.completions.create(model="tiny", **ask)  # type: ignore[call-overload]
+    assert fresh.system_fingerprint == "fast-cpu-float32-int8-compiled"
+    assert fresh.choices[0].message.content == first.choices[0].message.content

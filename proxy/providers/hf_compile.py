@@ -1,18 +1,22 @@
-"""The fast decoder's decode step compiled by `torch.compile`, swapped in once it is ready.
+"""The fast decoder's decode step compiled ahead of time (AOT Inductor) in a child process.
 
 Eagerly, a decode step of SmolLM2-135M is about 2,000 small ATen calls, and dispatching
-them is most of the step: ~30 ms a token on 2 cores, where the int8 matmuls take ~7.
-Inductor fuses everything between the matmuls into a few C++ loops: ~14 ms a token
-(`bench.hf_bench` has the figures). Compiling costs about a minute of CPU the first time
-(inductor writes C++ and builds it with the system compiler) and a few seconds after, from
-inductor's cache, kept in the gateway's cache folder (`hf_cache.cache_root()/inductor`).
+them costs more than the int8 matmuls. `torch.export` + AOT Inductor turn the step into one
+C++ library: everything between the matmuls fused, no Python per op. Two packages per
+model: one row, and 2 to `slots` rows; the cache length is symbolic in both. The weights are
+inputs, not baked in, so the library is a few MB and the model's tensors are not copied.
 
-So the model answers at once, eagerly. Once it has been quiet for `QUIET_S`, a background
-thread compiles two steps against scratch caches (never the live one): one row, and several
-rows, with the cache length symbolic in both, and then swaps them in. A step the compiled
-code does not cover (it would have to compile again) runs eagerly: a request never waits for
-a compile. The int8 matmuls are exact either way; the fused float kernels add in another
-order, so a compiled answer agrees with the eager one up to float rounding.
+Compiling takes a minute or two of CPU per package. It runs in a child process, started
+once the model has been quiet for `QUIET_S`: the gateway neither stalls nor grows (compiling
+in-process cost 200-300 MB of RSS for good). Until the packages are in, and for any step
+they do not cover, the step runs eagerly, so no request ever waits for a compile. The
+packages are kept under `hf_cache.cache_root()/compiled/<key>` (the key covers the model,
+its settings, torch's version and this code), so a restart loads them at once (~10 ms).
+
+The int8 matmuls are exact either way; the fused float kernels round differently, and a
+model with massive activations (SmolLM2) quantises some of them to a neighbouring int8
+value, so compiled and eager logits can differ visibly. Rows stay batch invariant within
+the compiled step (tested).
 
 `compile` (the provider setting): `auto` compiles on the CPU when a C++ compiler is found,
 unless `$OMNIMIND_COMPILE` is `off` (for a whole process: CI, tests); `on` compiles whatever
@@ -21,21 +25,40 @@ that says, and logs why it could not; `off` never compiles.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from . import hf_cache
 from .hf_fast import FastDecoder
-from .hf_weights import describe, log
+from .hf_weights import ModelKey, load_model, log
 
 QUIET_S = 1.5  # the model has decoded nothing for this long: compiling will not slow an answer
 COMPILE_THREAD = "omnimind-hf-compile"
+PACKAGES = ("one.pt2", "many.pt2")  # a step of one row; of 2 to `slots` rows
+
+
+@dataclass(frozen=True, slots=True)
+class Recipe:
+    """How the child process loads the same model (load_model's arguments)."""
+
+    model: str
+    gguf_file: str | None
+    dtype: str
+    quantize: str
+    slots: int
 
 
 def why_not(runner: Any, mode: str) -> str | None:
@@ -54,9 +77,21 @@ def why_not(runner: Any, mode: str) -> str | None:
     return None
 
 
-def start(runner: Any, mode: str, busy: Callable[[], bool], stopped: Callable[[], bool]) -> None:
-    """Compile `runner`'s decode step in the background, once `busy()` has been False for
-    `QUIET_S` (unless `stopped()` first); returns at once."""
+def folder_for(runner: FastDecoder, recipe: Recipe) -> Path:
+    code = b"".join(Path(m.__file__ or "").read_bytes() for m in (sys.modules[__name__],
+                    sys.modules[FastDecoder.__module__]))  # fmt: skip
+    shapes = {k: tuple(v.shape) for k, v in runner.tensors().items()}
+    key = json.dumps(
+        [asdict(recipe), torch.__version__, str(shapes), hashlib.sha256(code).hexdigest()]
+    )
+    return hf_cache.cache_root() / "compiled" / hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
+def start(
+    runner: Any, recipe: Recipe, mode: str, busy: Callable[[], bool], stopped: Callable[[], bool]
+) -> None:
+    """Swap in the kept packages at once, or compile them in a child process once `busy()`
+    has been False for `QUIET_S` (unless `stopped()` first); returns without waiting."""
     reason = why_not(runner, mode)
     if reason is not None:
         if mode == "on":
@@ -64,11 +99,15 @@ def start(runner: Any, mode: str, busy: Callable[[], bool], stopped: Callable[[]
         if isinstance(runner, FastDecoder):
             runner.compile_status = f"off ({reason})"
         return
+    folder = folder_for(runner, recipe)
+    if _swap_in(runner, folder):
+        log.info("decode step: compiled packages from %s", folder)
+        return
     runner.compile_status = "waiting"  # for the model to be quiet
-    # A daemon: a process that exits mid-compile must not wait a minute for it.
     thread = threading.Thread(
-        target=_compile, args=(runner, busy, stopped), name=COMPILE_THREAD, daemon=True
-    )
+        target=_compile, args=(runner, recipe, folder, busy, stopped), name=COMPILE_THREAD,
+        daemon=True,  # it only waits on the child, which ends itself when this process does
+    )  # fmt: skip
     thread.start()
 
 
@@ -84,59 +123,140 @@ def wait_quiet(busy: Callable[[], bool], quiet_s: float, give_up: Callable[[], b
     return True
 
 
-def _compile(runner: FastDecoder, busy: Callable[[], bool], stopped: Callable[[], bool]) -> None:
+def _swap_in(runner: FastDecoder, folder: Path) -> bool:
+    if not (folder / PACKAGES[0]).is_file():
+        return False
+    try:
+        runner.compiled = CompiledStep(runner, folder)
+    except (RuntimeError, OSError) as exc:  # damaged, or from another build: compile anew
+        log.warning("cannot load the compiled decode step in %s (%s)", folder, exc)
+        return False
+    runner.compile_status = "ready"
+    return True
+
+
+def _compile(
+    runner: FastDecoder,
+    recipe: Recipe,
+    folder: Path,
+    busy: Callable[[], bool],
+    stopped: Callable[[], bool],
+) -> None:
     if not wait_quiet(busy, QUIET_S, stopped):
         runner.compile_status = "off (closed)"
         return
     runner.compile_status = "compiling"
     started = time.perf_counter()
-    log.info("compiling the decode step (a minute the first time, seconds after)")
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(hf_cache.cache_root() / "inductor"))
-    try:
-        compiled = CompiledStep()
-        for rows in range(1, min(2, runner.slots) + 1):
+    log.info("compiling the decode step in a child process (minutes the first time)")
+    argv = [sys.executable, "-m", __name__, json.dumps(asdict(recipe)), str(folder)]
+    with tempfile.TemporaryFile() as errors:
+        child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=errors, stderr=errors)
+        while child.poll() is None:
             if stopped():
+                child.kill()
+                child.wait()
                 runner.compile_status = "off (closed)"
                 return
-            compiled.warm(runner, rows)
-    except Exception as exc:  # noqa: BLE001 - any failure leaves the eager step in place
-        log.warning("cannot compile the decode step (%s): decoding eagerly", describe(exc))
-        runner.compile_status = f"failed ({describe(exc)})"
+            time.sleep(0.2)
+        errors.seek(0)
+        said = errors.read()[-4000:].decode(errors="replace").strip().splitlines()
+    if child.returncode != 0 or not _swap_in(runner, folder):
+        why = said[-1][:300] if said else f"exit status {child.returncode}"
+        log.warning("cannot compile the decode step (%s): decoding eagerly", why)
+        runner.compile_status = f"failed ({why})"
         return
-    runner.compiled = compiled
-    runner.compile_status = "ready"
     log.info("decode step compiled in %.1f s", time.perf_counter() - started)
 
 
 class CompiledStep:
-    """`FastDecoder.forward` for one token a row, compiled; eager where it would recompile."""
+    """`FastDecoder.forward` for one token a row, from the two packages; eager for a shape
+    they do not cover."""
 
-    def __init__(self) -> None:
-        self._step = torch.compile(FastDecoder.forward, fullgraph=True)
-
-    def warm(self, runner: FastDecoder, rows: int) -> None:
-        """Compile for `rows` rows (1, or any number from 2 up to the slots) against scratch
-        caches."""
-        with torch.inference_mode():  # as the worker decodes: tensors and grad mode are guarded
-            self._warm(runner, rows)
-
-    def _warm(self, runner: FastDecoder, rows: int) -> None:
-        capacity = 16  # any length: it is marked symbolic
-        shape = (runner.slots, runner.kv_heads, capacity, runner.head_dim)
-        keys = [torch.zeros(shape, dtype=runner.dtype) for _ in runner.layers]
-        values = [torch.zeros_like(k) for k in keys]
-        ids = torch.zeros((rows, 1), dtype=torch.long)
-        pos = torch.arange(rows)[:, None]
-        mask = (torch.arange(capacity)[None, :] <= pos)[:, None, None]
-        for cache in keys + values:
-            torch._dynamo.mark_dynamic(cache, 2)
-        torch._dynamo.mark_dynamic(mask, 3)
-        if rows > 1:  # one row stays a graph of its own: a size of 1 is never symbolic
-            for tensor in (ids, pos, mask):  # "maybe": with 2 slots, 2 rows is the only case
-                torch._dynamo.maybe_mark_dynamic(tensor, 0)
-        self._step(runner, ids, pos, None, mask, keys, values)
+    def __init__(self, runner: FastDecoder, folder: Path) -> None:
+        loader = torch._C._aoti.AOTIModelPackageLoader
+        paths = [folder / name for name in PACKAGES]
+        self._one, self._many = (loader(str(p), "model", False, 1, -1) if p.is_file() else None
+                                 for p in paths)  # fmt: skip
+        self._weights = list(runner.tensors().values())
+        self.eager_steps = 0  # steps the packages did not cover
 
     def __call__(self, runner: FastDecoder, *args: Any) -> torch.Tensor:
-        with torch.compiler.set_stance("eager_on_recompile"):
-            out: torch.Tensor = self._step(runner, *args)
-        return out
+        ids, pos, _, mask, keys, values = args
+        package = self._one if ids.shape[0] == 1 else self._many
+        if package is not None:
+            try:
+                out: torch.Tensor = package.run([ids, pos, mask, *keys, *values, *self._weights])[0]
+                return out
+            except RuntimeError as exc:  # a shape outside its bounds: the step runs eagerly
+                log.debug("compiled step refused the shapes (%s)", exc)
+        self.eager_steps += 1
+        return FastDecoder.forward(runner, *args)
+
+
+class _Step(torch.nn.Module):
+    """What `torch.export` traces: the decode step with the weights as inputs."""
+
+    def __init__(self, runner: FastDecoder) -> None:
+        super().__init__()
+        self.runner, self.paths = runner, list(runner.tensors())
+
+    def forward(self, ids: Any, pos: Any, mask: Any, keys: Any, values: Any, weights: Any) -> Any:
+        twin = self.runner.with_tensors(dict(zip(self.paths, weights, strict=True)))
+        return FastDecoder.forward(twin, ids, pos, None, mask, keys, values)
+
+
+def build(runner: FastDecoder, folder: Path) -> None:
+    """Export and compile both packages into `folder` (written whole, then renamed in)."""
+    scratch = Path(tempfile.mkdtemp(prefix=".compiling-", dir=folder.parent))
+    try:
+        for name, rows in zip(PACKAGES, (1, min(3, runner.slots)), strict=True):
+            if name == PACKAGES[1] and runner.slots < 2:
+                continue
+            capacity = 16  # an example: the length is symbolic
+            shape = (runner.slots, runner.kv_heads, capacity, runner.head_dim)
+            keys = [torch.zeros(shape, dtype=runner.dtype) for _ in runner.layers]
+            values = [torch.zeros_like(k) for k in keys]
+            ids = torch.zeros((rows, 1), dtype=torch.long)
+            pos = torch.arange(rows)[:, None]
+            mask = (torch.arange(capacity)[None, :] <= pos)[:, None, None]
+            length = torch.export.Dim("length", min=2, max=1 << 20)
+            many = torch.export.Dim("rows", min=2, max=runner.slots) if 2 < runner.slots else None
+            by_row = {0: many} if rows > 1 and many is not None else None
+            dynamic = {
+                "ids": by_row, "pos": by_row, "mask": {**(by_row or {}), 3: length},
+                "keys": [{2: length}] * len(keys), "values": [{2: length}] * len(keys),
+                "weights": [None] * len(runner.tensors()),
+            }  # fmt: skip
+            weights = list(runner.tensors().values())
+            program = torch.export.export(
+                _Step(runner), (ids, pos, mask, keys, values, weights), dynamic_shapes=dynamic
+            )
+            torch._inductor.aoti_compile_and_package(program, package_path=str(scratch / name))
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(scratch, folder)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _main(recipe_json: str, folder: str) -> int:
+    """The child: load the model as the gateway did, build its packages; end with the parent."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)  # the gateway is gone: nobody waits for these packages
+
+    threading.Thread(target=watch, daemon=True).start()
+    recipe = Recipe(**json.loads(recipe_json))
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(hf_cache.cache_root() / "inductor"))
+    key = ModelKey(recipe.model, recipe.gguf_file)
+    loaded = load_model(key, "cpu", recipe.dtype, None, recipe.quantize, recipe.slots)
+    target = Path(folder)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    build(loaded.runner, target)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main(*sys.argv[1:3]))

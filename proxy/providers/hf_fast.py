@@ -24,6 +24,7 @@ rotary embedding; other models run on `hf_runner.HFRunner`.
 
 from __future__ import annotations
 
+import copy
 import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -225,6 +226,34 @@ class FastDecoder:
             for i, layer in enumerate(self.layers) for name in _LINEARS
         }  # fmt: skip
         return {k: v.quantized() for k, v in linears.items() if isinstance(v, Int8)}
+
+    def tensors(self) -> dict[str, Tensor]:
+        """Every weight by its path (`layers.3.qkv.values`): a compiled step's inputs."""
+        found = {"embed": self.embed, "norm": self.norm, "inv_freq": self.inv_freq}
+        linears: dict[str, Any] = {"head": self.head}
+        for i, layer in enumerate(self.layers):
+            found |= {f"layers.{i}.norm1": layer.norm1, f"layers.{i}.norm2": layer.norm2}
+            linears |= {f"layers.{i}.{name}": getattr(layer, name) for name in _LINEARS}
+        for path, linear in linears.items():
+            for name in ("values", "scales", "weight", "bias"):
+                if isinstance(value := getattr(linear, name, None), Tensor):
+                    found[f"{path}.{name}"] = value
+        return found
+
+    def with_tensors(self, tensors: dict[str, Tensor]) -> FastDecoder:
+        """A shallow copy whose weights are `tensors` (by the paths `tensors()` gives)."""
+        twin = copy.copy(self)
+        twin.head, twin.layers = copy.copy(self.head), [copy.copy(x) for x in self.layers]
+        for layer in twin.layers:
+            for name in _LINEARS:
+                setattr(layer, name, copy.copy(getattr(layer, name)))
+        for path, tensor in tensors.items():
+            *parents, last = path.split(".")
+            owner: Any = twin
+            for part in parents:
+                owner = owner[int(part)] if part.isdigit() else getattr(owner, part)
+            setattr(owner, last, tensor)
+        return twin
 
     # -- the cache
 

@@ -202,14 +202,18 @@ class HuggingFaceProvider:
             slot.future.set_exception(LoadError(message))
             return
         self.loads += 1
-        slot.future.set_result(loaded)
-        worker = loaded.worker
+        worker, recipe = (
+            loaded.worker,
+            hf_compile.Recipe(key.model, key.gguf_file, spec.dtype, spec.quantize, spec.max_batch),
+        )
         hf_compile.start(
             loaded.runner,
+            recipe,
             spec.compile_mode,
             lambda: worker.stats.in_flight > 0,
             lambda: self._closed,
-        )
+        )  # fmt: skip  (kept packages are swapped in before the first request)
+        slot.future.set_result(loaded)
         if self._closed:  # closed while loading: let it go
             self._forget()
 
