@@ -224,7 +224,8 @@ def test_embedding_models_preload_once_chat_decoding_is_quiet(
     """On a fresh start the embedding model's load (~2.5 s of imports and CPU) ran beside
     the first chat answers and doubled their time: it waits for the chat side's quiet."""
     from proxy.config import ProviderConfig
-    from proxy.providers.hf_adapter import QUIET_S, LocalAdapter
+    from proxy.providers.hf_adapter import LocalAdapter
+    from proxy.providers.hf_worker import QUIET_S
     from proxy.providers.huggingface import Spec
 
     caplog.set_level(logging.INFO, logger="omnimind.huggingface")

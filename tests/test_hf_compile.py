@@ -8,7 +8,6 @@ Compiling builds C++ with the system compiler: a minute or so for the tiny model
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,7 +27,7 @@ from .conftest import GatewayFactory
 from .servers import UvicornServer
 
 needs_compiler = pytest.mark.skipif(
-    shutil.which(os.environ.get("CXX") or "c++") is None and shutil.which("g++") is None,
+    hf_compile.compiler() is None,
     reason="AOT Inductor builds C++: no compiler on PATH (the gateway then decodes eagerly)",
 )
 PROMPTS = ["Tell me about cats.", "Describe the sea in many more words than that.", "Hi"]

@@ -16,10 +16,9 @@ from ..errors import InvalidRequest, UpstreamError
 from ..policy import client_error
 from ..reasons import Reason
 from .base import Call, Completion, Op
-from .hf_compile import wait_quiet
 from .hf_embed import EmbedOptions, LocalEmbedder
+from .hf_worker import wait_quiet
 
-QUIET_S = 1.5
 DEFER_S = 30.0
 
 
@@ -51,7 +50,7 @@ class LocalAdapter:
             ).start()  # fmt: skip
 
     def _preload_embeddings(self, models: list[str]) -> None:
-        """Once the chat models are in and none has decoded for `QUIET_S`: loading
+        """Once the chat models are in and none has decoded for `hf_worker.QUIET_S`: loading
         an embedding model (transformers' imports, ~2.5 s of CPU) beside the first chat
         answers of a fresh start made them take twice as long. At most `DEFER_S` later; an
         embeddings request before that loads its model at once."""
@@ -61,9 +60,7 @@ class LocalAdapter:
         busy = getattr(self._generating, "busy", None)
         give_up_at = time.monotonic() + DEFER_S
         if busy is not None:
-            wait_quiet(
-                busy, QUIET_S, lambda: self._embedder.closed or time.monotonic() > give_up_at
-            )
+            wait_quiet(busy, lambda: self._embedder.closed or time.monotonic() > give_up_at)
         for model in models:
             self._embedder.preload(model)
         self._preloads_started.set()

@@ -7,8 +7,8 @@ model: one row, and 2 to `slots` rows; the cache length is symbolic in both. The
 inputs, not baked in, so the library is a few MB and the model's tensors are not copied.
 
 Compiling takes a minute or two of CPU per package. It runs in a child process, started
-once the model has been quiet for `QUIET_S`: the gateway neither stalls nor grows (compiling
-in-process cost 200-300 MB of RSS for good). Until the packages are in, and for any step
+once the model has been quiet for `hf_worker.QUIET_S`: the gateway neither stalls nor grows
+(compiling in-process cost 200-300 MB of RSS for good). Until the packages are in, and for any step
 they do not cover, the step runs eagerly, so no request ever waits for a compile. The
 packages are kept under `hf_cache.cache_root()/compiled/<key>` (the key covers the model,
 its settings, torch's version and this code), so a restart loads them at once (~10 ms).
@@ -44,8 +44,8 @@ import torch
 from . import hf_cache
 from .hf_fast import FastDecoder
 from .hf_weights import ModelKey, load_model, log
+from .hf_worker import wait_quiet
 
-QUIET_S = 1.5  # the model has decoded nothing for this long: compiling will not slow an answer
 COMPILE_THREAD = "omnimind-hf-compile"
 PACKAGES = ("one.pt2", "many.pt2")  # a step of one row; of 2 to `slots` rows
 
@@ -71,10 +71,14 @@ def why_not(runner: Any, mode: str) -> str | None:
         return "only the fast decoder's step compiles"
     if runner.device != "cpu":
         return f"compiling is measured on the CPU only, not on {runner.device}"
-    compiler = os.environ.get("CXX") or "c++"
-    if shutil.which(compiler) is None and shutil.which("g++") is None:
-        return f"no C++ compiler ({compiler}) on PATH"
+    if compiler() is None:
+        return f"no C++ compiler ({os.environ.get('CXX') or 'c++'}) on PATH"
     return None
+
+
+def compiler() -> str | None:
+    """The C++ compiler inductor would build with: `$CXX` (else `c++`), or `g++`."""
+    return shutil.which(os.environ.get("CXX") or "c++") or shutil.which("g++")
 
 
 def folder_for(runner: FastDecoder, recipe: Recipe) -> Path:
@@ -91,7 +95,7 @@ def start(
     runner: Any, recipe: Recipe, mode: str, busy: Callable[[], bool], stopped: Callable[[], bool]
 ) -> None:
     """Swap in the kept packages at once, or compile them in a child process once `busy()`
-    has been False for `QUIET_S` (unless `stopped()` first); returns without waiting."""
+    has been False for `hf_worker.QUIET_S` (unless `stopped()` first); returns at once."""
     reason = why_not(runner, mode)
     if reason is not None:
         if mode == "on":
@@ -109,18 +113,6 @@ def start(
         daemon=True,  # it only waits on the child, which ends itself when this process does
     )  # fmt: skip
     thread.start()
-
-
-def wait_quiet(busy: Callable[[], bool], quiet_s: float, give_up: Callable[[], bool]) -> bool:
-    """Block until `busy()` has been False for `quiet_s` (True), or `give_up()` (False)."""
-    quiet_since = time.monotonic()
-    while (now := time.monotonic()) - quiet_since < quiet_s:
-        if give_up():
-            return False
-        if busy():
-            quiet_since = now
-        time.sleep(0.05)
-    return True
 
 
 def _swap_in(runner: FastDecoder, folder: Path) -> bool:
@@ -142,7 +134,7 @@ def _compile(
     busy: Callable[[], bool],
     stopped: Callable[[], bool],
 ) -> None:
-    if not wait_quiet(busy, QUIET_S, stopped):
+    if not wait_quiet(busy, stopped):
         runner.compile_status = "off (closed)"
         return
     runner.compile_status = "compiling"
@@ -208,6 +200,7 @@ class _Step(torch.nn.Module):
 def build(runner: FastDecoder, folder: Path) -> None:
     """Export and compile both packages into `folder` (written whole, then renamed in)."""
     scratch = Path(tempfile.mkdtemp(prefix=".compiling-", dir=folder.parent))
+    weights = list(runner.tensors().values())
     try:
         for name, rows in zip(PACKAGES, (1, min(3, runner.slots)), strict=True):
             if name == PACKAGES[1] and runner.slots < 2:
@@ -225,9 +218,8 @@ def build(runner: FastDecoder, folder: Path) -> None:
             dynamic = {
                 "ids": by_row, "pos": by_row, "mask": {**(by_row or {}), 3: length},
                 "keys": [{2: length}] * len(keys), "values": [{2: length}] * len(keys),
-                "weights": [None] * len(runner.tensors()),
+                "weights": [None] * len(weights),
             }  # fmt: skip
-            weights = list(runner.tensors().values())
             program = torch.export.export(
                 _Step(runner), (ids, pos, mask, keys, values, weights), dynamic_shapes=dynamic
             )

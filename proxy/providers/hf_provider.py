@@ -202,17 +202,15 @@ class HuggingFaceProvider:
             slot.future.set_exception(LoadError(message))
             return
         self.loads += 1
-        worker, recipe = (
-            loaded.worker,
-            hf_compile.Recipe(key.model, key.gguf_file, spec.dtype, spec.quantize, spec.max_batch),
+        # Before the future is set: kept compiled packages are in for the first request.
+        worker = loaded.worker
+        recipe = hf_compile.Recipe(
+            key.model, key.gguf_file, spec.dtype, spec.quantize, spec.max_batch
         )
         hf_compile.start(
-            loaded.runner,
-            recipe,
-            spec.compile_mode,
-            lambda: worker.stats.in_flight > 0,
+            loaded.runner, recipe, spec.compile_mode, lambda: worker.stats.in_flight > 0,
             lambda: self._closed,
-        )  # fmt: skip  (kept packages are swapped in before the first request)
+        )  # fmt: skip
         slot.future.set_result(loaded)
         if self._closed:  # closed while loading: let it go
             self._forget()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import logging
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +32,21 @@ from .hf_generate import Done, Params, TextFeed
 log = logging.getLogger("omnimind.huggingface")
 GENERATE_THREAD = "omnimind-hf-generate"
 _RUNNING: weakref.WeakSet[Worker] = weakref.WeakSet()  # for `rows_in_flight` alone
+
+
+QUIET_S = 1.5  # a model has decoded nothing this long: background work will not slow an answer
+
+
+def wait_quiet(busy: Callable[[], bool], give_up: Callable[[], bool]) -> bool:
+    """Block until `busy()` has been False for `QUIET_S` (True), or `give_up()` (False)."""
+    quiet_since = time.monotonic()
+    while (now := time.monotonic()) - quiet_since < QUIET_S:
+        if give_up():
+            return False
+        if busy():
+            quiet_since = now
+        time.sleep(0.05)
+    return True
 
 
 def rows_in_flight() -> int:
