@@ -30,7 +30,7 @@ needs_compiler = pytest.mark.skipif(
     hf_compile.compiler() is None,
     reason="AOT Inductor builds C++: no compiler on PATH (the gateway then decodes eagerly)",
 )
-PROMPTS = ["Tell me about cats.", "Describe the sea in many more words than that.", "Hi"]
+PROMPTS = ["Tell me about cats.", "Describe the sea in many more words than that.", "Hi there"]
 
 
 def _ids(tokenizer: Any, text: str) -> list[int]:
@@ -78,8 +78,9 @@ def _decode(decoder: FastDecoder, rows: list[list[int]], steps: int) -> list[tor
 def test_the_compiled_step_answers_as_the_eager_one_in_every_shape(
     decoders: tuple[FastDecoder, FastDecoder, Any],
 ) -> None:
-    """One row and three, across the cache growing (256 -> 512 positions): close logits,
-    the same greedy tokens, and every step through a package (none fell back to eager)."""
+    """Prompts, one row and three, across the cache growing (256 -> 512 positions): close
+    logits, the same greedy tokens, and every call through a package (none fell back to
+    eager) but a one-token prompt's."""
     eager, compiled, tokenizer = decoders
     for rows in ([_ids(tokenizer, PROMPTS[0])], [_ids(tokenizer, p) for p in PROMPTS]):
         rows = [ids + [7] * (250 - len(ids)) if i == 0 else ids for i, ids in enumerate(rows)]
@@ -89,6 +90,9 @@ def test_the_compiled_step_answers_as_the_eager_one_in_every_shape(
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
             assert torch.equal(a.argmax(-1), b.argmax(-1))
     assert compiled.compiled.eager_steps == 0
+    one = _ids(tokenizer, "Hi")[:1]
+    torch.testing.assert_close(compiled.prefill(0, one), eager.prefill(0, one))
+    assert compiled.compiled.eager_steps == 1
 
 
 @needs_compiler
@@ -96,10 +100,13 @@ def test_the_compiled_step_answers_as_the_eager_one_in_every_shape(
 def test_compiled_rows_do_not_depend_on_their_batch(
     decoders: tuple[FastDecoder, FastDecoder, Any],
 ) -> None:
-    """A row alone (the one-row package) and beside two others (the many-row one): bit for
-    bit, so a request that joins a batch answers as it would alone."""
+    """A row alone (the one-row package) and beside two others (the many-row one), one of
+    them over 150 tokens longer, so the step attends over a wider window: bit for bit, so a
+    request that joins a batch answers as it would alone."""
     _, compiled, tokenizer = decoders
     rows = [_ids(tokenizer, p) for p in PROMPTS]
+    rows[1] = (rows[1] * 40)[:160]
+    assert compiled.width(len(rows[0]) + 6) < compiled.width(len(rows[1]))
     alone = _decode(compiled, rows[:1], 6)
     together = _decode(compiled, rows, 6)
     for a, b in zip(alone, together, strict=True):

@@ -2,9 +2,11 @@
 
 Eagerly, a decode step of SmolLM2-135M is about 2,000 small ATen calls, and dispatching
 them costs more than the int8 matmuls. `torch.export` + AOT Inductor turn the step into one
-C++ library: everything between the matmuls fused, no Python per op. Two packages per
-model: one row, and 2 to `slots` rows; the cache length is symbolic in both. The weights are
-inputs, not baked in, so the library is a few MB and the model's tensors are not copied.
+C++ library: everything between the matmuls fused, no Python per op. Three packages per
+model: a step of one row, a step of 2 to `slots` rows, and a prompt (2 tokens or more) into
+a slot, so a request joining a batch stalls it for milliseconds, not an eager prompt's
+tens; the cache length, the attention width and the prompt length are symbolic. The
+weights are inputs, not baked in, so a library is a few MB and nothing is copied.
 
 Compiling takes a minute or two of CPU per package. It runs in a child process, started
 once the model has been quiet for `hf_worker.QUIET_S`: the gateway neither stalls nor grows
@@ -16,7 +18,7 @@ its settings, torch's version and this code), so a restart loads them at once (~
 The int8 matmuls are exact either way; the fused float kernels round differently, and a
 model with massive activations (SmolLM2) quantises some of them to a neighbouring int8
 value, so compiled and eager logits can differ visibly. Rows stay batch invariant within
-the compiled step (tested).
+the compiled step (tested, beside a row whose length widens the attention window).
 
 `compile` (the provider setting): `auto` compiles on the CPU when a C++ compiler is found,
 unless `$OMNIMIND_COMPILE` is `off` (for a whole process: CI, tests); `on` compiles whatever
@@ -47,7 +49,7 @@ from .hf_weights import ModelKey, load_model, log
 from .hf_worker import wait_quiet
 
 COMPILE_THREAD = "omnimind-hf-compile"
-PACKAGES = ("one.pt2", "many.pt2")  # a step of one row; of 2 to `slots` rows
+PACKAGES = ("one.pt2", "many.pt2", "prompt.pt2")  # a step of one row; of 2 to `slots`; a prompt
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,23 +163,29 @@ def _compile(
 
 
 class CompiledStep:
-    """`FastDecoder.forward` for one token a row, from the two packages; eager for a shape
-    they do not cover."""
+    """`FastDecoder.forward` from the packages: one token a row (one row, or 2 to `slots`), or
+    a prompt into a slot; eager for a shape they do not cover."""
 
     def __init__(self, runner: FastDecoder, folder: Path) -> None:
         loader = torch._C._aoti.AOTIModelPackageLoader
         paths = [folder / name for name in PACKAGES]
-        self._one, self._many = (loader(str(p), "model", False, 1, -1) if p.is_file() else None
-                                 for p in paths)  # fmt: skip
+        self._one, self._many, self._prompt = (
+            loader(str(p), "model", False, 1, -1) if p.is_file() else None for p in paths
+        )
         self._weights = list(runner.tensors().values())
-        self.eager_steps = 0  # steps the packages did not cover
+        self.eager_steps = 0  # calls the packages did not cover
 
     def __call__(self, runner: FastDecoder, *args: Any) -> torch.Tensor:
-        ids, pos, _, mask, keys, values = args
-        package = self._one if ids.shape[0] == 1 else self._many
+        ids, pos, slot, mask, keys, values = args
+        if slot is not None:
+            package = self._prompt if ids.shape[1] > 1 else None
+            inputs = [ids, pos, torch.tensor([slot])]
+        else:
+            package = self._one if ids.shape[0] == 1 else self._many
+            inputs = [ids, pos, mask]
         if package is not None:
             try:
-                out: torch.Tensor = package.run([ids, pos, mask, *keys, *values, *self._weights])[0]
+                out: torch.Tensor = package.run([*inputs, *keys, *values, *self._weights])[0]
                 return out
             except RuntimeError as exc:  # a shape outside its bounds: the step runs eagerly
                 log.debug("compiled step refused the shapes (%s)", exc)
@@ -186,42 +194,56 @@ class CompiledStep:
 
 
 class _Step(torch.nn.Module):
-    """What `torch.export` traces: the decode step with the weights as inputs."""
+    """What `torch.export` traces: `FastDecoder.forward` with the weights as inputs (`mask`:
+    one token a row under it; `slot`: a prompt into that slot)."""
 
-    def __init__(self, runner: FastDecoder) -> None:
+    def __init__(self, runner: FastDecoder, prompt: bool) -> None:
         super().__init__()
-        self.runner, self.paths = runner, list(runner.tensors())
+        self.runner, self.paths, self.prompt = runner, list(runner.tensors()), prompt
 
-    def forward(self, ids: Any, pos: Any, mask: Any, keys: Any, values: Any, weights: Any) -> Any:
+    def forward(self, ids: Any, pos: Any, extra: Any, keys: Any, values: Any, weights: Any) -> Any:
         twin = self.runner.with_tensors(dict(zip(self.paths, weights, strict=True)))
-        return FastDecoder.forward(twin, ids, pos, None, mask, keys, values)
+        slot, mask = (extra, None) if self.prompt else (None, extra)
+        return FastDecoder.forward(twin, ids, pos, slot, mask, keys, values)
+
+
+def _example(runner: FastDecoder, name: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Inputs of a realistic size (inductor sizes its loops by them) and which sizes vary."""
+    capacity = 256  # any cache length: it is symbolic
+    keys = [
+        torch.zeros((runner.slots, runner.kv_heads, capacity, runner.head_dim),
+                    dtype=runner.cache_dtype) for _ in runner.layers
+    ]  # fmt: skip
+    values = [torch.zeros_like(k) for k in keys]
+    length = torch.export.Dim("length", min=3, max=1 << 20)
+    cache = {"keys": [{2: length}] * len(keys), "values": [{2: length}] * len(keys),
+             "weights": [None] * len(runner.tensors())}  # fmt: skip
+    if name == "prompt.pt2":
+        prompt = torch.export.Dim("prompt", min=2, max=(1 << 20) - 1)
+        ids, pos = torch.zeros((1, 30), dtype=torch.long), torch.arange(30)[None]
+        extra: Any = torch.tensor([0])
+        dynamic = {"ids": {1: prompt}, "pos": {1: prompt}, "extra": None, **cache}
+    else:
+        rows = 1 if name == "one.pt2" else runner.slots
+        ids, pos = torch.zeros((rows, 1), dtype=torch.long), torch.arange(rows)[:, None] + 60
+        extra = (torch.arange(96)[None, :] <= pos)[:, None, None]  # the mask: width 96
+        many = torch.export.Dim("rows", min=2, max=runner.slots) if rows > 2 else None
+        by_row = {0: many} if many is not None else None
+        width = torch.export.Dim("width", min=2, max=(1 << 20) - 1)
+        dynamic = {"ids": by_row, "pos": by_row, "extra": {**(by_row or {}), 3: width}, **cache}
+    return (ids, pos, extra, keys, values, list(runner.tensors().values())), dynamic
 
 
 def build(runner: FastDecoder, folder: Path) -> None:
-    """Export and compile both packages into `folder` (written whole, then renamed in)."""
+    """Export and compile the packages into `folder` (written whole, then renamed in)."""
     scratch = Path(tempfile.mkdtemp(prefix=".compiling-", dir=folder.parent))
-    weights = list(runner.tensors().values())
     try:
-        for name, rows in zip(PACKAGES, (1, min(3, runner.slots)), strict=True):
-            if name == PACKAGES[1] and runner.slots < 2:
+        for name in PACKAGES:
+            if name == "many.pt2" and runner.slots < 2:
                 continue
-            capacity = 16  # an example: the length is symbolic
-            shape = (runner.slots, runner.kv_heads, capacity, runner.head_dim)
-            keys = [torch.zeros(shape, dtype=runner.dtype) for _ in runner.layers]
-            values = [torch.zeros_like(k) for k in keys]
-            ids = torch.zeros((rows, 1), dtype=torch.long)
-            pos = torch.arange(rows)[:, None]
-            mask = (torch.arange(capacity)[None, :] <= pos)[:, None, None]
-            length = torch.export.Dim("length", min=2, max=1 << 20)
-            many = torch.export.Dim("rows", min=2, max=runner.slots) if 2 < runner.slots else None
-            by_row = {0: many} if rows > 1 and many is not None else None
-            dynamic = {
-                "ids": by_row, "pos": by_row, "mask": {**(by_row or {}), 3: length},
-                "keys": [{2: length}] * len(keys), "values": [{2: length}] * len(keys),
-                "weights": [None] * len(weights),
-            }  # fmt: skip
+            example, dynamic = _example(runner, name)
             program = torch.export.export(
-                _Step(runner), (ids, pos, mask, keys, values, weights), dynamic_shapes=dynamic
+                _Step(runner, name == "prompt.pt2"), example, dynamic_shapes=dynamic
             )
             torch._inductor.aoti_compile_and_package(program, package_path=str(scratch / name))
         shutil.rmtree(folder, ignore_errors=True)

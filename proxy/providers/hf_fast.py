@@ -3,7 +3,8 @@
 `transformers` converts what needs converting (a GGUF file, a hub checkpoint); decoding
 runs here, and a restart from the converted-weights cache needs no `transformers`. Per
 layer: one fused q/k/v matmul, rotary embedding, the new key and value written into the
-row's slot of a KV cache, one `scaled_dot_product_attention`, one fused gate/up matmul.
+row's slot of a KV cache (float16 with int8 weights: half the bytes a step reads, as
+llama.cpp keeps it), attention, one fused gate/up matmul.
 Each row of a batch has its own position and length, so a request can join a batch
 that is decoding (continuous batching) and leave it at any step: rows are slots `0..B-1`
 of the cache, and a row that leaves gives its slot to the last row (`move`).
@@ -34,6 +35,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812 - torch's own spelling
 
 SUPPORTED = frozenset({"llama", "mistral", "qwen2"})
+WIDTH_STEP = 32  # a compiled step's attention width is a multiple of it
 Tensor = torch.Tensor
 
 
@@ -185,6 +187,8 @@ class FastDecoder:
         self.eps = config.rms_norm_eps
         self.max_positions = config.max_position_embeddings
         self.device, self.dtype, self.slots = device, dtype, slots
+        int8_cache = packing == "int8" and dtype == torch.float32  # `none` stays exact
+        self.cache_dtype = torch.float16 if int8_cache else dtype
         rope = getattr(config, "rope_parameters", None) or {}
         theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
         steps = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device)
@@ -263,7 +267,9 @@ class FastDecoder:
             return
         capacity = min(max(256, self.capacity * 2, length), max(length, self.max_positions))
         shape = (self.slots, self.kv_heads, capacity, self.head_dim)
-        grown = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        grown = [
+            torch.zeros(shape, dtype=self.cache_dtype, device=self.device) for _ in self.layers
+        ]
         grown_values = [torch.zeros_like(k) for k in grown]
         for old, new in zip(self.keys + self.values, grown + grown_values, strict=False):
             new[:, :, : self.capacity] = old  # nothing to copy on the first call
@@ -281,25 +287,32 @@ class FastDecoder:
         self.reserve(len(ids) + 1)
         tokens = torch.tensor([ids], device=self.device)
         positions = torch.arange(len(ids), device=self.device)[None]
-        return self.forward(tokens, positions, slot, None, self.keys, self.values)[0]
+        step = self.compiled or FastDecoder.forward
+        return step(self, tokens, positions, slot, None, self.keys, self.values)[0]
 
     def decode(self, tokens: list[int], positions: list[int]) -> Tensor:
         """One step for rows `0..B-1`: row i's token at its position; logits [B, vocab]."""
         self.reserve(max(positions) + 1)
         ids = torch.tensor(tokens, device=self.device)[:, None]
         pos = torch.tensor(positions, device=self.device)[:, None]
-        # Attention always spans the whole cache, not the longest row: its sums then run over
-        # the same length whoever else is in the batch, so a row's logits do not depend on
-        # its neighbours (a width that followed them flipped near-tied greedy tokens).
-        mask = (torch.arange(self.capacity, device=self.device)[None, :] <= pos)[:, None, None]
+        width = self.capacity if self.compiled is None else self.width(max(positions) + 1)
+        mask = (torch.arange(width, device=self.device)[None, :] <= pos)[:, None, None]
         step = self.compiled or FastDecoder.forward
         return step(self, ids, pos, None, mask, self.keys, self.values)
+
+    def width(self, longest: int) -> int:
+        """How many cache positions a compiled step attends over: the longest row's length
+        rounded up to `WIDTH_STEP`. A masked position adds an exact zero to the compiled
+        loops' sums, so a row's logits do not depend on its neighbours (tested bit for bit).
+        Eagerly, attention spans the whole cache: SDPA's blocking follows the width, and a
+        width that followed the batch flipped near-tied greedy tokens."""
+        return min(self.capacity, -(-longest // WIDTH_STEP) * WIDTH_STEP)
 
     def forward(
         self,
         ids: Tensor,
         pos: Tensor,
-        slot: int | None,
+        slot: int | Tensor | None,
         mask: Tensor | None,
         keys_cache: list[Tensor],
         values_cache: list[Tensor],
@@ -323,17 +336,17 @@ class FastDecoder:
             v = qkv[..., (heads + kv_heads) * dim :].view(rows, length, kv_heads, dim)
             v = v.transpose(1, 2)
             if slot is not None:  # a prompt: causal attention within it
-                keys[slot, :, :length] = k[0]
-                values[slot, :, :length] = v[0]
+                torch._check(length <= keys.shape[2])
+                keys[slot, :, :length] = k[0].to(keys.dtype)
+                values[slot, :, :length] = v[0].to(values.dtype)
                 out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
             else:
-                keys[batch, :, pos[:, 0]] = k[:, :, 0]
-                values[batch, :, pos[:, 0]] = v[:, :, 0]
-                width = mask.shape[-1] if mask is not None else length
-                out = F.scaled_dot_product_attention(
-                    q, keys[:rows, :, :width], values[:rows, :, :width], attn_mask=mask,
-                    enable_gqa=True,
-                )  # fmt: skip
+                keys[batch, :, pos[:, 0]] = k[:, :, 0].to(keys.dtype)
+                values[batch, :, pos[:, 0]] = v[:, :, 0].to(values.dtype)
+                assert mask is not None
+                width = mask.shape[-1]
+                torch._check(width <= keys.shape[2])
+                out = _attend(q, keys[:rows, :, :width], values[:rows, :, :width], mask)
             x = x + layer.o(out.transpose(1, 2).reshape(rows, length, heads * dim))
             gate, up = layer.gate_up(self._norm(x, layer.norm2)).split(self.inner, -1)
             x = x + layer.down(F.silu(gate) * up)
@@ -345,3 +358,20 @@ class FastDecoder:
         return (wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + self.eps)).to(
             x.dtype
         ) * weight
+
+
+def _attend(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tensor:
+    """One token a row against its cached keys and values. Eagerly one SDPA call; compiled,
+    plain sums that inductor fuses into loops reading the float16 cache once (SDPA's CPU
+    kernel made two matrix-vector calls per head and row: most of an eight-row step)."""
+    rows, kv_heads, width, dim = keys.shape
+    if not torch.compiler.is_compiling():
+        return F.scaled_dot_product_attention(
+            q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask, enable_gqa=True
+        )
+    group = q.shape[1] // kv_heads
+    grouped = q.view(rows, kv_heads, group, 1, dim).float()
+    scores = (grouped * keys[:, :, None].float()).sum(-1) * dim**-0.5
+    scores = scores.masked_fill(~mask.view(rows, 1, 1, width), float("-inf")).softmax(-1)
+    out = (scores[..., None] * values[:, :, None].float()).sum(-2)
+    return out.view(rows, kv_heads * group, 1, dim).to(q.dtype)
