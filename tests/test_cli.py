@@ -59,6 +59,10 @@ BROKEN = {
         "providers:\n  a: {type: huggingface, max_batch: 4, max_concurrency: 2}\nmodels: {}\n",
         "at providers.a.max_batch: 4 is more than max_concurrency (2)",
     ),
+    "compile neither on, off nor auto": (
+        "providers:\n  a: {type: huggingface, compile: maybe}\nmodels: {}\n",
+        "at providers.a.compile: 'maybe' is not one of auto, on, off (or true, false)",
+    ),
     "not a url": (
         "providers:\n  a: {type: openai, base_url: 'x'}\nmodels: {}\n",
         "at providers.a.base_url: expected an http(s) URL",

@@ -8,6 +8,7 @@ Compiling builds C++ with the system compiler: a minute or so for the tiny model
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -125,6 +126,47 @@ def test_why_not_names_the_reason(wordy_dir: Path, monkeypatch: pytest.MonkeyPat
     assert (
         hf_compile.why_not(loaded.runner, "on") == "no C++ compiler (omnimind-no-such-c++) on PATH"
     )
+
+
+@needs_compiler
+def test_a_failed_compile_is_remembered_not_repeated(
+    wordy_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A compiler that fails: the child's compile fails, the model decodes eagerly, and the
+    failure is noted beside the packages' folder, so the next start says so at once instead
+    of compiling for minutes again; deleting the note tries again."""
+    broken = tmp_path / "broken-c++"
+    broken.write_text("#!/bin/sh\necho 'broken compiler' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    monkeypatch.setenv("CXX", str(broken))
+    monkeypatch.setenv("OMNIMIND_CACHE_DIR", str(tmp_path / "cache"))
+    recipe = hf_compile.Recipe(str(wordy_dir), None, "auto", "int8", 1)
+
+    closed = threading.Event()
+
+    def started() -> FastDecoder:
+        runner = load_model(ModelKey(str(wordy_dir)), "cpu", "auto", None, "int8", 1).runner
+        hf_compile.start(runner, recipe, "on", busy=lambda: False, stopped=closed.is_set)
+        return runner
+
+    first = started()
+    deadline = time.monotonic() + 600
+    while first.compile_status in ("waiting", "compiling"):
+        assert time.monotonic() < deadline, "the failing compile took over 10 minutes"
+        time.sleep(0.2)
+    assert first.compile_status.startswith("failed (")
+    assert first.compiled is None
+    note = hf_compile.failure_note(hf_compile.folder_for(first, recipe))
+    assert note.read_text().strip()  # the reason
+    second = started()
+    assert second.compile_status.startswith("failed (") and str(note) in second.compile_status
+    note.unlink()
+    third = started()
+    assert third.compile_status == "waiting"  # compiling again
+    closed.set()  # the gateway closes: the thread stops before (or kills) the child
+    while third.compile_status in ("waiting", "compiling"):
+        time.sleep(0.1)
+    assert third.compile_status == "off (closed)"
 
 
 # ---- behind the gateway -------------------------------------------------------------------------

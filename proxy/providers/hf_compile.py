@@ -13,7 +13,9 @@ once the model has been quiet for `hf_worker.QUIET_S`: the gateway neither stall
 (compiling in-process cost 200-300 MB of RSS for good). Until the packages are in, and for any step
 they do not cover, the step runs eagerly, so no request ever waits for a compile. The
 packages are kept under `hf_cache.cache_root()/compiled/<key>` (the key covers the model,
-its settings, torch's version and this code), so a restart loads them at once (~10 ms).
+its settings, torch's version and this code), so a restart loads them at once (~10 ms). A
+compile that fails is remembered beside them (`<key>.failed`, its reason inside), so a
+restart does not spend the minutes again; delete that file to try again.
 
 The int8 matmuls are exact either way; the fused float kernels round differently, and a
 model with massive activations (SmolLM2) quantises some of them to a neighbouring int8
@@ -93,6 +95,12 @@ def folder_for(runner: FastDecoder, recipe: Recipe) -> Path:
     return hf_cache.cache_root() / "compiled" / hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
+def failure_note(folder: Path) -> Path:
+    """Where a failed compile of `folder`'s packages is remembered (its reason inside); a
+    new key (model, settings, torch, this code) compiles again, or deleting the note."""
+    return folder.with_name(folder.name + ".failed")
+
+
 def start(
     runner: Any, recipe: Recipe, mode: str, busy: Callable[[], bool], stopped: Callable[[], bool]
 ) -> None:
@@ -108,6 +116,12 @@ def start(
     folder = folder_for(runner, recipe)
     if _swap_in(runner, folder):
         log.info("decode step: compiled packages from %s", folder)
+        return
+    if (failed := failure_note(folder)).is_file():  # not minutes of CPU at every start
+        why = failed.read_text(encoding="utf-8", errors="replace").strip()[:300]
+        runner.compile_status = f"failed ({why}; delete {failed} to try again)"
+        log.warning("decode step not compiled: it failed before (%s); delete %s to try again",
+                    why, failed)  # fmt: skip
         return
     runner.compile_status = "waiting"  # for the model to be quiet
     thread = threading.Thread(
@@ -158,6 +172,7 @@ def _compile(
         why = said[-1][:300] if said else f"exit status {child.returncode}"
         log.warning("cannot compile the decode step (%s): decoding eagerly", why)
         runner.compile_status = f"failed ({why})"
+        failure_note(folder).write_text(why + "\n", encoding="utf-8")
         return
     log.info("decode step compiled in %.1f s", time.perf_counter() - started)
 

@@ -31,7 +31,7 @@ class Spec(BaseProviderSpec, tag="huggingface"):
     max_concurrency: PositiveInt | None = 1
     max_batch: PositiveInt = 1  # rows decoded together; a request joins at the next step
     quantize: Literal["auto", "int8", "none"] = "auto"  # auto: int8 matmuls on the CPU
-    compile: bool | Literal["auto"] = "auto"  # the decode step, in the background (hf_compile)
+    compile: bool | str = "auto"  # auto, on, off: the steps, in the background (hf_compile)
     loads_gguf: ClassVar[bool] = True
 
     @property
@@ -40,6 +40,8 @@ class Spec(BaseProviderSpec, tag="huggingface"):
         return self.compile if isinstance(self.compile, str) else "on" if self.compile else "off"
 
     def problem(self) -> tuple[str, str] | None:
+        if self.compile_mode not in ("auto", "on", "off"):
+            return "compile", f"{self.compile!r} is not one of auto, on, off (or true, false)"
         if (self.max_concurrency or self.max_batch) < self.max_batch:
             return "max_batch", (
                 f"{self.max_batch} is more than max_concurrency ({self.max_concurrency}), so "
