@@ -169,6 +169,29 @@ def test_a_failed_compile_is_remembered_not_repeated(
     assert third.compile_status == "off (closed)"
 
 
+@needs_compiler
+def test_a_compile_that_cannot_be_noted_fails_quietly(
+    wordy_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cache folder is not a folder: the child fails before it made anything, noting the
+    failure fails too, and that is a warning, not the compile thread's traceback."""
+    blocked = tmp_path / "cache"
+    blocked.write_text("a file where the cache folder should be")
+    monkeypatch.setenv("OMNIMIND_CACHE_DIR", str(blocked))
+    runner = load_model(ModelKey(str(wordy_dir)), "cpu", "auto", None, "int8", 1).runner
+    recipe = hf_compile.Recipe(str(wordy_dir), None, "auto", "int8", 1)
+    hf_compile.start(runner, recipe, "on", busy=lambda: False, stopped=lambda: False)
+    deadline = time.monotonic() + 600
+    while runner.compile_status in ("waiting", "compiling"):
+        assert time.monotonic() < deadline, "the failing compile took over 10 minutes"
+        time.sleep(0.2)
+    assert runner.compile_status.startswith("failed (")
+    for thread in threading.enumerate():  # its last lines: noting the failure
+        if thread.name == hf_compile.COMPILE_THREAD:
+            thread.join(30)
+            assert not thread.is_alive()
+
+
 # ---- behind the gateway -------------------------------------------------------------------------
 
 

@@ -172,7 +172,11 @@ def _compile(
         why = said[-1][:300] if said else f"exit status {child.returncode}"
         log.warning("cannot compile the decode step (%s): decoding eagerly", why)
         runner.compile_status = f"failed ({why})"
-        failure_note(folder).write_text(why + "\n", encoding="utf-8")
+        try:
+            folder.parent.mkdir(parents=True, exist_ok=True)  # the child may not have got so far
+            failure_note(folder).write_text(why + "\n", encoding="utf-8")
+        except OSError as exc:
+            log.warning("cannot note the failed compile (%s): the next start compiles again", exc)
         return
     log.info("decode step compiled in %.1f s", time.perf_counter() - started)
 
