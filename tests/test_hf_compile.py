@@ -20,8 +20,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from proxy.providers import hf_compile
+from proxy.providers import hf_compile, hf_fbgemm
 from proxy.providers.hf_fast import FastDecoder, Weights
+from proxy.providers.hf_int8 import KERNELS, best_kernel
 from proxy.providers.hf_weights import ModelKey, load_model
 
 from .conftest import GatewayFactory
@@ -45,18 +46,25 @@ def wordy_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("wordy"), init_range=0.3)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=KERNELS)
 def decoders(
-    wordy_dir: Path, tmp_path_factory: pytest.TempPathFactory
+    wordy_dir: Path, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
 ) -> tuple[FastDecoder, FastDecoder, Any]:
-    """The same int8 model twice: one decodes eagerly, the other through compiled packages."""
+    """The same int8 model twice: one decodes eagerly, the other through compiled packages
+    (for each int8 kernel: the CPU picks one, and a compiled step calls either)."""
     model = AutoModelForCausalLM.from_pretrained(wordy_dir, dtype=torch.float32)
     state = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
-    eager = FastDecoder(model.config, Weights(state), "int8", "cpu", torch.float32, slots=4)
-    compiled = FastDecoder(model.config, Weights(state), "int8", "cpu", torch.float32, slots=4)
+    twins = [
+        FastDecoder(
+            model.config, Weights(state), "int8", "cpu", torch.float32, 4, None, request.param
+        )
+        for _ in range(2)
+    ]
+    eager, compiled = twins
     folder = tmp_path_factory.mktemp("packages") / "step"
     hf_compile.build(compiled, folder)
-    assert sorted(p.name for p in folder.iterdir()) == sorted(hf_compile.PACKAGES)
+    native = [hf_fbgemm.NATIVE] if request.param == "fbgemm" else []  # the C++ operators
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*hf_compile.PACKAGES, *native])
     compiled.compiled = hf_compile.CompiledStep(compiled, folder)
     return eager, compiled, AutoTokenizer.from_pretrained(wordy_dir)
 
@@ -216,10 +224,14 @@ def client(gw: UvicornServer) -> Iterator[openai.OpenAI]:
         yield c
 
 
-def _compile_status(gw: UvicornServer, provider: str) -> str:
+def _model_stats(gw: UvicornServer, provider: str) -> dict[str, Any]:
     data = httpx.get(f"{gw.url}/v1/providers", timeout=30).json()["data"]
     local = next(p["local"] for p in data if p["id"] == provider)
-    return str(next(iter(local["models"].values()))["compile"])
+    return dict(next(iter(local["models"].values())))
+
+
+def _compile_status(gw: UvicornServer, provider: str) -> str:
+    return str(_model_stats(gw, provider)["compile"])
 
 
 @needs_compiler
@@ -243,6 +255,7 @@ def test_the_gateway_swaps_the_compiled_step_in_and_a_restart_finds_it(
     again = client.chat.completions.create(model="tiny", **ask)  # type: ignore[call-overload]
     assert again.system_fingerprint == "fast-cpu-float32-int8-compiled"
     assert again.choices[0].message.content == first.choices[0].message.content
+    assert _model_stats(gw, "hf")["int8_kernel"] == best_kernel()  # the CPU's, shown
     client.chat.completions.create(model="tiny-eager", **ask)  # type: ignore[call-overload]
     assert _compile_status(gw, "quiet") == "off (OMNIMIND_COMPILE=off)"
     restarted = start_gateway(_CONFIG.format(wordy_dir=wordy_dir))

@@ -28,6 +28,7 @@ from proxy.providers.hf_generate import (
     prompt_ids,
 )
 from proxy.providers.hf_grammar import GrammarError
+from proxy.providers.hf_int8 import KERNELS
 from proxy.providers.hf_provider import HuggingFaceProvider
 from proxy.providers.hf_weights import ModelKey, load_model
 from proxy.providers.huggingface import Spec
@@ -121,12 +122,14 @@ def test_fast_decoder_matches_transformers(wordy_dir: Path) -> None:
         tokens = [int(t) for t in logits.argmax(-1)]
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @torch.inference_mode()
-def test_int8_rows_do_not_depend_on_their_batch(wordy_dir: Path) -> None:
+def test_int8_rows_do_not_depend_on_their_batch(wordy_dir: Path, kernel: str) -> None:
     model = _reference(wordy_dir)
     tokenizer = AutoTokenizer.from_pretrained(wordy_dir)
     weights = Weights({k: v.to(torch.bfloat16) for k, v in model.state_dict().items()})
-    decoder = FastDecoder(model.config, weights, "int8", "cpu", torch.float32, slots=2)
+    decoder = FastDecoder(model.config, weights, "int8", "cpu", torch.float32, 2, None, kernel)
+    assert decoder.kernel == kernel
     ids = _ids(tokenizer, PROMPTS[0])
     alone_first = decoder.prefill(0, ids)
     alone = decoder.decode([5], [len(ids)])[0]
@@ -137,19 +140,24 @@ def test_int8_rows_do_not_depend_on_their_batch(wordy_dir: Path) -> None:
     assert alone_first.shape == (decoder.vocab,)
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @torch.inference_mode()
-def test_kept_int8_weights_answer_bit_for_bit_without_the_float_weights(wordy_dir: Path) -> None:
+def test_kept_int8_weights_answer_bit_for_bit_without_the_float_weights(
+    wordy_dir: Path, kernel: str
+) -> None:
     """A restart packs the int8 values kept in the cache: the same logits as quantising
     anew, and the linears' float weights are not even read."""
     model = _reference(wordy_dir)
     state = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
-    fresh = FastDecoder(model.config, Weights(state), "int8", "cpu", torch.float32, slots=2)
+    fresh = FastDecoder(model.config, Weights(state), "int8", "cpu", torch.float32, 2, None, kernel)
     kept = fresh.quantized()
     assert set(kept) == {"head"} | {
         f"layers.{i}.{n}" for i in range(2) for n in ("qkv", "o", "gate_up", "down")
     }
     unread = {k: v for k, v in state.items() if "proj" not in k}  # norms and embeddings only
-    again = FastDecoder(model.config, Weights(unread), "int8", "cpu", torch.float32, 2, kept)
+    again = FastDecoder(
+        model.config, Weights(unread), "int8", "cpu", torch.float32, 2, kept, kernel
+    )
     ids = _ids(AutoTokenizer.from_pretrained(wordy_dir), PROMPTS[0])
     assert torch.equal(fresh.prefill(0, ids), again.prefill(0, ids))
     assert torch.equal(fresh.decode([5], [len(ids)]), again.decode([5], [len(ids)]))

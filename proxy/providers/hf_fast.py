@@ -10,10 +10,9 @@ that is decoding (continuous batching) and leave it at any step: rows are slots 
 of the cache, and a row that leaves gives its slot to the last row (`move`).
 
 Weights (`packing`). `int8`: every matmul (q/k/v, o, gate/up, down and the output head)
-multiplies int8 by int8 into int32 (`torch._int_mm`), with per-channel weight scales and
-activations quantised per row (`Int8`), so a row's outlier channels cost only that row some
-resolution. fbgemm's dynamic int8 linear was used before: its weights must be packed at
-every start (0.6 s here), and it is one opaque call `torch.compile` cannot see into. bfloat16
+multiplies int8 by int8 into int32, with per-channel weight scales and activations
+quantised per row (`hf_int8.Int8`), so a row's outlier channels cost only that row some
+resolution; the kernel (`_int_mm` or fbgemm) is chosen by the CPU (`hf_int8`). bfloat16
 weights for `down_proj` were tried: CPUs without bfloat16 instructions multiply them
 slowly, a 38-token prompt took 150 ms instead of 60. The token embedding is kept in
 bfloat16 and widened per lookup. `none`: every weight in the compute dtype. What each
@@ -34,6 +33,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F  # noqa: N812 - torch's own spelling
 
+from .hf_int8 import Dense, Int8, best_kernel
+
 SUPPORTED = frozenset({"llama", "mistral", "qwen2"})
 WIDTH_STEP = 32  # a compiled step's attention width is a multiple of it
 Tensor = torch.Tensor
@@ -53,56 +54,6 @@ def supports(config: Any) -> bool:
     )
 
 
-class Dense:
-    """`x @ w.T + b` in the compute dtype (packing `none`, and every device but the CPU)."""
-
-    def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
-        self.weight = weight.contiguous()
-        self.bias = None if bias is None else bias.to(weight.dtype)
-
-    def __call__(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight, self.bias)
-
-
-class Int8:
-    """An int8 linear: int8 weights per output channel, each input row quantised on its own.
-
-    A row is scaled by its own absolute maximum onto [-127, 127] and rounded; `_int_mm`
-    multiplies in int32, exactly, and the result is scaled back. Integer products have no
-    rounding order, so a row's result is the same alone or in any batch, eager or compiled.
-
-    `kept`: the int8 values and scales of an earlier quantisation (`quantized()`, saved in
-    the converted-weights cache): a restart reads them and has nothing left to compute.
-    """
-
-    def __init__(
-        self, weight: Tensor | None, bias: Tensor | None, kept: tuple[Tensor, Tensor] | None = None
-    ) -> None:
-        if kept is not None:
-            values, scales = kept
-        else:
-            assert weight is not None
-            wide = weight.float()
-            scales = (wide.abs().amax(1) / 127).clamp(min=1e-8)
-            values = (wide / scales[:, None]).round().clamp(-127, 127).to(torch.int8)
-        self.values = values.contiguous()
-        self.scales = scales.float()
-        self.bias = None if bias is None else bias.float()
-        self.rows = int(values.shape[0])
-
-    def quantized(self) -> tuple[Tensor, Tensor]:
-        """The int8 values and per-channel scales, as `kept` takes them back."""
-        return self.values, self.scales
-
-    def __call__(self, x: Tensor) -> Tensor:
-        flat = x.reshape(-1, x.shape[-1])  # 2-D before quantising: inductor (torch 2.13)
-        # miscomputes `_int_mm` on an int8 tensor reshaped after its rounding
-        scale = flat.abs().amax(-1, keepdim=True).clamp(min=1e-30) / 127
-        product = torch._int_mm((flat / scale).round().to(torch.int8), self.values.t())
-        out = (product.float() * (scale * self.scales)).view(*x.shape[:-1], self.rows)
-        return out if self.bias is None else out + self.bias
-
-
 Kept = dict[str, tuple[Tensor, Tensor]]  # a linear's name -> its int8 values and scales
 _LINEARS = {
     "qkv": ("self_attn.", ("q_proj", "k_proj", "v_proj")),
@@ -112,20 +63,24 @@ _LINEARS = {
 }
 
 
-def _linear(packing: str, weight: Tensor, bias: Tensor | None, dtype: Any) -> Any:
-    return Int8(weight, bias) if packing == "int8" else Dense(weight.to(dtype), bias)
+def _linear(packing: str, weight: Tensor, bias: Tensor | None, dtype: Any, kernel: str) -> Any:
+    if packing == "int8":
+        return Int8(weight, bias, kernel=kernel)
+    return Dense(weight.to(dtype), bias)
 
 
 class Layer:
-    def __init__(self, weights: Weights, i: int, packing: str, dtype: Any, kept: Kept) -> None:
+    def __init__(
+        self, weights: Weights, i: int, packing: str, dtype: Any, kept: Kept, kernel: str
+    ) -> None:
         self.norm1 = weights.get(f"model.layers.{i}.input_layernorm.weight").to(dtype)
         self.norm2 = weights.get(f"model.layers.{i}.post_attention_layernorm.weight").to(dtype)
         for attribute, (block, parts) in _LINEARS.items():
             prefix, stored = f"model.layers.{i}.{block}", kept.get(f"layers.{i}.{attribute}")
             if packing == "int8" and stored is not None:  # no need to read the weight
-                linear: Any = Int8(None, weights.fused_bias(prefix, parts), stored)
+                linear: Any = Int8(None, weights.fused_bias(prefix, parts), stored, kernel)
             else:
-                linear = _linear(packing, *weights.fused(prefix, parts), dtype)
+                linear = _linear(packing, *weights.fused(prefix, parts), dtype, kernel)
             setattr(self, attribute, linear)
 
     qkv: Any
@@ -179,6 +134,7 @@ class FastDecoder:
         dtype: Any,
         slots: int,
         kept: Kept | None = None,
+        kernel: str | None = None,
     ) -> None:
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
@@ -187,6 +143,7 @@ class FastDecoder:
         self.eps = config.rms_norm_eps
         self.max_positions = config.max_position_embeddings
         self.device, self.dtype, self.slots = device, dtype, slots
+        self.kernel = (kernel or best_kernel()) if packing == "int8" else None  # hf_int8's
         int8_cache = packing == "int8" and dtype == torch.float32  # `none` stays exact
         self.cache_dtype = torch.float16 if int8_cache else dtype
         rope = getattr(config, "rope_parameters", None) or {}
@@ -198,7 +155,9 @@ class FastDecoder:
             embed = weights.get("model.embed_tokens.weight")
             with ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool:  # packing
                 head = pool.submit(self._head, weights, embed, packing, dtype, kept.get("head"))
-                build = functools.partial(Layer, weights, packing=packing, dtype=dtype, kept=kept)
+                build = functools.partial(
+                    Layer, weights, packing=packing, dtype=dtype, kept=kept, kernel=self.int8_kernel
+                )
                 self.layers = list(pool.map(build, range(config.num_hidden_layers)))
                 self.head = head.result()  # the largest matrix, packed beside the layers
             self.embed = embed.to(torch.bfloat16 if packing == "int8" else dtype)
@@ -210,8 +169,8 @@ class FastDecoder:
         self.keys: list[Tensor] = []
         self.values: list[Tensor] = []
 
-    @staticmethod
     def _head(
+        self,
         weights: Weights,
         embed: Tensor,
         packing: str,
@@ -219,9 +178,13 @@ class FastDecoder:
         kept: tuple[Tensor, Tensor] | None,
     ) -> Any:
         if packing == "int8" and kept is not None:
-            return Int8(None, None, kept)
+            return Int8(None, None, kept, self.int8_kernel)
         head = weights.get("lm_head.weight") if weights.has("lm_head.weight") else embed
-        return _linear(packing, head, None, dtype)
+        return _linear(packing, head, None, dtype, self.int8_kernel)
+
+    @property
+    def int8_kernel(self) -> str:
+        return self.kernel or "int_mm"
 
     def quantized(self) -> Kept:
         """Every int8 linear's values and scales by name (empty unless packing is int8)."""

@@ -156,6 +156,7 @@ class HuggingFaceProvider:
                     "from_cache": loaded.from_cache,
                     "load_seconds": round(loaded.load_seconds, 3),
                     "compile": getattr(loaded.runner, "compile_status", "off"),
+                    "int8_kernel": getattr(loaded.runner, "kernel", None),  # hf_int8's
                     **asdict(loaded.worker.stats),
                 }
         return {"loads": self.loads, "models": out}

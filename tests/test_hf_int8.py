@@ -1,0 +1,120 @@
+"""The int8 linears (hf_int8), for every kernel: close to the float product, rows batch
+invariant bit for bit, kernels agreeing, fbgemm's packed weights dropped with their handles.
+Both kernels run on any x86 CPU (fbgemm is x86 only), so both are checked wherever the
+suite runs, whichever the CPU picks."""
+
+from __future__ import annotations
+
+import gc
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from proxy.providers import hf_fbgemm, hf_int8
+from proxy.providers.hf_int8 import KERNELS, Int8
+
+SHAPES = [(96, 64), (300, 200), (49, 576)]  # odd sizes too: no kernel may assume blocks
+RESOLUTION = {"int_mm": 0.02, "fbgemm": 0.04}  # relative error: rows at 8 bits, and at 7
+
+
+def _linear(rows: int, columns: int, kernel: str, bias: bool = False) -> tuple[Int8, torch.Tensor]:
+    generator = torch.Generator().manual_seed(rows * columns)
+    weight = torch.randn(rows, columns, generator=generator) * 0.05
+    b = torch.randn(rows, generator=generator) if bias else None
+    return Int8(weight, b, kernel=kernel), weight
+
+
+def _inputs(count: int, columns: int) -> torch.Tensor:
+    x = torch.randn(count, columns, generator=torch.Generator().manual_seed(count))
+    x[:, 3] *= 8  # an outlier channel, as real activations have
+    return x
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize(("rows", "columns"), SHAPES)
+def test_close_to_the_float_product(kernel: str, rows: int, columns: int) -> None:
+    linear, weight = _linear(rows, columns, kernel, bias=True)
+    x = _inputs(9, columns)
+    assert linear.bias is not None
+    exact = x @ weight.T + linear.bias
+    error = (linear(x) - exact).norm() / (x @ weight.T).norm()
+    assert error < RESOLUTION[kernel], error
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_a_row_is_the_same_alone_and_in_any_batch(kernel: str) -> None:
+    linear, _ = _linear(300, 200, kernel)
+    x = _inputs(40, 200)  # up to a prompt's worth of rows
+    together = linear(x)
+    for count in (1, 2, 3, 8, 9, 40):
+        assert torch.equal(linear(x[:count]), together[:count]), count
+    assert torch.equal(linear(x[None, 5:7])[0], together[5:7])  # any leading shape
+
+
+needs_fbgemm = pytest.mark.skipif(not hf_fbgemm.AVAILABLE, reason="fbgemm: x86 builds only")
+
+
+@needs_fbgemm
+def test_the_kernels_agree_within_their_resolution() -> None:
+    (a, weight), (b, _) = (_linear(300, 200, kernel) for kernel in KERNELS)
+    x = _inputs(8, 200)
+    exact = x @ weight.T
+    assert ((a(x) - b(x)).norm() / exact.norm()) < sum(RESOLUTION.values())
+
+
+@needs_fbgemm
+def test_fbgemm_gives_its_values_back_exactly_for_the_cache() -> None:
+    """fbgemm keeps only its packed copy; `quantized()` unpacks the same int8 values and
+    scales that `int_mm` keeps, and a linear built from them answers bit for bit."""
+    (mm, _), (fb, _) = (_linear(300, 200, kernel) for kernel in KERNELS)
+    values, scales = fb.quantized()
+    assert torch.equal(values, mm.values) and torch.equal(scales, mm.scales)
+    assert fb.values.numel() == 300  # a handle of one byte a row, not a second copy
+    again = Int8(None, None, (values, scales), kernel="fbgemm")
+    x = _inputs(3, 200)
+    assert torch.equal(again(x), fb(x))
+
+
+@needs_fbgemm
+def test_fbgemm_packs_are_dropped_with_their_handles() -> None:
+    gc.collect()
+    before = len(hf_fbgemm.PACKS)
+    linears = [_linear(64, 32, "fbgemm")[0] for _ in range(5)]
+    assert len(hf_fbgemm.PACKS) == before + 5
+    del linears
+    gc.collect()
+    assert len(hf_fbgemm.PACKS) == before
+
+
+def test_the_kernel_follows_the_cpu() -> None:
+    kernel = hf_int8.best_kernel()
+    fast_bytes = torch.cpu._is_vnni_supported() or torch.cpu._is_amx_tile_supported()
+    assert kernel == ("int_mm" if fast_bytes or not hf_fbgemm.AVAILABLE else "fbgemm")
+
+
+@needs_fbgemm
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="no C++")
+def test_the_native_operator_answers_as_the_python_one(tmp_path: Path) -> None:
+    """The C++ operator (built as the compile child builds it) gives the same bits as the
+    Python one, for packs made before it was loaded and after."""
+    before, _ = _linear(300, 200, "fbgemm")
+    x = _inputs(8, 200)
+    expected = before(x)
+    native = tmp_path / hf_fbgemm.NATIVE
+    hf_fbgemm.build_native(shutil.which("c++") or "g++", native)
+    hf_fbgemm.load_native(native)
+    hf_fbgemm.load_native(native)  # once a process: a second load is a no-op
+    assert hf_fbgemm.PACKS.native
+    assert torch.equal(before(x), expected)
+    after, _ = _linear(300, 200, "fbgemm")
+    assert torch.equal(after(x), expected)
+    rows = (x / (x.abs().amax(-1, keepdim=True) / 63)).round()
+    direct = torch.ops.omnimind_native.fbgemm_mm(rows, after.values)
+    assert torch.equal(direct, torch.ops.omnimind.fbgemm_mm(rows, after.values))
+
+
+def test_a_failed_native_build_says_why(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match="cannot build fbgemm.so"):
+        hf_fbgemm.build_native("false", tmp_path / hf_fbgemm.NATIVE)
