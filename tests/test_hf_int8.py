@@ -6,13 +6,12 @@ suite runs, whichever the CPU picks."""
 from __future__ import annotations
 
 import gc
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from proxy.providers import hf_fbgemm, hf_int8
+from proxy.providers import hf_compile, hf_fbgemm, hf_int8
 from proxy.providers.hf_int8 import KERNELS, Int8
 
 SHAPES = [(96, 64), (300, 200), (49, 576)]  # odd sizes too: no kernel may assume blocks
@@ -95,7 +94,7 @@ def test_the_kernel_follows_the_cpu() -> None:
 
 
 @needs_fbgemm
-@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="no C++")
+@pytest.mark.skipif(hf_compile.compiler() is None, reason="no C++ compiler on PATH")
 def test_the_native_operator_answers_as_the_python_one(tmp_path: Path) -> None:
     """The C++ operator (built as the compile child builds it) gives the same bits as the
     Python one, for packs made before it was loaded and after."""
@@ -103,7 +102,7 @@ def test_the_native_operator_answers_as_the_python_one(tmp_path: Path) -> None:
     x = _inputs(8, 200)
     expected = before(x)
     native = tmp_path / hf_fbgemm.NATIVE
-    hf_fbgemm.build_native(shutil.which("c++") or "g++", native)
+    hf_fbgemm.build_native(hf_compile.compiler() or "c++", native)
     hf_fbgemm.load_native(native)
     hf_fbgemm.load_native(native)  # once a process: a second load is a no-op
     assert hf_fbgemm.PACKS.native

@@ -92,10 +92,8 @@ def folder_for(runner: FastDecoder, recipe: Recipe) -> Path:
     modules = (__name__, FastDecoder.__module__, Int8.__module__, hf_fbgemm.__name__)
     code = b"".join(Path(sys.modules[m].__file__ or "").read_bytes() for m in modules)
     shapes = {k: tuple(v.shape) for k, v in runner.tensors().items()}
-    key = json.dumps(
-        [asdict(recipe), torch.__version__, str(shapes), hashlib.sha256(code).hexdigest()]
-        + [runner.kernel]
-    )
+    digest = hashlib.sha256(code).hexdigest()
+    key = json.dumps([asdict(recipe), torch.__version__, str(shapes), digest, runner.kernel])
     return hf_cache.cache_root() / "compiled" / hashlib.sha256(key.encode()).hexdigest()[:32]
 
 

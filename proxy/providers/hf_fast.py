@@ -151,12 +151,15 @@ class FastDecoder:
         steps = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device)
         self.inv_freq = 1.0 / (theta ** (steps / self.head_dim))
         kept = kept or {}
+        linear_kernel = self.kernel or "int_mm"  # unused unless packing is int8
         with torch.no_grad():
             embed = weights.get("model.embed_tokens.weight")
             with ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool:  # packing
-                head = pool.submit(self._head, weights, embed, packing, dtype, kept.get("head"))
+                head = pool.submit(
+                    self._head, weights, embed, packing, dtype, kept.get("head"), linear_kernel
+                )
                 build = functools.partial(
-                    Layer, weights, packing=packing, dtype=dtype, kept=kept, kernel=self.int8_kernel
+                    Layer, weights, packing=packing, dtype=dtype, kept=kept, kernel=linear_kernel
                 )
                 self.layers = list(pool.map(build, range(config.num_hidden_layers)))
                 self.head = head.result()  # the largest matrix, packed beside the layers
@@ -169,22 +172,19 @@ class FastDecoder:
         self.keys: list[Tensor] = []
         self.values: list[Tensor] = []
 
+    @staticmethod
     def _head(
-        self,
         weights: Weights,
         embed: Tensor,
         packing: str,
         dtype: Any,
         kept: tuple[Tensor, Tensor] | None,
+        kernel: str,
     ) -> Any:
         if packing == "int8" and kept is not None:
-            return Int8(None, None, kept, self.int8_kernel)
+            return Int8(None, None, kept, kernel)
         head = weights.get("lm_head.weight") if weights.has("lm_head.weight") else embed
-        return _linear(packing, head, None, dtype, self.int8_kernel)
-
-    @property
-    def int8_kernel(self) -> str:
-        return self.kernel or "int_mm"
+        return _linear(packing, head, None, dtype, kernel)
 
     def quantized(self) -> Kept:
         """Every int8 linear's values and scales by name (empty unless packing is int8)."""

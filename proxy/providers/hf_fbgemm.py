@@ -21,7 +21,6 @@ address:
 from __future__ import annotations
 
 import subprocess
-import sysconfig
 import threading
 import warnings
 import weakref
@@ -33,6 +32,7 @@ import torch
 Tensor = torch.Tensor
 AVAILABLE = "fbgemm" in torch.backends.quantized.supported_engines  # x86 builds of torch
 NATIVE = "fbgemm.so"  # the C++ operators' file name, beside the compiled packages
+ROW_LEVELS = 63  # rows quantised to ±63 and shifted by the zero point 64: bytes up to 127
 SOURCE = r"""
 #include <torch/library.h>
 #include <ATen/native/quantized/PackedParams.h>
@@ -135,7 +135,7 @@ def _fbgemm(rows: Tensor, handle: Tensor) -> Tensor:
     """`rows @ values.T` times each output channel's scale; `rows` holds whole numbers in
     [-63, 63] (float32)."""
     dequantize = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32
-    return dequantize(rows, 1.0, 64, PACKS[handle])
+    return dequantize(rows, 1.0, ROW_LEVELS + 1, PACKS[handle])
 
 
 _OPERATORS = torch.library.Library("omnimind", "DEF")  # kept for the process, as the packs
@@ -168,7 +168,7 @@ def build_native(compiler: str, target: Path) -> None:
     source.write_text(SOURCE, encoding="utf-8")
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     argv = [compiler, "-shared", "-fPIC", "-O2", "-std=c++20", str(source), "-o", str(target),
-            f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-I{sysconfig.get_paths()['include']}"]  # fmt: skip
+            f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]  # fmt: skip
     argv += [f"-I{p}" for p in cpp_extension.include_paths()]
     argv += [f"-L{p}" for p in cpp_extension.library_paths()] + ["-lc10", "-ltorch_cpu"]
     done = subprocess.run(argv, capture_output=True, text=True, check=False)
@@ -182,9 +182,6 @@ def load_native(path: Path) -> None:
     """Load the C++ operators (once a process) and share the packs with them."""
     if PACKS.native:
         return
-    try:
-        torch.ops.omnimind_native.fbgemm_mm  # noqa: B018 - loaded from another folder already
-    except (AttributeError, RuntimeError):
-        torch.ops.load_library(str(path))
-        torch.library.register_fake("omnimind_native::fbgemm_mm")(_fake)
+    torch.ops.load_library(str(path))
+    torch.library.register_fake("omnimind_native::fbgemm_mm")(_fake)
     PACKS.share()

@@ -23,6 +23,7 @@ from . import hf_fbgemm
 
 Tensor = torch.Tensor
 KERNELS = ("int_mm", "fbgemm") if hf_fbgemm.AVAILABLE else ("int_mm",)  # this torch's
+ROW_LEVELS = {"int_mm": 127, "fbgemm": hf_fbgemm.ROW_LEVELS}  # a row's integer range: ±levels
 
 
 def best_kernel() -> str:
@@ -81,12 +82,12 @@ class Int8:
     def __call__(self, x: Tensor) -> Tensor:
         flat = x.reshape(-1, x.shape[-1])  # 2-D before quantising: inductor (torch 2.13)
         # miscomputes `_int_mm` on an int8 tensor reshaped after its rounding
+        scale = flat.abs().amax(-1, keepdim=True).clamp(min=1e-30) / ROW_LEVELS[self.kernel]
+        rounded = (flat / scale).round()
         if self.kernel == "fbgemm":
-            scale = flat.abs().amax(-1, keepdim=True).clamp(min=1e-30) / 63
-            out = hf_fbgemm.multiply((flat / scale).round(), self.values) * scale
+            out = hf_fbgemm.multiply(rounded, self.values) * scale
         else:
-            scale = flat.abs().amax(-1, keepdim=True).clamp(min=1e-30) / 127
-            product = torch._int_mm((flat / scale).round().to(torch.int8), self.values.t())
+            product = torch._int_mm(rounded.to(torch.int8), self.values.t())
             out = product.float() * (scale * self.scales)
         out = out.view(*x.shape[:-1], self.rows)
         return out if self.bias is None else out + self.bias
