@@ -49,7 +49,7 @@ import torch
 
 from . import hf_cache, hf_fbgemm
 from .hf_fast import FastDecoder
-from .hf_int8 import Int8
+from .hf_int8 import ROW_LEVELS, Int8
 from .hf_weights import ModelKey, load_model, log
 from .hf_worker import wait_quiet
 
@@ -93,7 +93,8 @@ def folder_for(runner: FastDecoder, recipe: Recipe) -> Path:
     code = b"".join(Path(sys.modules[m].__file__ or "").read_bytes() for m in modules)
     shapes = {k: tuple(v.shape) for k, v in runner.tensors().items()}
     digest = hashlib.sha256(code).hexdigest()
-    key = json.dumps([asdict(recipe), torch.__version__, str(shapes), digest, runner.kernel])
+    kernel = [runner.kernel, ROW_LEVELS.get(runner.kernel or "")]  # levels: by the CPU
+    key = json.dumps([asdict(recipe), torch.__version__, str(shapes), digest, kernel])
     return hf_cache.cache_root() / "compiled" / hashlib.sha256(key.encode()).hexdigest()[:32]
 
 

@@ -1,11 +1,14 @@
 """fbgemm's int8 GEMM for `hf_int8.Int8`: weights packed once, found by a handle.
 
-fbgemm's AVX2 kernel adds byte products in pairs into 16 bits, which saturates with 8-bit
-rows, so rows come quantised to ±63 (as PyTorch's `reduce_range`) and are multiplied as
-unsigned bytes around the zero point 64. fbgemm keeps its packed copy of the weights (K in
-blocks of 512: 1.8× the bytes of a 576-wide matrix), so the int8 values are not kept
-beside it: an `Int8`'s `values` is a handle of one byte a row (the fake operator reads the
-row count from its shape), and `PACKS.unpack` gives the values back, exactly, for the cache.
+Rows are multiplied as unsigned bytes around a zero point. fbgemm's AVX-512 VNNI kernel adds
+byte products into 32 bits, so rows keep 8 bits there (±127 around 128); its AVX2 kernel adds
+them in pairs into 16 bits, which saturates with 8-bit rows, so rows are quantised to ±63
+there (around 64, as PyTorch's `reduce_range`). Both are exact (tested at the extremes).
+
+fbgemm keeps its packed copy of the weights (K in blocks of 512 on AVX2: 1.8× the bytes of
+a 576-wide matrix), so the int8 values are not kept beside it: an `Int8`'s `values` is a
+handle of one byte a row (the fake operator reads the row count from its shape), and
+`PACKS.unpack` gives the values back, exactly, for the cache.
 
 Two operators do the multiplication, both looking the packed weights up by the handle's
 address:
@@ -30,9 +33,12 @@ from typing import Any
 import torch
 
 Tensor = torch.Tensor
-AVAILABLE = "fbgemm" in torch.backends.quantized.supported_engines  # x86 builds of torch
+AVAILABLE = "fbgemm" in torch.backends.quantized.supported_engines and (  # x86 builds
+    torch.backends.cpu.get_cpu_capability() != "DEFAULT"  # and a CPU with AVX2 at least
+)
 NATIVE = "fbgemm.so"  # the C++ operators' file name, beside the compiled packages
-ROW_LEVELS = 63  # rows quantised to ±63 and shifted by the zero point 64: bytes up to 127
+ROW_LEVELS = 127 if torch.cpu._is_vnni_supported() else 63  # a row's range: ±ROW_LEVELS,
+ZERO_POINT = ROW_LEVELS + 1  # shifted by it into unsigned bytes
 SOURCE = r"""
 #include <torch/library.h>
 #include <ATen/native/quantized/PackedParams.h>
@@ -53,7 +59,7 @@ void drop(const at::Tensor& handle) {
   packs.erase(handle.data_ptr());
 }
 
-at::Tensor fbgemm_mm(const at::Tensor& rows, const at::Tensor& handle) {
+at::Tensor fbgemm_mm(const at::Tensor& rows, const at::Tensor& handle, int64_t zero_point) {
   c10::intrusive_ptr<LinearPackedParamsBase> packed;
   {
     std::lock_guard<std::mutex> held(lock);
@@ -61,7 +67,7 @@ at::Tensor fbgemm_mm(const at::Tensor& rows, const at::Tensor& handle) {
     TORCH_CHECK(found != packs.end(), "omnimind_native::fbgemm_mm: no weights for this handle");
     packed = found->second;
   }
-  return packed->apply_with_input_q_dq_qweight_dq_output_fp32(rows, 1.0, 64);
+  return packed->apply_with_input_q_dq_qweight_dq_output_fp32(rows, 1.0, zero_point);
 }
 }  // namespace
 
@@ -69,7 +75,7 @@ TORCH_LIBRARY(omnimind_native, m) {
   m.def("keep(Tensor handle, "
         "__torch__.torch.classes.quantized.LinearPackedParamsBase packed) -> ()", keep);
   m.def("drop(Tensor handle) -> ()", drop);
-  m.def("fbgemm_mm(Tensor rows, Tensor handle) -> Tensor");
+  m.def("fbgemm_mm(Tensor rows, Tensor handle, int zero_point) -> Tensor");
   m.impl("fbgemm_mm", c10::DispatchKey::CPU, fbgemm_mm);
 }
 """
@@ -131,19 +137,19 @@ class Packs:
 PACKS = Packs()  # one per process, as the operators that read it
 
 
-def _fbgemm(rows: Tensor, handle: Tensor) -> Tensor:
+def _fbgemm(rows: Tensor, handle: Tensor, zero_point: int) -> Tensor:
     """`rows @ values.T` times each output channel's scale; `rows` holds whole numbers in
-    [-63, 63] (float32)."""
+    [-ROW_LEVELS, ROW_LEVELS] (float32)."""
     dequantize = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32
-    return dequantize(rows, 1.0, ROW_LEVELS + 1, PACKS[handle])
+    return dequantize(rows, 1.0, zero_point, PACKS[handle])
 
 
 _OPERATORS = torch.library.Library("omnimind", "DEF")  # kept for the process, as the packs
-_OPERATORS.define("fbgemm_mm(Tensor rows, Tensor handle) -> Tensor")
+_OPERATORS.define("fbgemm_mm(Tensor rows, Tensor handle, int zero_point) -> Tensor")
 _OPERATORS.impl("fbgemm_mm", _fbgemm, "CPU")
 
 
-def _fake(rows: Tensor, handle: Tensor) -> Tensor:
+def _fake(rows: Tensor, handle: Tensor, zero_point: int) -> Tensor:
     return rows.new_empty(rows.shape[0], handle.shape[0])
 
 
@@ -153,10 +159,10 @@ torch.library.register_fake("omnimind::fbgemm_mm")(_fake)
 def multiply(rows: Tensor, handle: Tensor) -> Tensor:
     """The product by the fastest operator loaded (through the dispatcher when compiling)."""
     if PACKS.native:
-        return torch.ops.omnimind_native.fbgemm_mm(rows, handle)
+        return torch.ops.omnimind_native.fbgemm_mm(rows, handle, ZERO_POINT)
     if torch.compiler.is_compiling():
-        return torch.ops.omnimind.fbgemm_mm(rows, handle)
-    return _fbgemm(rows, handle)
+        return torch.ops.omnimind.fbgemm_mm(rows, handle, ZERO_POINT)
+    return _fbgemm(rows, handle, ZERO_POINT)
 
 
 def build_native(compiler: str, target: Path) -> None:
