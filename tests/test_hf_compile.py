@@ -20,7 +20,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from proxy.providers import hf_compile, hf_fbgemm
+from proxy.providers import hf_cache, hf_compile, hf_fbgemm
 from proxy.providers.hf_fast import FastDecoder, Weights
 from proxy.providers.hf_int8 import KERNELS, best_kernel
 from proxy.providers.hf_weights import ModelKey, load_model
@@ -258,8 +258,15 @@ def test_the_gateway_swaps_the_compiled_step_in_and_a_restart_finds_it(
     assert _model_stats(gw, "hf")["int8_kernel"] == best_kernel()  # the CPU's, shown
     client.chat.completions.create(model="tiny-eager", **ask)  # type: ignore[call-overload]
     assert _compile_status(gw, "quiet") == "off (OMNIMIND_COMPILE=off)"
+    compiled = hf_cache.cache_root() / "compiled"
+    stale, other = compiled / "an-old-key", compiled / "another-model"  # other keys' packages
+    for folder, days in ((stale, hf_cache.UNUSED_DAYS + 1), (other, 1)):
+        (folder / "one.pt2").parent.mkdir(parents=True)
+        (folder / "one.pt2").write_bytes(b"package")
+        os.utime(folder, (time.time() - days * 86400,) * 2)
     restarted = start_gateway(_CONFIG.format(wordy_dir=wordy_dir))
     with openai.OpenAI(base_url=f"{restarted.url}/v1", api_key="unused", max_retries=0) as c:
         fresh = c.chat.completions.create(model="tiny", **ask)  # type: ignore[call-overload]
     assert fresh.system_fingerprint == "fast-cpu-float32-int8-compiled"
     assert fresh.choices[0].message.content == first.choices[0].message.content
+    assert other.is_dir() and not stale.exists()  # unused for a month: removed at the start

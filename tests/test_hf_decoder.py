@@ -239,6 +239,36 @@ def test_the_cache_key_follows_the_gguf_file(tmp_path: Path) -> None:
     assert hf_cache.entry_for("Org/hub-model", "m.gguf", torch.bfloat16) is None
 
 
+def test_a_start_removes_entries_unused_for_a_month_beside_its_own(tmp_path: Path) -> None:
+    """Old keys' entries (an upgrade of torch, transformers or this code) would pile up:
+    the entry a start uses is marked used, what beside it nobody used for UNUSED_DAYS goes."""
+    now, day = 2_000_000_000.0, 86400
+    ours, fresh, stale = tmp_path / "ours", tmp_path / "fresh", tmp_path / "stale"
+    for folder in (ours, fresh, stale):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"weights")
+    note, scratch = tmp_path / "stale.failed", tmp_path / ".partial-crashed"
+    note.write_text("why\n")
+    scratch.mkdir()
+    ages = {ours: 90, fresh: hf_cache.UNUSED_DAYS - 1, stale: hf_cache.UNUSED_DAYS + 1,
+            note: 365, scratch: 40}  # fmt: skip
+    for path, days in ages.items():
+        os.utime(path, (now - days * day, now - days * day))
+    removed = hf_cache.prune(ours, now=now)
+    assert sorted(removed) == sorted([stale, note, scratch])
+    assert sorted(tmp_path.iterdir()) == sorted([ours, fresh])
+    assert ours.stat().st_mtime == now  # used now: the next start keeps it
+    assert hf_cache.prune(ours, now=now + day / 2) == []  # fresh: 29.5 days unused
+    assert hf_cache.prune(ours, now=now + 2 * day) == [fresh]  # 31: gone
+
+
+def test_pruning_a_folder_it_cannot_use_only_logs(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert hf_cache.prune(tmp_path / "gone") == []
+    assert "cannot prune" in caplog.text
+
+
 @pytest.mark.slow
 def test_a_cache_that_cannot_be_written_still_serves_the_conversion(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch

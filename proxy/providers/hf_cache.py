@@ -10,6 +10,10 @@ under a temporary name and renamed when complete: a crash mid-write or two worke
 converting at once leave no half-written entry. Only GGUF files are converted and kept:
 a safetensors checkpoint is read as it is (a copy would double its size on disk for no
 gain), and hub ids live in `transformers`' own hub cache.
+
+Every new key (an upgrade of torch, of transformers or of this code) leaves the old entries
+behind, so a load marks its entry used and removes what beside it has not been used for
+`UNUSED_DAYS` (`prune`: converted weights here, compiled packages in `hf_compile`).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +36,7 @@ from safetensors.torch import load_file, save_file
 log = logging.getLogger("omnimind.huggingface")
 
 FORMAT = 1
+UNUSED_DAYS = 30  # an entry no start has used for this long is removed (`prune`)
 COMPLETE = "omnimind-complete"
 INT8 = "int8-v2.safetensors"  # hf_fast.Int8's values and scales; v: its recipe
 
@@ -58,6 +64,29 @@ def entry_for(source: str, gguf_file: str | None, stored_dtype: torch.dtype) -> 
 def _transformers_version() -> str:
     """Its installed version, without importing it (a second of a restart)."""
     return importlib.metadata.version("transformers")
+
+
+def prune(entry: Path, now: float | None = None) -> list[Path]:
+    """Mark `entry` used now; remove what beside it no start has used for `UNUSED_DAYS`
+    (old keys' entries, their notes, a crashed writer's scratch). Returns what it removed;
+    a failure only logs (another process may be removing the same)."""
+    now = time.time() if now is None else now
+    removed = []
+    try:
+        os.utime(entry, (now, now))
+        for other in entry.parent.iterdir():
+            if other != entry and other.lstat().st_mtime < now - UNUSED_DAYS * 86400:
+                if other.is_dir() and not other.is_symlink():
+                    shutil.rmtree(other)
+                else:
+                    other.unlink()
+                removed.append(other)
+    except OSError as exc:
+        log.warning("cannot prune %s: %s", entry.parent, exc)
+    if removed:
+        log.info("removed %d cache entries unused for %d days beside %s", len(removed),
+                 UNUSED_DAYS, entry)  # fmt: skip
+    return removed
 
 
 def is_complete(entry: Path) -> bool:

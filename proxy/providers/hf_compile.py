@@ -15,7 +15,8 @@ once the model has been quiet for `hf_worker.QUIET_S`: the gateway neither stall
 (compiling in-process cost 200-300 MB of RSS for good). Until the packages are in, and for any step
 they do not cover, the step runs eagerly, so no request ever waits for a compile. The
 packages are kept under `hf_cache.cache_root()/compiled/<key>` (the key covers the model,
-its settings, torch's version and this code), so a restart loads them at once (~10 ms). A
+its settings, torch's version and this code), so a restart loads them at once (~10 ms);
+other keys' packages unused for `hf_cache.UNUSED_DAYS` are removed then. A
 compile that fails is remembered beside them (`<key>.failed`, its reason inside), so a
 restart does not spend the minutes again; delete that file to try again.
 
@@ -119,6 +120,7 @@ def start(
     folder = folder_for(runner, recipe)
     if _swap_in(runner, folder):
         log.info("decode step: compiled packages from %s", folder)
+        hf_cache.prune(folder)  # other keys' packages, unused for a month
         return
     if (failed := failure_note(folder)).is_file():  # not minutes of CPU at every start
         why = failed.read_text(encoding="utf-8", errors="replace").strip()[:300]
@@ -182,6 +184,7 @@ def _compile(
             log.warning("cannot note the failed compile (%s): the next start compiles again", exc)
         return
     log.info("decode step compiled in %.1f s", time.perf_counter() - started)
+    hf_cache.prune(folder)
 
 
 class CompiledStep:

@@ -171,6 +171,8 @@ def load_model(
         if entry is None and key.gguf_file:
             kwargs["gguf_file"] = key.gguf_file
         loaded = _build(str(entry or source), where, torch_dtype, packing, slots, kwargs)
+    if entry is not None and hf_cache.is_complete(entry):
+        hf_cache.prune(entry)
     gc.collect()
     _release_freed_memory()
     loaded.from_cache = from_cache
