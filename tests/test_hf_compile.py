@@ -20,7 +20,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from proxy.providers import hf_cache, hf_compile, hf_native
+from proxy.providers import hf_cache, hf_compile, hf_fbgemm
 from proxy.providers.hf_fast import FastDecoder, Weights
 from proxy.providers.hf_int8 import KERNELS, best_kernel
 from proxy.providers.hf_weights import ModelKey, load_model
@@ -63,8 +63,7 @@ def decoders(
     eager, compiled = twins
     folder = tmp_path_factory.mktemp("packages") / "step"
     hf_compile.build(compiled, folder)
-    native = [hf_native.NATIVE] if hf_native.AVAILABLE else []  # the C++ operators
-    assert hf_native.loaded() == hf_native.AVAILABLE  # the steps call them by name
+    native = [hf_fbgemm.NATIVE] if request.param == "fbgemm" else []  # the C++ operators
     assert sorted(p.name for p in folder.iterdir()) == sorted([*hf_compile.PACKAGES, *native])
     compiled.compiled = hf_compile.CompiledStep(compiled, folder)
     return eager, compiled, AutoTokenizer.from_pretrained(wordy_dir)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from proxy.providers import hf_compile, hf_fbgemm, hf_int8, hf_native
+from proxy.providers import hf_compile, hf_fbgemm, hf_int8
 from proxy.providers.hf_int8 import KERNELS, Int8
 
 SHAPES = [(96, 64), (300, 200), (49, 576)]  # odd sizes too: no kernel may assume blocks
@@ -116,10 +116,10 @@ def test_the_native_operator_answers_as_the_python_one(tmp_path: Path) -> None:
     before, _ = _linear(300, 200, "fbgemm")
     x = _inputs(8, 200)
     expected = before(x)
-    native = tmp_path / hf_native.NATIVE
-    hf_native.build(hf_compile.compiler() or "c++", native)
-    hf_native.load(native)
-    hf_native.load(native)  # once a process: a second load is a no-op
+    native = tmp_path / hf_fbgemm.NATIVE
+    hf_fbgemm.build_native(hf_compile.compiler() or "c++", native)
+    hf_fbgemm.load_native(native)
+    hf_fbgemm.load_native(native)  # once a process: a second load is a no-op
     assert hf_fbgemm.PACKS.native
     assert torch.equal(before(x), expected)
     after, _ = _linear(300, 200, "fbgemm")
@@ -128,3 +128,8 @@ def test_the_native_operator_answers_as_the_python_one(tmp_path: Path) -> None:
     zero = hf_fbgemm.ZERO_POINT
     direct = torch.ops.omnimind_native.fbgemm_mm(rows, after.values, zero)
     assert torch.equal(direct, torch.ops.omnimind.fbgemm_mm(rows, after.values, zero))
+
+
+def test_a_failed_native_build_says_why(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match="cannot build fbgemm.so"):
+        hf_fbgemm.build_native("false", tmp_path / hf_fbgemm.NATIVE)

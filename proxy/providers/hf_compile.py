@@ -6,9 +6,9 @@ C++ library: everything between the matmuls fused, no Python per op. Three packa
 model: a step of one row, a step of 2 to `slots` rows, and a prompt (2 tokens or more) into
 a slot, so a request joining a batch stalls it for milliseconds, not an eager prompt's
 tens; the cache length, the attention width and the prompt length are symbolic. The
-weights are inputs, not baked in, so a library is a few MB and nothing is copied. On x86
-the child first builds the gateway's C++ operators (`hf_native`: fbgemm's product and the
-attention), kept beside the packages (`native.so`) and loaded with them.
+weights are inputs, not baked in, so a library is a few MB and nothing is copied. With
+the fbgemm int8 kernel (CPUs without VNNI) the child also builds `hf_fbgemm`'s C++
+operators, kept beside the packages (`fbgemm.so`) and loaded with them.
 
 Compiling takes a minute or two of CPU per package. It runs in a child process, started
 once the model has been quiet for `hf_worker.QUIET_S`: the gateway neither stalls nor grows
@@ -48,7 +48,7 @@ from typing import Any
 
 import torch
 
-from . import hf_attend, hf_cache, hf_fbgemm, hf_native
+from . import hf_cache, hf_fbgemm
 from .hf_fast import FastDecoder
 from .hf_int8 import ROW_LEVELS, Int8
 from .hf_weights import ModelKey, load_model, log
@@ -90,12 +90,11 @@ def compiler() -> str | None:
 
 
 def folder_for(runner: FastDecoder, recipe: Recipe) -> Path:
-    modules = (__name__, FastDecoder.__module__, Int8.__module__, hf_fbgemm.__name__,
-               hf_attend.__name__, hf_native.__name__)  # fmt: skip
+    modules = (__name__, FastDecoder.__module__, Int8.__module__, hf_fbgemm.__name__)
     code = b"".join(Path(sys.modules[m].__file__ or "").read_bytes() for m in modules)
     shapes = {k: tuple(v.shape) for k, v in runner.tensors().items()}
     digest = hashlib.sha256(code).hexdigest()
-    kernel = [runner.kernel, ROW_LEVELS.get(runner.kernel or ""), hf_native.capability()]
+    kernel = [runner.kernel, ROW_LEVELS.get(runner.kernel or "")]  # levels: by the CPU
     key = json.dumps([asdict(recipe), torch.__version__, str(shapes), digest, kernel])
     return hf_cache.cache_root() / "compiled" / hashlib.sha256(key.encode()).hexdigest()[:32]
 
@@ -193,8 +192,8 @@ class CompiledStep:
     a prompt into a slot; eager for a shape they do not cover."""
 
     def __init__(self, runner: FastDecoder, folder: Path) -> None:
-        if (folder / hf_native.NATIVE).is_file():  # the operators the packages call
-            hf_native.load(folder / hf_native.NATIVE)
+        if (folder / hf_fbgemm.NATIVE).is_file():  # the operators the packages call
+            hf_fbgemm.load_native(folder / hf_fbgemm.NATIVE)
         loader = torch._C._aoti.AOTIModelPackageLoader
         paths = [folder / name for name in PACKAGES]
         self._one, self._many, self._prompt = (
@@ -266,13 +265,13 @@ def build(runner: FastDecoder, folder: Path) -> None:
     """Export and compile the packages into `folder` (written whole, then renamed in)."""
     scratch = Path(tempfile.mkdtemp(prefix=".compiling-", dir=folder.parent))
     try:
-        if hf_native.AVAILABLE:  # the steps call fbgemm and attention in C++
-            native = scratch / hf_native.NATIVE
+        if runner.kernel == "fbgemm":  # the steps call fbgemm from C++, not through Python
+            native = scratch / hf_fbgemm.NATIVE
             try:
-                hf_native.build(compiler() or "c++", native)
-                hf_native.load(native)
-            except (RuntimeError, OSError) as exc:  # Python's fbgemm call, inductor's sums
-                log.warning("%s; the compiled steps go without the C++ operators", exc)
+                hf_fbgemm.build_native(compiler() or "c++", native)
+                hf_fbgemm.load_native(native)
+            except (RuntimeError, OSError) as exc:  # the steps go through Python instead
+                log.warning("%s; the compiled steps call fbgemm through Python", exc)
                 native.unlink(missing_ok=True)
         for name in PACKAGES:
             if name == "many.pt2" and runner.slots < 2:

@@ -33,7 +33,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F  # noqa: N812 - torch's own spelling
 
-from . import hf_attend
 from .hf_int8 import Dense, Int8, best_kernel
 
 SUPPORTED = frozenset({"llama", "mistral", "qwen2"})
@@ -266,9 +265,8 @@ class FastDecoder:
 
     def width(self, longest: int) -> int:
         """How many cache positions a compiled step attends over: the longest row's length
-        rounded up to `WIDTH_STEP`. The C++ attention reads a row's cache only up to its own
-        length, and in inductor's loops a masked position adds an exact zero, so a row's
-        logits do not depend on its neighbours either way (`hf_attend`; tested bit for bit).
+        rounded up to `WIDTH_STEP`. A masked position adds an exact zero to the compiled
+        loops' sums, so a row's logits do not depend on its neighbours (tested bit for bit).
         Eagerly, attention spans the whole cache: SDPA's blocking follows the width, and a
         width that followed the batch flipped near-tied greedy tokens."""
         return min(self.capacity, -(-longest // WIDTH_STEP) * WIDTH_STEP)
@@ -309,7 +307,9 @@ class FastDecoder:
                 keys[batch, :, pos[:, 0]] = k[:, :, 0].to(keys.dtype)
                 values[batch, :, pos[:, 0]] = v[:, :, 0].to(values.dtype)
                 assert mask is not None
-                out = hf_attend.attend(q, keys, values, mask, pos)
+                width = mask.shape[-1]
+                torch._check(width <= keys.shape[2])
+                out = _attend(q, keys[:rows, :, :width], values[:rows, :, :width], mask)
             x = x + layer.o(out.transpose(1, 2).reshape(rows, length, heads * dim))
             gate, up = layer.gate_up(self._norm(x, layer.norm2)).split(self.inner, -1)
             x = x + layer.down(F.silu(gate) * up)
@@ -321,3 +321,20 @@ class FastDecoder:
         return (wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + self.eps)).to(
             x.dtype
         ) * weight
+
+
+def _attend(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tensor:
+    """One token a row against its cached keys and values. Eagerly one SDPA call; compiled,
+    plain sums that inductor fuses into loops reading the float16 cache once (SDPA's CPU
+    kernel made two matrix-vector calls per head and row: most of an eight-row step)."""
+    rows, kv_heads, width, dim = keys.shape
+    if not torch.compiler.is_compiling():
+        return F.scaled_dot_product_attention(
+            q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask, enable_gqa=True
+        )
+    group = q.shape[1] // kv_heads
+    grouped = q.view(rows, kv_heads, group, 1, dim).float()
+    scores = (grouped * keys[:, :, None].float()).sum(-1) * dim**-0.5
+    scores = scores.masked_fill(~mask.view(rows, 1, 1, width), float("-inf")).softmax(-1)
+    out = (scores[..., None] * values[:, :, None].float()).sum(-2)
+    return out.view(rows, kv_heads * group, 1, dim).to(q.dtype)

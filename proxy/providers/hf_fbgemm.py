@@ -14,18 +14,20 @@ Two operators do the multiplication, both looking the packed weights up by the h
 address:
 - `omnimind::fbgemm_mm`, in Python: always there (a plain `torch.library` operator;
   `custom_op`'s first call imported dynamo, 1.8 s of a restart's first answer);
-- `omnimind_native::fbgemm_mm`, the same in C++ (`SOURCE`, built into `hf_native`'s library
-  beside the compiled packages and loaded with them). Calling fbgemm from Python cost
-  ~30 µs a call in argument conversion, where fbgemm itself takes ~8 µs on a small matrix:
-  4 ms of a one-row SmolLM2 step (121 calls). Once it is loaded, eager calls and compiled
-  steps use it.
+- `omnimind_native::fbgemm_mm`, the same in C++ (`SOURCE`), built beside the compiled
+  packages (`build_native`) and loaded with them (`load_native`). Calling fbgemm from
+  Python cost ~30 µs a call in argument conversion, where fbgemm itself takes ~8 µs on a
+  small matrix: 4 ms of a one-row SmolLM2 step (121 calls). Once it is loaded, eager calls
+  and compiled steps use it.
 """
 
 from __future__ import annotations
 
+import subprocess
 import threading
 import warnings
 import weakref
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,6 +36,7 @@ Tensor = torch.Tensor
 AVAILABLE = "fbgemm" in torch.backends.quantized.supported_engines and (  # x86 builds
     torch.backends.cpu.get_cpu_capability() != "DEFAULT"  # and a CPU with AVX2 at least
 )
+NATIVE = "fbgemm.so"  # the C++ operators' file name, beside the compiled packages
 ROW_LEVELS = 127 if torch.cpu._is_vnni_supported() else 63  # a row's range: ±ROW_LEVELS,
 ZERO_POINT = ROW_LEVELS + 1  # shifted by it into unsigned bytes
 SOURCE = r"""
@@ -146,11 +149,11 @@ _OPERATORS.define("fbgemm_mm(Tensor rows, Tensor handle, int zero_point) -> Tens
 _OPERATORS.impl("fbgemm_mm", _fbgemm, "CPU")
 
 
-def fake(rows: Tensor, handle: Tensor, zero_point: int) -> Tensor:
+def _fake(rows: Tensor, handle: Tensor, zero_point: int) -> Tensor:
     return rows.new_empty(rows.shape[0], handle.shape[0])
 
 
-torch.library.register_fake("omnimind::fbgemm_mm")(fake)
+torch.library.register_fake("omnimind::fbgemm_mm")(_fake)
 
 
 def multiply(rows: Tensor, handle: Tensor) -> Tensor:
@@ -160,3 +163,31 @@ def multiply(rows: Tensor, handle: Tensor) -> Tensor:
     if torch.compiler.is_compiling():
         return torch.ops.omnimind.fbgemm_mm(rows, handle, ZERO_POINT)
     return _fbgemm(rows, handle, ZERO_POINT)
+
+
+def build_native(compiler: str, target: Path) -> None:
+    """Compile `SOURCE` into `target` (a shared library for this torch); raises
+    `RuntimeError` with the compiler's last words when it fails."""
+    from torch.utils import cpp_extension
+
+    source = target.with_suffix(".cpp")
+    source.write_text(SOURCE, encoding="utf-8")
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    argv = [compiler, "-shared", "-fPIC", "-O2", "-std=c++20", str(source), "-o", str(target),
+            f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]  # fmt: skip
+    argv += [f"-I{p}" for p in cpp_extension.include_paths()]
+    argv += [f"-L{p}" for p in cpp_extension.library_paths()] + ["-lc10", "-ltorch_cpu"]
+    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    source.unlink(missing_ok=True)
+    if done.returncode != 0:
+        said = (done.stderr or done.stdout).strip().splitlines()
+        raise RuntimeError(f"cannot build {target.name}: {said[-1] if said else done.returncode}")
+
+
+def load_native(path: Path) -> None:
+    """Load the C++ operators (once a process) and share the packs with them."""
+    if PACKS.native:
+        return
+    torch.ops.load_library(str(path))
+    torch.library.register_fake("omnimind_native::fbgemm_mm")(_fake)
+    PACKS.share()
