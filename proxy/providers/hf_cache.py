@@ -75,12 +75,16 @@ def prune(entry: Path, now: float | None = None) -> list[Path]:
     try:
         os.utime(entry, (now, now))
         for other in entry.parent.iterdir():
-            if other != entry and other.lstat().st_mtime < now - UNUSED_DAYS * 86400:
+            try:
+                if other == entry or other.lstat().st_mtime >= now - UNUSED_DAYS * 86400:
+                    continue
                 if other.is_dir() and not other.is_symlink():
                     shutil.rmtree(other)
                 else:
                     other.unlink()
-                removed.append(other)
+            except FileNotFoundError:  # another start pruned it first
+                continue
+            removed.append(other)
     except OSError as exc:
         log.warning("cannot prune %s: %s", entry.parent, exc)
     if removed:
