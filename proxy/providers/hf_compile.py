@@ -7,7 +7,7 @@ model: a step of one row, a step of 2 to `slots` rows, and a prompt (2 tokens or
 a slot, so a request joining a batch stalls it for milliseconds, not an eager prompt's
 tens; the cache length, the attention width and the prompt length are symbolic. The
 weights are inputs, not baked in, so a library is a few MB and nothing is copied. With
-the fbgemm int8 kernel (CPUs without VNNI) the child also builds `hf_fbgemm`'s C++
+the fbgemm int8 kernel (x86, `hf_int8.best_kernel`) the child also builds `hf_fbgemm`'s C++
 operators, kept beside the packages (`fbgemm.so`) and loaded with them.
 
 Compiling takes a minute or two of CPU per package. It runs in a child process, started
