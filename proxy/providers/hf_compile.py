@@ -8,7 +8,8 @@ a slot, so a request joining a batch stalls it for milliseconds, not an eager pr
 tens; the cache length, the attention width and the prompt length are symbolic. The
 weights are inputs, not baked in, so a library is a few MB and nothing is copied. With
 the fbgemm int8 kernel (x86, `hf_int8.best_kernel`) the child also builds `hf_fbgemm`'s C++
-operators, kept beside the packages (`fbgemm.so`) and loaded with them.
+operators, kept beside the packages (`fbgemm.so`) and loaded with them; the vnni kernel's
+library (`hf_vnni`) is kept in the cache on its own and loaded before the packages.
 
 Compiling takes a minute or two of CPU per package. It runs in a child process, started
 once the model has been quiet for `hf_worker.QUIET_S`: the gateway neither stalls nor grows
@@ -48,11 +49,13 @@ from typing import Any
 
 import torch
 
-from . import hf_cache, hf_fbgemm
+from . import hf_attend, hf_cache, hf_fbgemm, hf_native, hf_vnni
 from .hf_fast import FastDecoder
-from .hf_int8 import ROW_LEVELS, Int8
+from .hf_int8 import ROW_LEVELS, Int8, prepare
 from .hf_weights import ModelKey, load_model, log
 from .hf_worker import wait_quiet
+
+compiler = hf_native.compiler  # the C++ compiler inductor would build with
 
 COMPILE_THREAD = "omnimind-hf-compile"
 PACKAGES = ("one.pt2", "many.pt2", "prompt.pt2")  # a step of one row; of 2 to `slots`; a prompt
@@ -84,13 +87,9 @@ def why_not(runner: Any, mode: str) -> str | None:
     return None
 
 
-def compiler() -> str | None:
-    """The C++ compiler inductor would build with: `$CXX` (else `c++`), or `g++`."""
-    return shutil.which(os.environ.get("CXX") or "c++") or shutil.which("g++")
-
-
 def folder_for(runner: FastDecoder, recipe: Recipe) -> Path:
-    modules = (__name__, FastDecoder.__module__, Int8.__module__, hf_fbgemm.__name__)
+    modules = (__name__, FastDecoder.__module__, Int8.__module__, hf_fbgemm.__name__,
+               hf_vnni.__name__, hf_attend.__name__)  # fmt: skip
     code = b"".join(Path(sys.modules[m].__file__ or "").read_bytes() for m in modules)
     shapes = {k: tuple(v.shape) for k, v in runner.tensors().items()}
     digest = hashlib.sha256(code).hexdigest()
@@ -194,6 +193,7 @@ class CompiledStep:
     def __init__(self, runner: FastDecoder, folder: Path) -> None:
         if (folder / hf_fbgemm.NATIVE).is_file():  # the operators the packages call
             hf_fbgemm.load_native(folder / hf_fbgemm.NATIVE)
+        prepare(runner.kernel, wait=True)  # the packages call its library (kept: loads at once)
         loader = torch._C._aoti.AOTIModelPackageLoader
         paths = [folder / name for name in PACKAGES]
         self._one, self._many, self._prompt = (
@@ -238,12 +238,12 @@ def _example(runner: FastDecoder, name: str) -> tuple[tuple[Any, ...], dict[str,
     """Inputs of a realistic size (inductor sizes its loops by them) and which sizes vary."""
     capacity = 256  # any cache length: it is symbolic
     keys = [
-        torch.zeros((runner.slots, runner.kv_heads, capacity, runner.head_dim),
+        torch.zeros((runner.slots, runner.kv_heads, runner.head_dim, capacity),
                     dtype=runner.cache_dtype) for _ in runner.layers
     ]  # fmt: skip
-    values = [torch.zeros_like(k) for k in keys]
+    values = [torch.zeros_like(k).transpose(2, 3).contiguous() for k in keys]
     length = torch.export.Dim("length", min=3, max=1 << 20)
-    cache = {"keys": [{2: length}] * len(keys), "values": [{2: length}] * len(keys),
+    cache = {"keys": [{3: length}] * len(keys), "values": [{2: length}] * len(keys),
              "weights": [None] * len(runner.tensors())}  # fmt: skip
     if name == "prompt.pt2":
         prompt = torch.export.Dim("prompt", min=2, max=(1 << 20) - 1)
@@ -273,6 +273,7 @@ def build(runner: FastDecoder, folder: Path) -> None:
             except (RuntimeError, OSError) as exc:  # the steps go through Python instead
                 log.warning("%s; the compiled steps call fbgemm through Python", exc)
                 native.unlink(missing_ok=True)
+        prepare(runner.kernel, wait=True)  # the steps call its library, else its Python path
         for name in PACKAGES:
             if name == "many.pt2" and runner.slots < 2:
                 continue

@@ -33,7 +33,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F  # noqa: N812 - torch's own spelling
 
-from .hf_int8 import Dense, Int8, best_kernel
+from . import hf_attend
+from .hf_int8 import Dense, Int8, best_kernel, prepare
 
 SUPPORTED = frozenset({"llama", "mistral", "qwen2"})
 WIDTH_STEP = 32  # a compiled step's attention width is a multiple of it
@@ -166,6 +167,7 @@ class FastDecoder:
             self.embed = embed.to(torch.bfloat16 if packing == "int8" else dtype)
             self.norm = weights.get("model.norm.weight").to(dtype)
         self.vocab = self.head.rows if packing == "int8" else int(self.head.weight.shape[0])
+        prepare(self.kernel, wait=False)  # its C++ library: loaded, or built in the background
         self.capacity = 0
         self.compiled: Any = None  # hf_compile swaps a compiled `forward` in when it is ready
         self.compile_status = "off"  # hf_compile's: off (why), waiting, compiling, ready, failed
@@ -202,7 +204,7 @@ class FastDecoder:
             found |= {f"layers.{i}.norm1": layer.norm1, f"layers.{i}.norm2": layer.norm2}
             linears |= {f"layers.{i}.{name}": getattr(layer, name) for name in _LINEARS}
         for path, linear in linears.items():
-            for name in ("values", "scales", "weight", "bias"):
+            for name in ("values", "colsum", "scales", "weight", "bias"):
                 if isinstance(value := getattr(linear, name, None), Tensor):
                     found[f"{path}.{name}"] = value
         return found
@@ -229,13 +231,15 @@ class FastDecoder:
         if length <= self.capacity:
             return
         capacity = min(max(256, self.capacity * 2, length), max(length, self.max_positions))
-        shape = (self.slots, self.kv_heads, capacity, self.head_dim)
+        shape = (self.slots, self.kv_heads, self.head_dim, capacity)  # keys: positions last
         grown = [
             torch.zeros(shape, dtype=self.cache_dtype, device=self.device) for _ in self.layers
         ]
-        grown_values = [torch.zeros_like(k) for k in grown]
-        for old, new in zip(self.keys + self.values, grown + grown_values, strict=False):
-            new[:, :, : self.capacity] = old  # nothing to copy on the first call
+        grown_values = [torch.zeros_like(k).transpose(2, 3).contiguous() for k in grown]
+        for old, new in zip(self.keys, grown, strict=False):  # nothing on the first call
+            new[..., : self.capacity] = old
+        for old, new in zip(self.values, grown_values, strict=False):
+            new[:, :, : self.capacity] = old
         self.keys, self.values, self.capacity = grown, grown_values, capacity
 
     def move(self, source: int, target: int) -> None:
@@ -299,17 +303,17 @@ class FastDecoder:
             v = qkv[..., (heads + kv_heads) * dim :].view(rows, length, kv_heads, dim)
             v = v.transpose(1, 2)
             if slot is not None:  # a prompt: causal attention within it
-                torch._check(length <= keys.shape[2])
-                keys[slot, :, :length] = k[0].to(keys.dtype)
+                torch._check(length <= keys.shape[3])
+                keys[slot, :, :, :length] = k[0].transpose(1, 2).to(keys.dtype)
                 values[slot, :, :length] = v[0].to(values.dtype)
                 out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
             else:
-                keys[batch, :, pos[:, 0]] = k[:, :, 0].to(keys.dtype)
+                keys[batch, :, :, pos[:, 0]] = k[:, :, 0].to(keys.dtype)
                 values[batch, :, pos[:, 0]] = v[:, :, 0].to(values.dtype)
                 assert mask is not None
                 width = mask.shape[-1]
-                torch._check(width <= keys.shape[2])
-                out = _attend(q, keys[:rows, :, :width], values[:rows, :, :width], mask)
+                torch._check(width <= keys.shape[3])
+                out = _attend(q, keys[:rows, ..., :width], values[:rows, :, :width], mask)
             x = x + layer.o(out.transpose(1, 2).reshape(rows, length, heads * dim))
             gate, up = layer.gate_up(self._norm(x, layer.norm2)).split(self.inner, -1)
             x = x + layer.down(F.silu(gate) * up)
@@ -324,17 +328,24 @@ class FastDecoder:
 
 
 def _attend(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tensor:
-    """One token a row against its cached keys and values. Eagerly one SDPA call; compiled,
-    plain sums that inductor fuses into loops reading the float16 cache once (SDPA's CPU
-    kernel made two matrix-vector calls per head and row: most of an eight-row step)."""
-    rows, kv_heads, width, dim = keys.shape
+    """One token a row against its cached keys (positions last) and values. Eagerly one SDPA
+    call; compiled, plain sums that inductor fuses into loops reading the float16 cache once
+    (SDPA's CPU kernel made two matrix-vector calls per head and row: most of an eight-row
+    step). Keys are kept with positions last so that a score's sum over the head's channels
+    runs across vectors of positions, not within one vector per position."""
+    rows, kv_heads, dim, width = keys.shape
     if not torch.compiler.is_compiling():
+        keys = keys.transpose(2, 3).to(q.dtype, memory_format=torch.contiguous_format)
         return F.scaled_dot_product_attention(
-            q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask, enable_gqa=True
+            q, keys, values.to(q.dtype), attn_mask=mask, enable_gqa=True
         )
+    if hf_attend.attends(q, keys):  # C++: streams the cache, sums in a fixed order
+        return hf_attend.attend(q, keys, values, mask)
     group = q.shape[1] // kv_heads
-    grouped = q.view(rows, kv_heads, group, 1, dim).float()
-    scores = (grouped * keys[:, :, None].float()).sum(-1) * dim**-0.5
-    scores = scores.masked_fill(~mask.view(rows, 1, 1, width), float("-inf")).softmax(-1)
-    out = (scores[..., None] * values[:, :, None].float()).sum(-2)
+    grouped = q.view(rows, kv_heads, group, dim, 1).float()
+    scores = (grouped * keys[:, :, None].float()).sum(-2) * dim**-0.5
+    scores = scores.masked_fill(~mask.view(rows, 1, 1, width), float("-inf"))
+    weights = (scores - scores.amax(-1, keepdim=True)).exp()  # a softmax, divided at the end:
+    out = (weights[..., None] * values[:, :, None].float()).sum(-2)  # once an output channel
+    out = out / weights.sum(-1, keepdim=True)  # rather than once a position and channel
     return out.view(rows, kv_heads * group, 1, dim).to(q.dtype)

@@ -23,7 +23,6 @@ address:
 
 from __future__ import annotations
 
-import subprocess
 import threading
 import warnings
 import weakref
@@ -31,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from . import hf_native
 
 Tensor = torch.Tensor
 AVAILABLE = "fbgemm" in torch.backends.quantized.supported_engines and (  # x86 builds
@@ -168,20 +169,7 @@ def multiply(rows: Tensor, handle: Tensor) -> Tensor:
 def build_native(compiler: str, target: Path) -> None:
     """Compile `SOURCE` into `target` (a shared library for this torch); raises
     `RuntimeError` with the compiler's last words when it fails."""
-    from torch.utils import cpp_extension
-
-    source = target.with_suffix(".cpp")
-    source.write_text(SOURCE, encoding="utf-8")
-    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    argv = [compiler, "-shared", "-fPIC", "-O2", "-std=c++20", str(source), "-o", str(target),
-            f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]  # fmt: skip
-    argv += [f"-I{p}" for p in cpp_extension.include_paths()]
-    argv += [f"-L{p}" for p in cpp_extension.library_paths()] + ["-lc10", "-ltorch_cpu"]
-    done = subprocess.run(argv, capture_output=True, text=True, check=False)
-    source.unlink(missing_ok=True)
-    if done.returncode != 0:
-        said = (done.stderr or done.stdout).strip().splitlines()
-        raise RuntimeError(f"cannot build {target.name}: {said[-1] if said else done.returncode}")
+    hf_native.build(SOURCE, target, compiler)
 
 
 def load_native(path: Path) -> None:

@@ -11,8 +11,10 @@ at the first stop string. `Generation` is the request's end of it on the event l
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -272,10 +274,46 @@ class Generation:
         self.halt.set()
 
     def _push(self, event: Event) -> None:
+        held = _HELD.get()
+        if held is not None:  # the worker's step: delivered with the step's other events
+            held.append((self, event))
+            return
         try:
             self.loop.call_soon_threadsafe(self.events.put_nowait, event)
         except RuntimeError:  # the loop is closed: nobody listens any more
             self.halt.set()
+
+
+_HELD: contextvars.ContextVar[list[tuple[Generation, Event]] | None] = contextvars.ContextVar(
+    "omnimind_held_events", default=None
+)
+
+
+@contextlib.contextmanager
+def held_events() -> Iterator[None]:
+    """Hold what generations push from this thread, then hand it to each event loop in one
+    call: one wake-up a loop for a whole decode step, not one a row (at eight rows, the
+    loop woke eight times a step and took the GIL from the worker each time)."""
+    held: list[tuple[Generation, Event]] = []
+    token = _HELD.set(held)
+    try:
+        yield
+    finally:
+        _HELD.reset(token)
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Generation, Event]]] = {}
+        for generation, event in held:
+            by_loop.setdefault(generation.loop, []).append((generation, event))
+        for loop, events in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, events)
+            except RuntimeError:  # the loop is closed: nobody listens any more
+                for generation, _ in events:
+                    generation.halt.set()
+
+
+def _deliver(events: list[tuple[Generation, Event]]) -> None:
+    for generation, event in events:
+        generation.events.put_nowait(event)
 
 
 def schema_error(exc: GrammarError) -> UpstreamError:

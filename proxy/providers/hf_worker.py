@@ -27,7 +27,7 @@ from typing import Any, Protocol
 import torch
 
 from ..errors import UpstreamError
-from .hf_generate import Done, Params, TextFeed
+from .hf_generate import Done, Params, TextFeed, held_events
 
 log = logging.getLogger("omnimind.huggingface")
 GENERATE_THREAD = "omnimind-hf-generate"
@@ -155,15 +155,16 @@ class Worker:
                 joining = [self._queue.popleft() for _ in range(min(room, len(self._queue)))]
                 self.stats.waiting = len(self._queue)
                 self.stats.active = len(rows) + len(joining)
-            for job in joining:
-                row = self._start(job, len(rows), bool(rows))
-                if row is not None:
-                    rows.append(row)
-            self.stats.active = len(rows)
-            if rows:
-                self._step(rows)
-                rows = self._retire(rows)
+            with held_events():  # the step's text reaches each event loop in one call
+                for job in joining:
+                    row = self._start(job, len(rows), bool(rows))
+                    if row is not None:
+                        rows.append(row)
                 self.stats.active = len(rows)
+                if rows:
+                    self._step(rows)
+                    rows = self._retire(rows)
+                    self.stats.active = len(rows)
         self.stats.active = self.stats.waiting = 0
         closed = UpstreamError("unavailable", "provider is closed")
         for row in rows:
@@ -287,9 +288,17 @@ def _generator(params: Params) -> torch.Generator | None:
     return rng
 
 
+def _greedy(logits: torch.Tensor) -> int:
+    """The first highest logit's index, as `argmax` gives it; by numpy on the CPU (4.5 µs for
+    SmolLM2's 49,152 logits, where torch's argmax took ~70 µs: 8 of them a step at 8 rows)."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32:
+        return int(logits.numpy().argmax())
+    return int(logits.argmax())
+
+
 def _sample(logits: torch.Tensor, params: Params, rng: torch.Generator | None, top_k: int) -> int:
     if rng is None:
-        return int(logits.argmax())
+        return _greedy(logits)
     scores = logits.float() / params.temperature
     if top_k:
         kth = torch.topk(scores, min(top_k, scores.shape[-1])).values[-1]
