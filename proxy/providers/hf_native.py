@@ -75,6 +75,8 @@ class Library:
                 return self.loaded
             if self.path().is_file():
                 self._load(self.path())
+                if self.loaded:  # marked used: another build's pruning keeps it
+                    hf_cache.prune(self.path())
                 return self.loaded
             if self._builder is None:
                 self._builder = threading.Thread(
