@@ -43,7 +43,7 @@ def _ids(tokenizer: Any, text: str) -> list[int]:
 def wordy_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from .tiny_model import build_tiny_model
 
-    return build_tiny_model(tmp_path_factory.mktemp("wordy"), init_range=0.3)
+    return build_tiny_model(tmp_path_factory.mktemp("wordy"), init_range=0.3, hidden_size=64)
 
 
 @pytest.fixture(scope="module", params=KERNELS)
@@ -64,7 +64,10 @@ def decoders(
     folder = tmp_path_factory.mktemp("packages") / "step"
     hf_compile.build(compiled, folder)
     native = [hf_fbgemm.NATIVE] if request.param == "fbgemm" else []  # the C++ operators
-    assert sorted(p.name for p in folder.iterdir()) == sorted([*hf_compile.PACKAGES, *native])
+    packages = hf_compile.packages_for(compiled)
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*packages, *native])
+    if request.param == "vnni":  # heads of 16: the C++ attention, prompts as rows of tokens
+        assert "tokens.pt2" in packages and compiled.tokens_together()
     compiled.compiled = hf_compile.CompiledStep(compiled, folder)
     return eager, compiled, AutoTokenizer.from_pretrained(wordy_dir)
 

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LM
 
 from proxy.config import Entry, ProviderConfig
 from proxy.errors import UpstreamError
-from proxy.providers import hf_cache
+from proxy.providers import hf_attend, hf_cache
 from proxy.providers.base import Call
 from proxy.providers.hf_fast import FastDecoder, Weights
 from proxy.providers.hf_generate import (
@@ -28,7 +28,7 @@ from proxy.providers.hf_generate import (
     prompt_ids,
 )
 from proxy.providers.hf_grammar import GrammarError
-from proxy.providers.hf_int8 import KERNELS
+from proxy.providers.hf_int8 import KERNELS, prepare
 from proxy.providers.hf_provider import HuggingFaceProvider
 from proxy.providers.hf_weights import ModelKey, load_model
 from proxy.providers.huggingface import Spec
@@ -138,6 +138,34 @@ def test_int8_rows_do_not_depend_on_their_batch(wordy_dir: Path, kernel: str) ->
     together = decoder.decode([5, 9], [len(ids), len(_ids(tokenizer, PROMPTS[1]))])[0]
     assert torch.equal(alone, together)  # bit for bit
     assert alone_first.shape == (decoder.vocab,)
+
+
+@pytest.fixture(scope="module")
+def wide_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Heads of 16: the C++ attention takes them (hf_attend), where it is built."""
+    return build_tiny_model(tmp_path_factory.mktemp("wide"), init_range=0.3, hidden_size=64)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@torch.inference_mode()
+def test_prompts_together_answer_bit_for_bit_as_each_alone(wide_dir: Path, kernel: str) -> None:
+    """`prefill_many`: prompts as rows of tokens where the C++ attention is loaded (the vnni
+    kernel's CPUs), else one by one. A prompt's logits and the steps after it are the same
+    bits beside other prompts as alone, and `prefill` answers as `prefill_many`."""
+    model = _reference(wide_dir)
+    tokenizer = AutoTokenizer.from_pretrained(wide_dir)
+    weights = Weights({k: v.to(torch.bfloat16) for k, v in model.state_dict().items()})
+    prompts = [_ids(tokenizer, p) for p in [*PROMPTS, "And a third, longer prompt than those."]]
+    decoder = FastDecoder(model.config, weights, "int8", "cpu", torch.float32, 3, None, kernel)
+    prepare(kernel, wait=True)
+    assert decoder.tokens_together() == (kernel == "vnni" or hf_attend.LIBRARY.loaded)
+    together = decoder.prefill_many([0, 1, 2], prompts)
+    steps = decoder.decode([5, 6, 7], [len(ids) for ids in prompts])
+    for i, ids in enumerate(prompts):
+        alone = decoder.prefill_many([0], [ids])[0]
+        assert torch.equal(alone, together[i]), i
+        assert torch.equal(decoder.decode([5 + i], [len(ids)])[0], steps[i]), i
+        assert torch.equal(decoder.prefill(0, ids), alone)  # every prompt takes one path
 
 
 @pytest.mark.parametrize("kernel", KERNELS)

@@ -24,18 +24,19 @@ def smollm2_dir() -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def build_tiny_model(folder: Path, init_range: float = 0.02) -> Path:
+def build_tiny_model(folder: Path, init_range: float = 0.02, hidden_size: int = 32) -> Path:
     """Write tokenizer, config and random weights into `folder` (a few seconds).
 
     With the default `init_range` greedy decoding repeats one token; with a wider one
-    (0.3) it says different gibberish words for different prompts.
+    (0.3) it says different gibberish words for different prompts. Four heads: a
+    `hidden_size` of 64 gives heads of 16, which the C++ attention takes (hf_attend).
     """
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir(), gguf_file=SMOLLM2_GGUF)
     tokenizer.save_pretrained(folder)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,

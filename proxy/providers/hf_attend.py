@@ -47,12 +47,14 @@ inline __m512 exp_ps(__m512 x) {  // e^x for x <= 0, Cephes' polynomial (~1 ulp)
   return _mm512_scalef_ps(p, n);
 }
 
-__attribute__((target("avx512f,avx512bw,avx512dq")))
-inline __m512 halves(const c10::Half* from) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(from)));
+__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl")))
+inline __m512 halves(const c10::Half* from, __mmask16 keep = 0xFFFF) {
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(keep, from));
 }
 
-constexpr int64_t MAX_WIDTH = 1 << 16;
+inline __mmask16 first(int64_t count) {  // the first `count` of 16 lanes
+  return count >= 16 ? __mmask16(0xFFFF) : count > 0 ? __mmask16((1u << count) - 1) : 0;
+}
 
 // One row's key/value head h: its `group` query heads' outputs.
 __attribute__((target("avx512f,avx512bw,avx512dq")))
@@ -68,18 +70,17 @@ void attend_head(const float* q, const c10::Half* k, int64_t k_dim_stride,
       __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
       __m512 b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps();
       const c10::Half* kc = k + c * 32;
-      for (int64_t d = 0; d < dim; d += 2) {
+      const __mmask16 in0 = first(length - c * 32), in1 = first(length - c * 32 - 16);
+      for (int64_t d = 0; d < dim; d += 2) {  // never past the row's own length
         const __m512 q0 = _mm512_set1_ps(qg[d]), q1 = _mm512_set1_ps(qg[d + 1]);
-        a0 = _mm512_fmadd_ps(q0, halves(kc + d * k_dim_stride), a0);
-        a1 = _mm512_fmadd_ps(q0, halves(kc + d * k_dim_stride + 16), a1);
-        b0 = _mm512_fmadd_ps(q1, halves(kc + (d + 1) * k_dim_stride), b0);
-        b1 = _mm512_fmadd_ps(q1, halves(kc + (d + 1) * k_dim_stride + 16), b1);
+        a0 = _mm512_fmadd_ps(q0, halves(kc + d * k_dim_stride, in0), a0);
+        a1 = _mm512_fmadd_ps(q0, halves(kc + d * k_dim_stride + 16, in1), a1);
+        b0 = _mm512_fmadd_ps(q1, halves(kc + (d + 1) * k_dim_stride, in0), b0);
+        b1 = _mm512_fmadd_ps(q1, halves(kc + (d + 1) * k_dim_stride + 16, in1), b1);
       }
       for (int half = 0; half < 2; ++half) {
         const int64_t at = c * 32 + half * 16;
-        const int64_t left = length - at;
-        const __mmask16 keep = left >= 16 ? __mmask16(0xFFFF)
-                             : left > 0   ? __mmask16((1u << left) - 1) : __mmask16(0);
+        const __mmask16 keep = half ? in1 : in0;
         const __m512 s = _mm512_mul_ps(half ? _mm512_add_ps(a1, b1) : _mm512_add_ps(a0, b0),
                                        _mm512_set1_ps(scale));
         const __m512 masked = _mm512_mask_blend_ps(keep, _mm512_set1_ps(-INFINITY), s);
@@ -102,8 +103,8 @@ void attend_head(const float* q, const c10::Half* k, int64_t k_dim_stride,
       const int64_t vecs = std::min<int64_t>(4, (dim - d0) / 16);
       __m512 e[2][4];
       for (int u = 0; u < 2; ++u) for (int j = 0; j < 4; ++j) e[u][j] = _mm512_setzero_ps();
-      for (int64_t p = 0; p < pairs * 32; p += 2) {
-        for (int u = 0; u < 2; ++u) {
+      for (int64_t p = 0; p < length; p += 2) {
+        for (int u = 0; u < 2 && p + u < length; ++u) {
           const __m512 wp = _mm512_set1_ps(w[p + u]);
           const c10::Half* vp = v + (p + u) * v_pos_stride + d0;
           for (int j = 0; j < 4; ++j)
@@ -118,58 +119,57 @@ void attend_head(const float* q, const c10::Half* k, int64_t k_dim_stride,
   }
 }
 
+// q [R][heads][1][dim]: row r attends to the first lengths[r] positions of cache slot
+// slots[r] (keys [slots][kv][dim][capacity], values [slots][kv][capacity][dim]).
 at::Tensor attend(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
-                  const at::Tensor& mask) {
-  TORCH_CHECK(q.dim() == 4 && q.scalar_type() == at::kFloat && q.size(2) == 1, "vnni::attend: q");
+                  const at::Tensor& slots, const at::Tensor& lengths) {
+  TORCH_CHECK(q.dim() == 4 && q.scalar_type() == at::kFloat && q.size(2) == 1, "attend: q");
   TORCH_CHECK(keys.dim() == 4 && keys.scalar_type() == at::kHalf && keys.stride(3) == 1 &&
-              values.scalar_type() == at::kHalf && values.stride(3) == 1, "vnni::attend: cache");
+              values.dim() == 4 && values.scalar_type() == at::kHalf && values.stride(3) == 1,
+              "attend: the cache");
   const int64_t rows = q.size(0), heads = q.size(1), dim = q.size(3);
-  const int64_t kv = keys.size(1), width = keys.size(3);
-  TORCH_CHECK(keys.size(0) == rows && keys.size(2) == dim && values.size(2) == width &&
-              values.size(3) == dim && heads % kv == 0 && dim % 16 == 0 && width % 32 == 0 &&
-              width <= MAX_WIDTH && mask.scalar_type() == at::kBool && mask.numel() == rows * width,
-              "vnni::attend: shapes");
+  const int64_t kv = keys.size(1), capacity = keys.size(3);
+  TORCH_CHECK(keys.size(2) == dim && values.size(2) == capacity && values.size(3) == dim &&
+              values.size(0) == keys.size(0) && heads % kv == 0 && dim % 16 == 0 &&
+              slots.numel() == rows && lengths.numel() == rows &&
+              slots.scalar_type() == at::kLong && lengths.scalar_type() == at::kLong,
+              "attend: shapes");
+  const auto slot = slots.contiguous(), length = lengths.contiguous();
+  const int64_t* sp = slot.data_ptr<int64_t>();
+  const int64_t* lp = length.data_ptr<int64_t>();
+  for (int64_t r = 0; r < rows; ++r)
+    TORCH_CHECK(sp[r] >= 0 && sp[r] < keys.size(0) && lp[r] > 0 && lp[r] <= capacity,
+                "attend: a row's slot or length is out of the cache");
   const int64_t group = heads / kv;
   const auto query = q.contiguous();
-  const auto allowed = mask.contiguous();
   auto out = at::empty({rows, heads, 1, dim}, q.options());
-  std::vector<int64_t> lengths(rows);
-  const bool* m = allowed.data_ptr<bool>();
-  for (int64_t r = 0; r < rows; ++r) {
-    int64_t n = 0;
-    while (n < width && m[r * width + n]) ++n;  // a prefix: the row's own positions
-    for (int64_t i = n; i < width; ++i)
-      TORCH_CHECK(!m[r * width + i], "vnni::attend: a mask that is not a prefix");
-    lengths[r] = n;
-  }
   const float scale = 1.0f / std::sqrt(float(dim));
   const c10::Half* kp = keys.data_ptr<c10::Half>();
   const c10::Half* vp = values.data_ptr<c10::Half>();
   const float* qp = query.data_ptr<float>();
   float* op = out.data_ptr<float>();
   at::parallel_for(0, rows * kv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> weights(group * width);
+    std::vector<float> weights(group * (capacity + 32));
     for (int64_t t = begin; t < end; ++t) {
       const int64_t r = t / kv, h = t % kv;
-      attend_head(qp + (r * heads + h * group) * dim, kp + r * keys.stride(0) + h * keys.stride(1),
-                  keys.stride(2), vp + r * values.stride(0) + h * values.stride(1),
-                  values.stride(2), lengths[r], group, dim, scale, weights.data(),
-                  op + (r * heads + h * group) * dim);
+      attend_head(qp + (r * heads + h * group) * dim,
+                  kp + sp[r] * keys.stride(0) + h * keys.stride(1), keys.stride(2),
+                  vp + sp[r] * values.stride(0) + h * values.stride(1), values.stride(2), lp[r],
+                  group, dim, scale, weights.data(), op + (r * heads + h * group) * dim);
     }
   });
   return out;
 }
-
 }  // namespace
 
 TORCH_LIBRARY(omnimind_attend, m) {
-  m.def("attend(Tensor q, Tensor keys, Tensor values, Tensor mask) -> Tensor");
+  m.def("attend(Tensor q, Tensor keys, Tensor values, Tensor slots, Tensor lengths) -> Tensor");
   m.impl("attend", c10::DispatchKey::CPU, attend);
 }
 """
 
 
-def _fake(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tensor:
+def _fake(q: Tensor, keys: Tensor, values: Tensor, slots: Tensor, lengths: Tensor) -> Tensor:
     return torch.empty_like(q)
 
 
@@ -181,11 +181,13 @@ LIBRARY = hf_native.Library(
 
 def attends(q: Tensor, keys: Tensor) -> bool:
     """Whether `attend` takes these: the library loaded, float32 queries, a float16 cache
-    and heads in whole vectors (the width, a multiple of 32, is `hf_fast.width`'s)."""
+    and heads in whole vectors."""
     cache = q.dtype == torch.float32 and keys.dtype == torch.float16
     return LIBRARY.loaded and cache and q.shape[-1] % 16 == 0
 
 
-def attend(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tensor:
-    out: Tensor = torch.ops.omnimind_attend.attend(q, keys, values, mask)
+def attend(q: Tensor, keys: Tensor, values: Tensor, slots: Tensor, lengths: Tensor) -> Tensor:
+    """Row r of `q` ([rows, heads, 1, dim]) against the first `lengths[r]` positions of cache
+    slot `slots[r]` (the whole cache: keys positions last, values positions first)."""
+    out: Tensor = torch.ops.omnimind_attend.attend(q, keys, values, slots, lengths)
     return out

@@ -58,7 +58,14 @@ from .hf_worker import wait_quiet
 compiler = hf_native.compiler  # the C++ compiler inductor would build with
 
 COMPILE_THREAD = "omnimind-hf-compile"
-PACKAGES = ("one.pt2", "many.pt2", "prompt.pt2")  # a step of one row; of 2 to `slots`; a prompt
+PACKAGES = ("one.pt2", "many.pt2", "prompt.pt2", "tokens.pt2")  # a step of one row; of 2
+# to `slots`; a prompt; prompts as rows of tokens (`FastDecoder.prefill_many`)
+
+
+def packages_for(runner: FastDecoder) -> list[str]:
+    """The packages a runner's folder holds: prompts as one package or the other."""
+    prompts = "tokens.pt2" if runner.tokens_together() else "prompt.pt2"
+    return [n for n in PACKAGES[:2] if n == "one.pt2" or runner.slots > 1] + [prompts]
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +100,7 @@ def folder_for(runner: FastDecoder, recipe: Recipe) -> Path:
     code = b"".join(Path(sys.modules[m].__file__ or "").read_bytes() for m in modules)
     shapes = {k: tuple(v.shape) for k, v in runner.tensors().items()}
     digest = hashlib.sha256(code).hexdigest()
-    kernel = [runner.kernel, ROW_LEVELS.get(runner.kernel or "")]  # levels: by the CPU
+    kernel = [runner.kernel, ROW_LEVELS.get(runner.kernel or ""), runner.tokens_together()]
     key = json.dumps([asdict(recipe), torch.__version__, str(shapes), digest, kernel])
     return hf_cache.cache_root() / "compiled" / hashlib.sha256(key.encode()).hexdigest()[:32]
 
@@ -196,15 +203,18 @@ class CompiledStep:
         prepare(runner.kernel, wait=True)  # the packages call its library (kept: loads at once)
         loader = torch._C._aoti.AOTIModelPackageLoader
         paths = [folder / name for name in PACKAGES]
-        self._one, self._many, self._prompt = (
+        self._one, self._many, self._prompt, self._tokens = (
             loader(str(p), "model", False, 1, -1) if p.is_file() else None for p in paths
         )
         self._weights = list(runner.tensors().values())
         self.eager_steps = 0  # calls the packages did not cover
 
     def __call__(self, runner: FastDecoder, *args: Any) -> torch.Tensor:
-        ids, pos, slot, mask, keys, values = args
-        if slot is not None:
+        ids, pos, slot, mask, keys, values, *together = args
+        if together:  # prompts as rows of tokens: their slots, and the rows that end them
+            package = self._tokens if ids.shape[0] > 1 else None
+            inputs = [ids, pos, *together]
+        elif slot is not None:
             package = self._prompt if ids.shape[1] > 1 else None
             inputs = [ids, pos, torch.tensor([slot])]
         else:
@@ -224,13 +234,15 @@ class _Step(torch.nn.Module):
     """What `torch.export` traces: `FastDecoder.forward` with the weights as inputs (`mask`:
     one token a row under it; `slot`: a prompt into that slot)."""
 
-    def __init__(self, runner: FastDecoder, prompt: bool) -> None:
+    def __init__(self, runner: FastDecoder, name: str) -> None:
         super().__init__()
-        self.runner, self.paths, self.prompt = runner, list(runner.tensors()), prompt
+        self.runner, self.paths, self.name = runner, list(runner.tensors()), name
 
     def forward(self, ids: Any, pos: Any, extra: Any, keys: Any, values: Any, weights: Any) -> Any:
         twin = self.runner.with_tensors(dict(zip(self.paths, weights, strict=True)))
-        slot, mask = (extra, None) if self.prompt else (None, extra)
+        if self.name == "tokens.pt2":  # extra: each row's slot, the rows that end prompts
+            return FastDecoder.forward(twin, ids, pos, None, None, keys, values, *extra)
+        slot, mask = (extra, None) if self.name == "prompt.pt2" else (None, extra)
         return FastDecoder.forward(twin, ids, pos, slot, mask, keys, values)
 
 
@@ -245,10 +257,17 @@ def _example(runner: FastDecoder, name: str) -> tuple[tuple[Any, ...], dict[str,
     length = torch.export.Dim("length", min=3, max=1 << 20)
     cache = {"keys": [{3: length}] * len(keys), "values": [{2: length}] * len(keys),
              "weights": [None] * len(runner.tensors())}  # fmt: skip
-    if name == "prompt.pt2":
+    if name == "tokens.pt2":  # two prompts of 30 tokens, in slots 0 and 1
+        tokens = torch.export.Dim("tokens", min=2, max=1 << 16)
+        prompts = torch.export.Dim("prompts", min=1, max=runner.slots)
+        ids, pos = torch.zeros((60, 1), dtype=torch.long), (torch.arange(60) % 30)[:, None]
+        extra: Any = (torch.arange(60) // 30 % runner.slots, torch.tensor([29, 59]))
+        dynamic = {"ids": {0: tokens}, "pos": {0: tokens}, "extra": ({0: tokens}, {0: prompts}),
+                   **cache}  # fmt: skip
+    elif name == "prompt.pt2":
         prompt = torch.export.Dim("prompt", min=2, max=(1 << 20) - 1)
         ids, pos = torch.zeros((1, 30), dtype=torch.long), torch.arange(30)[None]
-        extra: Any = torch.tensor([0])
+        extra = torch.tensor([0])
         dynamic = {"ids": {1: prompt}, "pos": {1: prompt}, "extra": None, **cache}
     else:
         rows = 1 if name == "one.pt2" else runner.slots
@@ -274,13 +293,9 @@ def build(runner: FastDecoder, folder: Path) -> None:
                 log.warning("%s; the compiled steps call fbgemm through Python", exc)
                 native.unlink(missing_ok=True)
         prepare(runner.kernel, wait=True)  # the steps call its library, else its Python path
-        for name in PACKAGES:
-            if name == "many.pt2" and runner.slots < 2:
-                continue
+        for name in packages_for(runner):
             example, dynamic = _example(runner, name)
-            program = torch.export.export(
-                _Step(runner, name == "prompt.pt2"), example, dynamic_shapes=dynamic
-            )
+            program = torch.export.export(_Step(runner, name), example, dynamic_shapes=dynamic)
             torch._inductor.aoti_compile_and_package(program, package_path=str(scratch / name))
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(scratch, folder)

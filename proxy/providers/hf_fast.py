@@ -7,7 +7,10 @@ row's slot of a KV cache (float16 with int8 weights: half the bytes a step reads
 llama.cpp keeps it), attention, one fused gate/up matmul.
 Each row of a batch has its own position and length, so a request can join a batch
 that is decoding (continuous batching) and leave it at any step: rows are slots `0..B-1`
-of the cache, and a row that leaves gives its slot to the last row (`move`).
+of the cache, and a row that leaves gives its slot to the last row (`move`). Where the
+C++ attention is loaded (`hf_attend`), prompts run as rows of tokens, each row in its
+prompt's slot at its own position, so prompts joining together share one pass (their
+weights read once) and a prompt's logits are the same bits alone or beside others.
 
 Weights (`packing`). `int8`: every matmul (q/k/v, o, gate/up, down and the output head)
 multiplies int8 by int8 into int32, with per-channel weight scales and activations
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import itertools
 import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -251,11 +255,38 @@ class FastDecoder:
 
     def prefill(self, slot: int, ids: list[int]) -> Tensor:
         """Run a prompt into `slot` from position 0; the logits after its last token."""
+        if self.tokens_together():  # every prompt one way: the same bits alone or together
+            return self.prefill_many([slot], [ids])[0]
         self.reserve(len(ids) + 1)
         tokens = torch.tensor([ids], device=self.device)
         positions = torch.arange(len(ids), device=self.device)[None]
         step = self.compiled or FastDecoder.forward
         return step(self, tokens, positions, slot, None, self.keys, self.values)[0]
+
+    def prefill_many(self, slots: list[int], prompts: list[list[int]]) -> Tensor:
+        """Run prompts into their slots from position 0; the logits after each one's last
+        token. Where the C++ attention is loaded (`tokens_together`), in one pass, every
+        token a row of its own slot at its own position, so a prompt's logits are the same
+        bits alone or beside others and its weights are read once for all; else one by one."""
+        if not self.tokens_together():
+            return torch.stack(
+                [self.prefill(s, ids) for s, ids in zip(slots, prompts, strict=True)]
+            )
+        self.reserve(max(len(ids) for ids in prompts) + 1)
+        tokens = torch.tensor([t for ids in prompts for t in ids], device=self.device)[:, None]
+        positions = torch.cat([torch.arange(len(ids), device=self.device) for ids in prompts])
+        owners = [s for s, ids in zip(slots, prompts, strict=True) for _ in ids]
+        rows_slots = torch.tensor(owners, device=self.device)
+        ends = torch.tensor(list(itertools.accumulate(map(len, prompts))), device=self.device) - 1
+        step = self.compiled or FastDecoder.forward
+        return step(self, tokens, positions[:, None], None, None, self.keys, self.values,
+                    rows_slots, ends)  # fmt: skip
+
+    def tokens_together(self) -> bool:
+        """Whether prompts run as rows of tokens (`prefill_many`): the C++ attention takes
+        this model's queries and cache."""
+        fits = self.dtype == torch.float32 and self.cache_dtype == torch.float16
+        return fits and self.head_dim % 16 == 0 and hf_attend.LIBRARY.loaded
 
     def decode(self, tokens: list[int], positions: list[int]) -> Tensor:
         """One step for rows `0..B-1`: row i's token at its position; logits [B, vocab]."""
@@ -283,9 +314,12 @@ class FastDecoder:
         mask: Tensor | None,
         keys_cache: list[Tensor],
         values_cache: list[Tensor],
+        rows_slots: Tensor | None = None,
+        ends: Tensor | None = None,
     ) -> Tensor:
         """The logits after each row's last token; the rows' keys and values go into the caches
-        (`slot`: a prompt from position 0; None: one token per row at `pos`, under `mask`)."""
+        (`slot`: a prompt from position 0; None: one token per row at `pos`, under `mask`, row
+        i in slot i or in `rows_slots[i]`; `ends`: only those rows' logits)."""
         rows, length = ids.shape
         heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
         x = F.embedding(ids, self.embed).to(self.dtype)
@@ -293,7 +327,7 @@ class FastDecoder:
         cos = torch.cat([angles.cos(), angles.cos()], -1)[:, None].to(self.dtype)
         sin = torch.cat([angles.sin(), angles.sin()], -1)[:, None].to(self.dtype)
         half = dim // 2
-        batch = torch.arange(rows, device=self.device)
+        batch = torch.arange(rows, device=self.device) if rows_slots is None else rows_slots
         for layer, keys, values in zip(self.layers, keys_cache, values_cache, strict=True):
             qkv = layer.qkv(self._norm(x, layer.norm1))
             rotary = qkv[..., : (heads + kv_heads) * dim].view(rows, length, heads + kv_heads, dim)
@@ -310,14 +344,17 @@ class FastDecoder:
             else:
                 keys[batch, :, :, pos[:, 0]] = k[:, :, 0].to(keys.dtype)
                 values[batch, :, pos[:, 0]] = v[:, :, 0].to(values.dtype)
-                assert mask is not None
-                width = mask.shape[-1]
-                torch._check(width <= keys.shape[3])
-                out = _attend(q, keys[:rows, ..., :width], values[:rows, :, :width], mask)
+                if hf_attend.attends(q, keys):  # C++: each row up to its own length
+                    out = hf_attend.attend(q, keys, values, batch, pos[:, 0] + 1)
+                else:
+                    assert mask is not None
+                    width = mask.shape[-1]
+                    torch._check(width <= keys.shape[3])
+                    out = _attend(q, keys[:rows, ..., :width], values[:rows, :, :width], mask)
             x = x + layer.o(out.transpose(1, 2).reshape(rows, length, heads * dim))
             gate, up = layer.gate_up(self._norm(x, layer.norm2)).split(self.inner, -1)
             x = x + layer.down(F.silu(gate) * up)
-        last = self._norm(x[:, -1], self.norm)
+        last = self._norm(x[:, -1] if ends is None else x[ends, -1], self.norm)
         return self.head(last).float()
 
     def _norm(self, x: Tensor, weight: Tensor) -> Tensor:
@@ -339,8 +376,6 @@ def _attend(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tensor:
         return F.scaled_dot_product_attention(
             q, keys, values.to(q.dtype), attn_mask=mask, enable_gqa=True
         )
-    if hf_attend.attends(q, keys):  # C++: streams the cache, sums in a fixed order
-        return hf_attend.attend(q, keys, values, mask)
     group = q.shape[1] // kv_heads
     grouped = q.view(rows, kv_heads, group, dim, 1).float()
     scores = (grouped * keys[:, :, None].float()).sum(-2) * dim**-0.5

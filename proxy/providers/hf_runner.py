@@ -34,6 +34,9 @@ class HFRunner:
         self._caches[slot] = cache
         return out.logits[0, -1].float()
 
+    def prefill_many(self, slots: list[int], prompts: list[list[int]]) -> torch.Tensor:
+        return torch.stack([self.prefill(s, ids) for s, ids in zip(slots, prompts, strict=True)])
+
     def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
         rows = []
         for slot, (token, position) in enumerate(zip(tokens, positions, strict=True)):

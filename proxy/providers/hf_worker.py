@@ -4,6 +4,8 @@ A job arrives with its prompt already templated and tokenised (`hf_generate.prep
 a prompt the template refuses fails only its own request. The worker takes queued jobs
 whenever a batch row is free, between two decoding steps: a request that arrives while
 others are decoding joins them at the next step instead of waiting for them to finish.
+Requests that join together have their prompts run together (`prefill_many`: one pass
+where the runner can, each prompt's logits the same bits as alone).
 Each step decodes one token for every row; each row has its own position, sampling
 settings (a seeded row samples from its own generator, so its answer does not depend on
 its neighbours), token budget, stop strings, output grammar and cancellation. A row that
@@ -62,6 +64,8 @@ class Runner(Protocol):
     max_positions: int
 
     def prefill(self, slot: int, ids: list[int]) -> torch.Tensor: ...
+
+    def prefill_many(self, slots: list[int], prompts: list[list[int]]) -> torch.Tensor: ...
 
     def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor: ...
 
@@ -156,10 +160,7 @@ class Worker:
                 self.stats.waiting = len(self._queue)
                 self.stats.active = len(rows) + len(joining)
             with held_events():  # the step's text reaches each event loop in one call
-                for job in joining:
-                    row = self._start(job, len(rows), bool(rows))
-                    if row is not None:
-                        rows.append(row)
+                rows = self._retire(rows + self._start(joining, len(rows), bool(rows)))
                 self.stats.active = len(rows)
                 if rows:
                     self._step(rows)
@@ -174,31 +175,48 @@ class Worker:
         for job in waiting:
             job.finish(closed)
 
-    def _start(self, job: Job, slot: int, joining: bool) -> _Row | None:
-        """Run the job's prompt into `slot` and take its first token; None if it ended."""
-        if job.feed.halt.is_set():
-            job.finish(None)
-            return None
-        self.stats.jobs += 1
-        self.stats.joined += joining
-        row = _Row(job, slot, len(job.prompt), rng=_generator(job.params))
-        try:
-            if len(job.prompt) >= self.runner.max_positions:
-                raise UpstreamError(
+    def _start(self, jobs: list[Job], first_slot: int, joining: bool) -> list[_Row]:
+        """Run the jobs' prompts into slots from `first_slot` (together, where the runner
+        can) and take each one's first token; the rows that go on decoding."""
+        ready = []
+        for job in jobs:
+            if job.feed.halt.is_set():
+                job.finish(None)
+            elif len(job.prompt) >= self.runner.max_positions:
+                job.finish(UpstreamError(
                     "context_too_long",
                     f"the prompt is {len(job.prompt)} tokens; this model reads at most "
                     f"{self.runner.max_positions}",
-                )
+                ))  # fmt: skip
+            else:
+                ready.append(job)
+        self.stats.jobs += len(ready)
+        self.stats.joined += len(ready) if joining else 0
+        rows = [
+            _Row(job, first_slot + i, len(job.prompt), rng=_generator(job.params))
+            for i, job in enumerate(ready)
+        ]
+        if not rows:
+            return []
+        try:
             with torch.inference_mode():
-                logits = self.runner.prefill(slot, job.prompt)
-            self._take(row, logits)
-        except Exception as exc:  # noqa: BLE001 - this job's failure only
-            job.finish(exc)
-            return None
-        if row.ended:
-            self._end(row)
-            return None
-        return row
+                logits = self.runner.prefill_many([r.slot for r in rows], [j.prompt for j in ready])
+        except Exception as exc:  # noqa: BLE001 - these prompts' failure only
+            for job in ready:
+                job.finish(exc)
+            return []
+        going = []
+        for row, row_logits in zip(rows, logits, strict=True):
+            try:
+                self._take(row, row_logits)
+            except Exception as exc:  # noqa: BLE001 - this job's failure only
+                row.job.finish(exc)
+                continue
+            if row.ended:
+                self._end(row)
+            else:
+                going.append(row)
+        return going
 
     def _step(self, rows: list[_Row]) -> None:
         self.stats.steps += 1
