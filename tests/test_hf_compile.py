@@ -125,6 +125,23 @@ def test_compiled_rows_do_not_depend_on_their_batch(
         assert torch.equal(a[0], b[0])
 
 
+@needs_compiler
+@torch.inference_mode()
+def test_a_model_of_one_row_compiles_its_step_and_prompts(wordy_dir: Path, tmp_path: Path) -> None:
+    """`max_batch: 1` (the default): no many-row package, prompts of one slot; every call
+    after the build goes through a package."""
+    model = AutoModelForCausalLM.from_pretrained(wordy_dir, dtype=torch.float32)
+    state = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
+    decoder = FastDecoder(model.config, Weights(state), "int8", "cpu", torch.float32, 1)
+    hf_compile.build(decoder, tmp_path / "step")
+    names = sorted(p.name for p in (tmp_path / "step").iterdir() if p.suffix == ".pt2")
+    assert names == sorted(hf_compile.packages_for(decoder)) and "many.pt2" not in names
+    decoder.compiled = hf_compile.CompiledStep(decoder, tmp_path / "step")
+    ids = _ids(AutoTokenizer.from_pretrained(wordy_dir), PROMPTS[0])
+    _decode(decoder, [ids], 3)
+    assert decoder.compiled.eager_steps == 0
+
+
 def test_why_not_names_the_reason(wordy_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     loaded = load_model(ModelKey(str(wordy_dir)), "cpu", "auto", None, "int8", 1)
     assert hf_compile.why_not(loaded.runner, "off") == "compile: off"

@@ -1,17 +1,22 @@
-"""A decode step's attention in C++ (`omnimind_attend::attend`), where AVX-512 is at hand.
+"""Attention in C++ (`omnimind_attend::attend`) for the decode step and for prompts run as
+rows of tokens, where AVX-512 is at hand.
 
-One query a row against that row's cached keys (positions last) and values, both float16
-views of the cache, under a mask that is a prefix of each row's positions. Inductor's loops
-for it waited on each key and value load in turn (one accumulator a loop, the dequantised
-query recomputed in the innermost loop): on an Intel Xeon with AMX, an eight-row step of
-SmolLM2-135M took 12.9–13.9 ms with them and 11.2–12.7 with this (packages timed in turns).
-Per key/value head of a row: the scores of its query heads, 32 positions at a time across
-the head's channels (four accumulators); a softmax with a polynomial exp (Cephes', ~1 ulp);
-the values summed in two position parities, divided by the total once per channel. It reads
-a row's cache only up to the row's own length, in a fixed order, so a row's output is bit
-for bit the same beside any rows at any width (tested). Built with the vnni kernel's
-library (`hf_int8.prepare`), like it in the background the first time; where it is not
-loaded the step keeps inductor's loops (`hf_fast._attend`).
+Each row of queries attends to the first `lengths[r]` positions of cache slot `slots[r]`
+(keys positions last, values positions first, float16): a decode step's rows are slots
+0..B-1 at their lengths; a prompt's tokens are rows of its slot at lengths 1..L, once the
+whole prompt's keys and values are in the cache (`hf_fast.FastDecoder.prefill_many`).
+Inductor's loops for a decode step waited on each key and value load in turn (one
+accumulator a loop, the dequantised query recomputed in the innermost loop): on an Intel
+Xeon with AMX, an eight-row step of SmolLM2-135M took 12.9–13.9 ms with them and 11.2–12.7
+with this (packages timed in turns). Per key/value head of a row: the scores of its query
+heads, 32 positions at a time across the head's channels (four accumulators), never
+reading past the row's length; a softmax with a polynomial exp (Cephes', ~1 ulp); the
+values summed in two position parities, divided by the total once per channel. A row's
+sums run in a fixed order over its own positions only, so its output is bit for bit the
+same beside any rows, in any slot, whatever the cache's length (tested). Built with the
+vnni kernel's library (`hf_int8.prepare`), like it in the background the first time;
+where it is not loaded the step keeps inductor's loops (`hf_fast._attend`) and prompts
+run one by one.
 """
 
 from __future__ import annotations

@@ -257,13 +257,15 @@ def _example(runner: FastDecoder, name: str) -> tuple[tuple[Any, ...], dict[str,
     length = torch.export.Dim("length", min=3, max=1 << 20)
     cache = {"keys": [{3: length}] * len(keys), "values": [{2: length}] * len(keys),
              "weights": [None] * len(runner.tensors())}  # fmt: skip
-    if name == "tokens.pt2":  # two prompts of 30 tokens, in slots 0 and 1
+    if name == "tokens.pt2":  # prompts of 30 tokens, in slots 0 and 1 (one with one slot)
+        count = min(2, runner.slots)
         tokens = torch.export.Dim("tokens", min=2, max=1 << 16)
-        prompts = torch.export.Dim("prompts", min=1, max=runner.slots)
-        ids, pos = torch.zeros((60, 1), dtype=torch.long), (torch.arange(60) % 30)[:, None]
-        extra: Any = (torch.arange(60) // 30 % runner.slots, torch.tensor([29, 59]))
-        dynamic = {"ids": {0: tokens}, "pos": {0: tokens}, "extra": ({0: tokens}, {0: prompts}),
-                   **cache}  # fmt: skip
+        prompts = torch.export.Dim("prompts", min=1, max=runner.slots) if count > 1 else None
+        ids, pos = torch.zeros((30 * count, 1), dtype=torch.long), torch.arange(30).repeat(count)
+        extra: Any = (torch.arange(30 * count) // 30, torch.tensor([29, 59][:count]))
+        dynamic = {"ids": {0: tokens}, "pos": {0: tokens},
+                   "extra": ({0: tokens}, {0: prompts} if prompts else None), **cache}  # fmt: skip
+        pos = pos[:, None]
     elif name == "prompt.pt2":
         prompt = torch.export.Dim("prompt", min=2, max=(1 << 20) - 1)
         ids, pos = torch.zeros((1, 30), dtype=torch.long), torch.arange(30)[None]
