@@ -100,7 +100,9 @@ def folder_for(runner: FastDecoder, recipe: Recipe) -> Path:
     code = b"".join(Path(sys.modules[m].__file__ or "").read_bytes() for m in modules)
     shapes = {k: tuple(v.shape) for k, v in runner.tensors().items()}
     digest = hashlib.sha256(code).hexdigest()
-    kernel = [runner.kernel, ROW_LEVELS.get(runner.kernel or ""), runner.tokens_together()]
+    kernel = [runner.kernel, ROW_LEVELS.get(runner.kernel or "")]  # levels: by the CPU
+    # (not whether the C++ attention is loaded yet: a first start builds it in the background,
+    # and the child that compiles waits for it, so the next start finds the same packages)
     key = json.dumps([asdict(recipe), torch.__version__, str(shapes), digest, kernel])
     return hf_cache.cache_root() / "compiled" / hashlib.sha256(key.encode()).hexdigest()[:32]
 
