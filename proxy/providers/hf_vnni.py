@@ -1,18 +1,23 @@
-"""An int8 GEMM for CPUs with AVX-512 VNNI: `hf_int8.Int8`'s `vnni` kernel.
+"""An int8 GEMM for CPUs with AVX-512 VNNI (and AMX): `hf_int8.Int8`'s `vnni` kernel.
 
 fbgemm pads K to blocks of 512 (a 576-wide matrix costs 1.8× its bytes), and at a few rows
 its GEMM grows with them: SmolLM2-135M's 121 matmuls took 5.8 / 12.2 / 17.2 ms at one /
-eight / 30 rows on an Intel Xeon with AMX. This kernel takes 5.5 / 6.0 / 13.6 there (same
-harness). It reads each weight once a call, in the order `vpdpbusd` takes it (`pack`):
-blocks of 64 output columns, four K bytes each; a tile is half a block (32 columns) against
-up to eight rows held in registers (more rows run again over the same, cached, columns),
-prefetching 16 KB ahead into L2, the two threads sharing halves evenly.
+eight / 30 rows on an Intel Xeon with AMX. This kernel took 5.5 / 6.0 there, and 10.4 at
+30 rows on AMX (scratch harnesses on a noisy machine: ±15%). It reads each weight once a
+call, in the order `vpdpbusd` takes it (`pack`): blocks of 64 output columns, four K bytes
+each; a tile is half a block (32 columns) against up to eight rows held in registers (more
+rows run again over the same, cached, columns), prefetching 16 KB ahead into L2, the two
+threads sharing halves evenly. Nine rows or more (prompts) run on AMX tiles where the CPU
+and Linux allow them, reading the same packed blocks (a B tile is 16 groups of four K
+bytes, 256 bytes apart). It quantises the rows itself (the same float operations as
+torch, so the same bytes).
 
-Rows are unsigned bytes around 128 (±127), weights signed bytes, sums exact in int32, so
-a row's result is the same alone or in any batch, and the same as `torch._int_mm`'s on
-the unpacked values (the Python path, used until the library is loaded: bit for bit the
-same answer, slower). The library (`SOURCE`) is built once per torch into the cache by
-`hf_native.Library`, in the background the first time (~8 s of g++).
+Rows are unsigned bytes around 128 (±127), weights signed bytes, sums exact in int32 (on
+VNNI and AMX alike), so a row's result is the same alone or in any batch, and the same as
+`torch._int_mm`'s on the unpacked values (the Python path, used until the library is
+loaded: bit for bit the same answer, slower). The library (`SOURCE`) is built once per
+torch into the cache by `hf_native.Library`, in the background the first time (~8 s of
+g++).
 """
 
 from __future__ import annotations
