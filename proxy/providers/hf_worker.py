@@ -200,14 +200,16 @@ class Worker:
             return []
         try:
             with torch.inference_mode():
-                logits = self.runner.prefill_many([r.slot for r in rows], [j.prompt for j in ready])
+                logits = list(
+                    self.runner.prefill_many([r.slot for r in rows], [j.prompt for j in ready])
+                )
         except Exception as exc:  # noqa: BLE001 - these prompts' failure only
-            for job in ready:
-                job.finish(exc)
-            return []
+            logits = [exc] if len(rows) == 1 else [self._alone(row) for row in rows]
         going = []
         for row, row_logits in zip(rows, logits, strict=True):
             try:
+                if isinstance(row_logits, BaseException):
+                    raise row_logits
                 self._take(row, row_logits)
             except Exception as exc:  # noqa: BLE001 - this job's failure only
                 row.job.finish(exc)
@@ -217,6 +219,15 @@ class Worker:
             else:
                 going.append(row)
         return going
+
+    def _alone(self, row: _Row) -> torch.Tensor | BaseException:
+        """One prompt of a batch that failed, run by itself: only a prompt that fails
+        alone fails its request."""
+        try:
+            with torch.inference_mode():
+                return self.runner.prefill_many([row.slot], [row.job.prompt])[0]
+        except Exception as exc:  # noqa: BLE001 - this job's failure only
+            return exc
 
     def _step(self, rows: list[_Row]) -> None:
         self.stats.steps += 1
