@@ -41,13 +41,19 @@ def build(source: str, target: Path, cxx: str, flags: tuple[str, ...] = ()) -> N
             f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]  # fmt: skip
     argv += [f"-I{p}" for p in cpp_extension.include_paths()]
     argv += [f"-L{p}" for p in cpp_extension.library_paths()] + ["-lc10", "-ltorch_cpu"]
-    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    done = subprocess.run(  # at a low priority: a first start's answers come first
+        argv, capture_output=True, text=True, check=False, preexec_fn=_yield_cpu
+    )
     code.unlink(missing_ok=True)
     if done.returncode != 0:
         said = (done.stderr or done.stdout).strip().splitlines()
         errors = [line.strip() for line in said if "error" in line] or said[-1:]
         why = errors[0] if errors else done.returncode
         raise RuntimeError(f"cannot build {target.name}: {why}")
+
+
+def _yield_cpu() -> None:
+    os.nice(10)
 
 
 class Library:
