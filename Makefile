@@ -63,6 +63,7 @@ test: lint
 bench: install
 	$(PIP) install -q -e ".[bench]"
 	$(PY) -m bench $(ARGS)
+	$(PY) -m bench.hf_bench $(HF_ARGS)
 
 # What the install would bring, resolved by pip without installing: fails on any CUDA package
 # (nvidia-*, triton) on a machine without an NVIDIA GPU.
