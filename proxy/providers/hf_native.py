@@ -31,7 +31,7 @@ def compiler() -> str | None:
 
 def build(source: str, target: Path, cxx: str, flags: tuple[str, ...] = ()) -> None:
     """Compile `source` into `target` (a shared library for this torch); raises
-    `RuntimeError` with the compiler's last words when it fails."""
+    `RuntimeError` with the compiler's first error line (else its last words) when it fails."""
     from torch.utils import cpp_extension
 
     code = target.with_suffix(".cpp")

@@ -51,6 +51,25 @@ constexpr int64_t AHEAD = 64;  // groups of four K bytes prefetched ahead: 16 KB
 constexpr int32_t ZERO = 128;
 constexpr int64_t AMX_ROWS = 9;  // a prompt: AMX where the CPU has it (decode steps: VNNI)
 
+inline __mmask16 first(int64_t count) {  // the first `count` of 16 lanes
+  return count >= 16 ? __mmask16(0xFFFF) : count > 0 ? __mmask16((1u << count) - 1) : 0;
+}
+
+// ZERO times 16 columns' sums: what the unsigned rows added to each column's sum.
+__attribute__((target("avx512f,avx512bw")))
+inline __m512i column_shift(const int32_t* colsum) {
+  return _mm512_mullo_epi32(_mm512_set1_epi32(ZERO), _mm512_loadu_si512(colsum));
+}
+
+// One row's 16 sums back to floats, less the shift, times the columns' scales, then the
+// row's (the order the Python path multiplies in: VNNI and AMX give the same bits).
+__attribute__((target("avx512f,avx512bw")))
+inline void store_scaled(float* out, __mmask16 keep, __m512i sum, __m512i shift, __m512 scale,
+                         float row_scale) {
+  const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(sum, shift)), scale);
+  _mm512_mask_storeu_ps(out, keep, _mm512_mul_ps(v, _mm512_set1_ps(row_scale)));
+}
+
 // MR rows of a (Kp bytes each) against HALF blocks of a packed block w ([Kp/4][BLOCKS][16][4]);
 // KU accumulators a column (independent chains for few rows, which would wait on latency).
 template <int MR, int KU>
@@ -76,18 +95,14 @@ void tile(const uint8_t* a, int64_t lda, const float* row_scales, const int8_t* 
       }
     }
   }
-  const __m512i zero = _mm512_set1_epi32(ZERO);
   for (int j = 0; j < HALF && j * 16 < valid; ++j) {
-    const int64_t left = valid - j * 16;
-    const __mmask16 keep = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
-    const __m512i shift = _mm512_mullo_epi32(zero, _mm512_loadu_si512(colsum + j * 16));
+    const __mmask16 keep = first(valid - j * 16);
+    const __m512i shift = column_shift(colsum + j * 16);
     const __m512 scale = _mm512_maskz_loadu_ps(keep, scales + j * 16);
     for (int m = 0; m < MR; ++m) {
       __m512i sum = acc[0][m][j];
       for (int u = 1; u < KU; ++u) sum = _mm512_add_epi32(sum, acc[u][m][j]);
-      const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(sum, shift)), scale);
-      _mm512_mask_storeu_ps(out + m * ldo + j * 16, keep,
-                            _mm512_mul_ps(v, _mm512_set1_ps(row_scales[m])));
+      store_scaled(out + m * ldo + j * 16, keep, sum, shift, scale, row_scales[m]);
     }
   }
 }
@@ -164,8 +179,7 @@ void quantise(const float* x, int64_t M, int64_t K, uint8_t* bytes, int64_t Kp, 
     __m512 top = _mm512_setzero_ps();
     __mmask16 nan = 0;
     for (int64_t k = 0; k < K; k += 16) {
-      const __mmask16 in = K - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (K - k)) - 1);
-      const __m512 v = _mm512_and_ps(_mm512_maskz_loadu_ps(in, row + k), magnitude);
+      const __m512 v = _mm512_and_ps(_mm512_maskz_loadu_ps(first(K - k), row + k), magnitude);
       nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
       top = _mm512_max_ps(top, v);
     }
@@ -176,9 +190,8 @@ void quantise(const float* x, int64_t M, int64_t K, uint8_t* bytes, int64_t Kp, 
     const __m512i zero = _mm512_set1_epi32(ZERO);
     uint8_t* out = bytes + m * Kp;
     for (int64_t k = 0; k < Kp; k += 16) {
-      const __mmask16 in = K - k >= 16 ? __mmask16(0xFFFF)
-                         : K > k      ? __mmask16((1u << (K - k)) - 1) : __mmask16(0);
-      const __m512 q = _mm512_roundscale_ps(_mm512_div_ps(_mm512_maskz_loadu_ps(in, row + k), by),
+      const __m512 in = _mm512_maskz_loadu_ps(first(K - k), row + k);  // K's padding: zeros
+      const __m512 q = _mm512_roundscale_ps(_mm512_div_ps(in, by),
                                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
       const __m512i shifted = _mm512_add_epi32(_mm512_cvtps_epi32(q), zero);
       _mm_storeu_si128(reinterpret_cast<__m128i*>(out + k), _mm512_cvtepi32_epi8(shifted));
@@ -190,18 +203,13 @@ void quantise(const float* x, int64_t M, int64_t K, uint8_t* bytes, int64_t Kp, 
 __attribute__((target("avx512f,avx512bw")))
 void finish(const int32_t* c, int64_t ldc, int64_t rows, const float* row_scales,
             const int32_t* colsum, const float* scales, int64_t valid, float* out, int64_t ldo) {
-  const __m512i zero = _mm512_set1_epi32(ZERO);
   for (int j = 0; j < 4 && j * 16 < valid; ++j) {
-    const int64_t left = valid - j * 16;
-    const __mmask16 keep = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
-    const __m512i shift = _mm512_mullo_epi32(zero, _mm512_loadu_si512(colsum + j * 16));
+    const __mmask16 keep = first(valid - j * 16);
+    const __m512i shift = column_shift(colsum + j * 16);
     const __m512 scale = _mm512_maskz_loadu_ps(keep, scales + j * 16);
-    for (int64_t m = 0; m < rows; ++m) {
-      const __m512i sum = _mm512_loadu_si512(c + m * ldc + j * 16);
-      const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(sum, shift)), scale);
-      _mm512_mask_storeu_ps(out + m * ldo + j * 16, keep,
-                            _mm512_mul_ps(v, _mm512_set1_ps(row_scales[m])));
-    }
+    for (int64_t m = 0; m < rows; ++m)
+      store_scaled(out + m * ldo + j * 16, keep, _mm512_loadu_si512(c + m * ldc + j * 16), shift,
+                   scale, row_scales[m]);
   }
 }
 
