@@ -182,7 +182,10 @@ class Worker:
         for job in jobs:
             if job.feed.halt.is_set():
                 job.finish(None)
-            elif len(job.prompt) >= self.runner.max_positions:
+                continue
+            self.stats.jobs += 1
+            self.stats.joined += joining
+            if len(job.prompt) >= self.runner.max_positions:
                 job.finish(UpstreamError(
                     "context_too_long",
                     f"the prompt is {len(job.prompt)} tokens; this model reads at most "
@@ -190,8 +193,6 @@ class Worker:
                 ))  # fmt: skip
             else:
                 ready.append(job)
-        self.stats.jobs += len(ready)
-        self.stats.joined += len(ready) if joining else 0
         rows = [
             _Row(job, first_slot + i, len(job.prompt), rng=_generator(job.params))
             for i, job in enumerate(ready)
