@@ -166,6 +166,8 @@ def test_prompts_together_answer_bit_for_bit_as_each_alone(wide_dir: Path, kerne
         assert torch.equal(alone, together[i]), i
         assert torch.equal(decoder.decode([5 + i], [len(ids)])[0], steps[i]), i
         assert torch.equal(decoder.prefill(0, ids), alone)  # every prompt takes one path
+    decoder.pass_tokens = len(prompts[0]) + 1  # passes of a prompt each: the same bits
+    assert torch.equal(decoder.prefill_many([0, 1, 2], prompts), together)
 
 
 @pytest.mark.parametrize("kernel", KERNELS)

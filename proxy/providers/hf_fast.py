@@ -42,6 +42,7 @@ from .hf_int8 import Dense, Int8, best_kernel, prepare
 
 SUPPORTED = frozenset({"llama", "mistral", "qwen2"})
 WIDTH_STEP = 32  # a compiled step's attention width is a multiple of it
+PASS_TOKENS = 1024  # prompts run together in passes of at most this many tokens
 Tensor = torch.Tensor
 
 
@@ -173,6 +174,7 @@ class FastDecoder:
         self.vocab = self.head.rows if packing == "int8" else int(self.head.weight.shape[0])
         prepare(self.kernel, wait=False)  # its C++ library: loaded, or built in the background
         self.capacity = 0
+        self.pass_tokens = PASS_TOKENS
         self.compiled: Any = None  # hf_compile swaps a compiled `forward` in when it is ready
         self.compile_status = "off"  # hf_compile's: off (why), waiting, compiling, ready, failed
         self.keys: list[Tensor] = []
@@ -272,6 +274,17 @@ class FastDecoder:
             return torch.stack(
                 [self.prefill(s, ids) for s, ids in zip(slots, prompts, strict=True)]
             )
+        passes, size = [[0]], len(prompts[0])  # at most `pass_tokens` a pass (a longer
+        for i, ids in enumerate(prompts[1:], 1):  # prompt alone): activations stay bounded
+            if size + len(ids) > self.pass_tokens:
+                passes.append([])
+                size = 0
+            passes[-1].append(i)
+            size += len(ids)
+        if len(passes) > 1:
+            return torch.cat([
+                self.prefill_many([slots[i] for i in p], [prompts[i] for i in p]) for p in passes
+            ])  # fmt: skip
         self.reserve(max(len(ids) for ids in prompts) + 1)
         tokens = torch.tensor([t for ids in prompts for t in ids], device=self.device)[:, None]
         positions = torch.cat([torch.arange(len(ids), device=self.device) for ids in prompts])
